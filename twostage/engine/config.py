@@ -1,0 +1,35 @@
+"""Settings of the shared training loop (the `train:` section of every training config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twostage.config import ConfigError, check
+
+
+@dataclass
+class TrainConfig:
+    steps: int = field(default=1000, metadata=check(gt=0, help="optimizer steps in total"))
+    # Global batch: split over data-parallel ranks, then over accumulation micro-batches.
+    batch_size: int = field(default=64, metadata=check(gt=0))
+    grad_accum: int = field(default=1, metadata=check(gt=0))
+    seed: int = 0
+    # auto = bf16 autocast on CUDA, fp32 on CPU (bf16 matmuls are slow and inexact on most CPUs).
+    precision: str = field(default="auto", metadata=check(choices=("auto", "bf16", "fp32")))
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
+    compile: bool = False
+    ema_decay: float | None = field(default=None, metadata=check(gt=0, lt=1))
+    log_every: int = field(default=50, metadata=check(gt=0))
+    ckpt_every: int = field(default=1000, metadata=check(gt=0))
+    keep_checkpoints: int = field(default=2, metadata=check(gt=0))
+    num_workers: int = field(default=4, metadata=check(ge=0))
+    # Stop with a clear error instead of silently training on NaN/inf (checked every log_every steps,
+    # so the hot loop never waits on the GPU).
+    stop_on_nonfinite: bool = True
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}"
+            )
