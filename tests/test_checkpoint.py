@@ -1,0 +1,72 @@
+"""Atomic checkpoints: a crash while writing leaves the previous checkpoint loadable."""
+
+import numpy as np
+import pytest
+import torch
+
+from twostage.engine import checkpoint as ckpt
+
+
+def _state(value: float):
+    opt_like = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.full((2,), value)}},
+                "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95), "params": [0]}]}
+    return {"opt": opt_like, "rng": {"numpy": np.random.get_state(legacy=False)}, "loader": {"epoch": 1}}
+
+
+def test_roundtrip_restores_nested_state(tmp_path):
+    model = {"net.w": torch.randn(3, 3)}
+    ckpt.save_checkpoint(tmp_path, 10, model, _state(1.0))
+    step, m, s, ema = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert step == 10 and ema is None
+    assert torch.equal(m["net.w"], model["net.w"])
+    assert s["opt"]["state"][0]["exp_avg"].tolist() == [1.0, 1.0]
+    assert s["opt"]["param_groups"][0]["betas"] == (0.9, 0.95)
+    np.random.set_state(s["rng"]["numpy"])  # accepted as a real numpy state
+
+
+def test_crash_during_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, _state(1.0))
+    real_save = ckpt.save_file
+
+    def crashing_save(tensors, filename):
+        real_save(tensors, filename)
+        with open(filename, "r+b") as fh:  # leave a half-written file behind, then die
+            fh.truncate(10)
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(ckpt, "save_file", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, _state(2.0))
+    monkeypatch.setattr(ckpt, "save_file", real_save)
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest.name == "step_0000001"
+    step, model, _, _ = ckpt.load_checkpoint(latest)
+    assert step == 1 and model["w"].tolist() == [1.0, 1.0]
+    # the next save cleans the debris and succeeds
+    ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, _state(2.0))
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_0000002"
+
+
+def test_keeps_only_the_newest(tmp_path):
+    for step in range(1, 5):
+        ckpt.save_checkpoint(tmp_path, step, {"w": torch.ones(1) * step}, {}, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000003", "step_0000004"]
+
+
+def test_tied_weights_are_saved(tmp_path):
+    lin = torch.nn.Linear(4, 4, bias=False)
+    emb = torch.nn.Embedding(4, 4)
+    emb.weight = lin.weight  # tied
+    net = torch.nn.ModuleDict({"lin": lin, "emb": emb})
+    tensors = ckpt.module_tensors({"net": net})
+    ckpt.save_checkpoint(tmp_path, 1, tensors, {})
+    _, loaded, _, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert torch.equal(loaded["net.lin.weight"], loaded["net.emb.weight"])
+
+
+def test_unreadable_checkpoint_error_says_what_to_do(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {})
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match="Delete that folder"):
+        ckpt.load_checkpoint(path)

@@ -1,0 +1,186 @@
+"""Atomic checkpoints: safetensors for every tensor, one small JSON file for everything else.
+
+Layout of a run's `checkpoints/` folder:
+
+    step_0001000/model.safetensors   "<module>.<param>" -> tensor
+    step_0001000/ema.safetensors     same keys, EMA weights (only with EMA)
+    step_0001000/optim.safetensors   tensors of optimizer / scheduler / RNG states, keyed by path
+    step_0001000/state.json          the rest of those states, with {"__tensor__": key} placeholders
+    latest                           text: the name of the newest complete folder
+
+A checkpoint is written into a hidden temporary folder, each file flushed to disk, and the folder is
+then renamed into place (atomic on POSIX); `latest` is replaced the same way. A crash at any moment
+therefore leaves the previous checkpoint complete and `latest` pointing at a complete folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# nested state <-> (JSON skeleton, flat tensor dict)
+
+
+def split_tensors(obj: Any, tensors: dict[str, torch.Tensor], path: str = "s") -> Any:
+    """Replace every tensor in a nested structure by a placeholder and collect it in `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, split_tensors(v, tensors, f"{path}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [split_tensors(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise CheckpointError(f"cannot store a {type(obj).__name__} in a checkpoint state ({path})")
+
+
+def join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of split_tensors."""
+    if isinstance(obj, list):
+        return [join_tensors(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+        if "__tuple__" in obj:
+            return tuple(join_tensors(v, tensors) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            # JSON keeps int keys as ints inside [key, value] pairs, so optimizer state ids survive.
+            return {k: join_tensors(v, tensors) for k, v in obj["__dict__"]}
+    return obj
+
+
+def module_tensors(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Flat "<module>.<key>" -> tensor dict; tensors that share storage (tied weights) are cloned."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, module in modules.items():
+        for key, value in module.state_dict().items():
+            t = value.detach().cpu().contiguous()
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            out[f"{name}.{key}"] = t
+    return out
+
+
+def load_module_tensors(modules: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    for name, module in modules.items():
+        prefix = f"{name}."
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not sub:
+            raise CheckpointError(f"the checkpoint has no weights for module '{name}'")
+        module.load_state_dict(sub, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing and reading
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    model: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    ema: dict[str, torch.Tensor] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically under `folder`; keep the newest `keep` checkpoints."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".tmp-*"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    name = f"step_{step:07d}"
+    tmp = folder / f".tmp-{name}-{os.getpid()}"
+    tmp.mkdir()
+    state_tensors: dict[str, torch.Tensor] = {}
+    skeleton = split_tensors(state, state_tensors)
+    save_file(model, str(tmp / "model.safetensors"))
+    if ema is not None:
+        save_file(ema, str(tmp / "ema.safetensors"))
+    save_file(state_tensors, str(tmp / "optim.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "state": skeleton}))
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    final = folder / name
+    if final.exists():  # re-saving a step (e.g. after resuming at it): swap in the new one
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _write_text_atomic(folder / LATEST, name + "\n")
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    pointer = folder / LATEST
+    if pointer.is_file():
+        target = folder / pointer.read_text().strip()
+        if (target / "state.json").is_file():
+            return target
+        log.warning("%s points at a missing checkpoint %s; using the newest complete one", pointer, target)
+    found = list_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None]:
+    """(step, model tensors, state, ema tensors or None) of one checkpoint folder."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        model = load_file(str(path / "model.safetensors"))
+        state = join_tensors(meta["state"], load_file(str(path / "optim.safetensors")))
+        ema_file = path / "ema.safetensors"
+        ema = load_file(str(ema_file)) if ema_file.is_file() else None
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({err}). Delete that folder to resume from the one before it."
+        ) from err
+    return int(meta["step"]), model, state, ema

@@ -1,0 +1,67 @@
+"""Data parallelism through torch.distributed, started by torchrun (never a launcher of our own).
+
+`torchrun --nproc_per_node=8 -m twostage ...` sets RANK / WORLD_SIZE / LOCAL_RANK; without them the
+run is a single process. NCCL on CUDA, gloo on CPU (used by the tests).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def resolve_device(name: str, world: World) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda was asked for but no CUDA device is visible; use train.device=cpu")
+        if device.index is None:
+            device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_world() -> World:
+    """Join the process group torchrun describes in the environment (if any)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        use_nccl = torch.cuda.is_available() and os.environ.get("TWOSTAGE_DEVICE", "auto") != "cpu"
+        if use_nccl:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_nccl else "gloo")
+    return World(rank=rank, size=size, local_rank=local_rank)
+
+
+def mean_across_ranks(values: torch.Tensor, world: World) -> torch.Tensor:
+    if world.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values = values / world.size
+    return values
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
