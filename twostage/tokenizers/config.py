@@ -1,0 +1,159 @@
+"""Configuration of a VQ tokenizer run: `TokenizerRunConfig` and its sections.
+
+    cfg = twostage.config.load(TokenizerRunConfig, "vq_fmnist_f8", ["model.codebook_size=4096"])
+
+Defaults are the LlamaGen VQ-16 recipe (METHODS section 2) and the CRT paper's settings (section 3);
+every open choice of the CRT method is an option here with the documented default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twostage.config import ConfigError, check
+from twostage.engine.config import TrainConfig
+from twostage.engine.task import OptimConfig
+
+try:  # the data layer is written concurrently; until it lands the section is an untyped mapping
+    from twostage.data import DataConfig
+except ImportError:  # pragma: no cover - depends on the data layer being present
+    DataConfig = Any  # type: ignore[misc,assignment]
+
+
+@dataclass
+class VQConfig:
+    """The autoencoder and its quantizer."""
+
+    in_channels: int = field(default=3, metadata=check(choices=(1, 3)))
+    out_channels: int = field(default=3, metadata=check(choices=(1, 3)))
+    base_channels: int = field(default=128, metadata=check(gt=0))
+    # One entry per resolution level; f = 2 ** (len - 1): (1,1,2,2,4) f16, (1,2,2,4) f8, (1,2,4) f4, (1,2) f2.
+    channel_mult: tuple[int, ...] = field(default=(1, 1, 2, 2, 4), metadata=check(gt=0))
+    enc_res_blocks: int = field(default=2, metadata=check(gt=0))
+    dec_res_blocks: int = field(default=3, metadata=check(gt=0))
+    z_channels: int = field(default=256, metadata=check(gt=0))
+    norm_groups: int = field(default=32, metadata=check(gt=0))
+    attn_heads: int = field(default=1, metadata=check(gt=0))
+    mid_attn: bool = True
+    dropout: float = field(default=0.0, metadata=check(ge=0, lt=1))
+    codebook_size: int = field(default=16384, metadata=check(ge=2))
+    code_dim: int = field(default=8, metadata=check(gt=0))
+    l2_norm: bool = True  # cosine lookup: latent and codes normalized before the search
+    commit_weight: float = field(default=0.25, metadata=check(ge=0))
+    codebook_weight: float = field(default=1.0, metadata=check(ge=0))
+    entropy_weight: float = field(default=0.0, metadata=check(ge=0))
+    entropy_temperature: float = field(default=0.01, metadata=check(gt=0))
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def check(self) -> None:
+        if not self.channel_mult:
+            raise ConfigError("model.channel_mult must have at least one level")
+
+
+@dataclass
+class LossConfig:
+    """Reconstruction, perceptual and adversarial losses of the autoencoder phase."""
+
+    pixel: str = field(default="l2", metadata=check(choices=("l1", "l2")))
+    pixel_weight: float = field(default=1.0, metadata=check(ge=0))
+    perceptual: str = field(default="effnet-lite0", metadata=check(choices=("effnet-lite0", "lpips-vgg", "none")))
+    perceptual_weight: float = field(default=1.0, metadata=check(ge=0))
+    # Resize before the perceptual network: None = the network's own default (EffNet: 224; LPIPS: none).
+    perceptual_size: int | None = field(default=None, metadata=check(gt=0))
+    # LPIPS-VGG16 weights (local files): trunk = torchvision vgg16 or full LPIPS state dict; heads =
+    # the lpips package's vgg.pth (not needed when the trunk file holds them).
+    lpips_weights: Path | None = None
+    lpips_heads: Path | None = None
+    lpips_random_init: bool = False  # untrained LPIPS, for throughput benchmarks only
+    gan_weight: float = field(default=0.5, metadata=check(ge=0, help="0 disables the discriminator"))
+    gan_loss: str = field(default="hinge", metadata=check(choices=("hinge", "non-saturating")))
+    disc_start: int = field(default=20000, metadata=check(ge=0))
+    disc_layers: int = field(default=3, metadata=check(gt=0))
+    disc_channels: int = field(default=64, metadata=check(gt=0))
+    disc_norm: str = field(default="batch", metadata=check(choices=("batch", "group", "none")))
+    adaptive_gan_weight: bool = False  # LlamaGen's VQ default; the KL-VAE recipe turns it on
+
+    def check(self) -> None:
+        if self.perceptual == "lpips-vgg" and self.perceptual_weight > 0:
+            if self.lpips_weights is None and not self.lpips_random_init:
+                raise ConfigError(
+                    "loss.perceptual=lpips-vgg needs loss.lpips_weights=PATH (a local VGG16/LPIPS state dict; "
+                    "no VGG weights ship offline) or loss.lpips_random_init=true (benchmarks only); "
+                    "the offline default is loss.perceptual=effnet-lite0"
+                )
+
+
+@dataclass
+class CRTConfig:
+    """Causal regularizer (METHODS section 3)."""
+
+    enabled: bool = False
+    weight: float = field(default=4.0, metadata=check(ge=0))
+    ramp_steps: int = field(default=1000, metadata=check(ge=0, help="linear ramp of the weight from 0"))
+    layers: int = field(default=2, metadata=check(ge=1))
+    width: int = field(default=256, metadata=check(gt=0))
+    heads: int = field(default=4, metadata=check(gt=0))
+    mlp_ratio: float = field(default=4.0, metadata=check(gt=0))
+    positions: str = field(default="learned", metadata=check(choices=("learned", "rope2d")))
+    normalize: bool = True  # loss on l2-normalized latents (raw latents let the encoder shrink the norm)
+    stop_grad_target: bool = False  # detach the target side (the paper leaves this open; default off)
+    dropout: float = field(default=0.0, metadata=check(ge=0, lt=1))
+
+    def check(self) -> None:
+        if self.width % self.heads:
+            raise ConfigError(f"crt.width={self.width} must be divisible by crt.heads={self.heads}")
+        if self.positions == "rope2d" and (self.width // self.heads) % 4:
+            raise ConfigError(f"crt.positions=rope2d needs a head dimension (width/heads) divisible by 4")
+
+
+def _adam() -> OptimConfig:
+    return OptimConfig(kind="adam", lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, grad_clip=1.0)
+
+
+@dataclass
+class TokenizerOptimConfig:
+    ae: OptimConfig = field(default_factory=_adam)
+    disc: OptimConfig = field(default_factory=_adam)
+    crt: OptimConfig = field(
+        default_factory=lambda: OptimConfig(kind="adamw", lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, grad_clip=1.0)
+    )
+
+
+@dataclass
+class MonitorConfig:
+    """What the run reports besides losses."""
+
+    usage_window: int = field(default=100, metadata=check(gt=0, help="steps over which codebook usage counts"))
+    grid_images: int = field(default=16, metadata=check(ge=0, help="reconstructions in each checkpoint grid"))
+
+
+@dataclass
+class TokenizerRunConfig:
+    data: DataConfig = field(default_factory=lambda: DataConfig() if DataConfig is not Any else {})
+    model: VQConfig = field(default_factory=VQConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    crt: CRTConfig = field(default_factory=CRTConfig)
+    optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def image_size(self) -> int | None:
+        size = self.data.get("image_size") if isinstance(self.data, dict) else getattr(self.data, "image_size", None)
+        return int(size) if size is not None else None
+
+    def check(self) -> None:
+        size, f = self.image_size, self.model.downsample_factor
+        if size is not None and size % f:
+            raise ConfigError(
+                f"data.image_size={size} is not divisible by the downsampling factor {f} "
+                f"(model.channel_mult has {len(self.model.channel_mult)} levels)"
+            )
+
+
+__all__ = ["VQConfig", "LossConfig", "CRTConfig", "TokenizerOptimConfig", "MonitorConfig", "TokenizerRunConfig"]
