@@ -142,6 +142,8 @@ def locate(root: str | Path | None = None, *, fetch: bool = True, actions: list[
         folder = Path(user).expanduser()
         how = "the root argument" if root is not None else f"${ENV_ROOT}"
         _, missing = find_files(folder)
+        if not folder.is_dir():
+            raise DataError(f"Fashion-MNIST folder {folder} (from {how}) does not exist; fix the path or unset it")
         if missing:
             raise DataError(
                 f"Fashion-MNIST folder {folder} (from {how}) lacks {', '.join(missing)}. Point it at a "

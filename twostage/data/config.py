@@ -1,0 +1,43 @@
+"""DataConfig: the `data:` section of every training config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twostage.config import ConfigError, check
+
+DATASET_NAMES = ("fashion-mnist", "folder", "npz")
+
+
+@dataclass
+class DataConfig:
+    name: str = field(
+        default="fashion-mnist",
+        metadata=check(choices=DATASET_NAMES, help="fashion-mnist (embedded default), folder (ImageFolder), npz"),
+    )
+    # folder: root/<class>/... or root/train + root/val; npz: a file with `images`/`labels` or a folder
+    # with train.npz (+ val.npz); fashion-mnist: an optional folder with the four idx(.gz) files.
+    root: str | None = None
+    image_size: int = field(default=32, metadata=check(ge=8, le=4096))
+    channels: int = field(default=3, metadata=check(choices=(1, 3)))
+    # pad: center on a canvas (28 -> 32 for Fashion-MNIST; larger images are scaled down to fit);
+    # resize_crop: shorter side to image_size, then center crop (ADM's ImageNet preprocessing).
+    resize: str = field(default="pad", metadata=check(choices=("pad", "resize_crop")))
+    flip: bool = True  # random horizontal flip of training images, a pure function of (seed, epoch, index)
+    # Held out for "val" when a folder / npz has no separate val set; 0 = no val split.
+    val_fraction: float = field(default=0.0, metadata=check(ge=0, lt=1))
+    seed: int = 0  # seeds the train/val split and the flips (not the sample order: that is train.seed)
+    background: int = field(default=0, metadata=check(ge=0, le=255, help="pad and transparency colour"))
+
+    def check(self) -> None:
+        if self.name in ("folder", "npz") and not self.root:
+            example = "/data/imagenet" if self.name == "folder" else "/data/images.npz"
+            raise ConfigError(f"data.name={self.name} needs data.root (e.g. data.root={example})")
+        if self.name == "fashion-mnist" and self.val_fraction > 0:
+            raise ConfigError(
+                "data.val_fraction applies to folder/npz data only: fashion-mnist's val split is its "
+                "official 10k test set; set data.val_fraction=0"
+            )
+
+
+__all__ = ["DATASET_NAMES", "DataConfig"]
