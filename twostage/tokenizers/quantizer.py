@@ -123,10 +123,17 @@ class VectorQuantizer(nn.Module):
 # usage statistics
 
 
+def code_counts(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Histogram (K,) float32 of code indices. index_add_ instead of torch.bincount: bincount reads the
+    maximum index back to the host on CUDA (a sync per call); this stays asynchronous."""
+    flat = indices.flatten()
+    counts = torch.zeros(codebook_size, dtype=torch.float32, device=flat.device)
+    return counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+
+
 def codebook_usage(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
     """Fraction of the codebook that occurs in `indices` (a tensor; no host sync)."""
-    counts = torch.bincount(indices.flatten(), minlength=codebook_size)
-    return (counts > 0).float().mean()
+    return (code_counts(indices, codebook_size) > 0).float().mean()
 
 
 def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -137,7 +144,7 @@ def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 def perplexity(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
-    return perplexity_from_counts(torch.bincount(indices.flatten(), minlength=codebook_size))
+    return perplexity_from_counts(code_counts(indices, codebook_size))
 
 
 NEVER = -(2**62)  # "last seen" of a code that never occurred
@@ -172,9 +179,9 @@ class CodebookUsage:
         """Record one batch of indices at `step`; returns batch and window statistics (tensors)."""
         self._init(indices.device)
         flat = indices.flatten()
-        counts = torch.bincount(flat, minlength=self.codebook_size)
+        counts = code_counts(flat, self.codebook_size)
         self.last_seen.index_fill_(0, flat, int(step))
-        self.hist.mul_(self.decay).add_(counts.float(), alpha=1.0 - self.decay)
+        self.hist.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
         return {
             "batch_usage": (counts > 0).float().mean(),
             "batch_perplexity": perplexity_from_counts(counts),

@@ -1,0 +1,60 @@
+"""VQ autoencoder shapes over f = 2/4/8/16, index round trips and the published size."""
+
+import pytest
+import torch
+
+from twostage.tokenizers.config import VQConfig
+from twostage.tokenizers.model import VQModel
+
+MULTS = {2: (1, 2), 4: (1, 2, 2), 8: (1, 2, 2, 4), 16: (1, 1, 2, 2, 4)}
+
+
+def tiny(mult, **kw) -> VQConfig:
+    base = dict(base_channels=8, channel_mult=mult, enc_res_blocks=1, dec_res_blocks=1, z_channels=8,
+                norm_groups=4, codebook_size=32, code_dim=4)
+    return VQConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("f", [2, 4, 8, 16])
+def test_shapes_per_downsampling_factor(f):
+    torch.manual_seed(0)
+    model = VQModel(tiny(MULTS[f])).eval()
+    assert model.downsample_factor == f
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = model(x)
+    h = 32 // f
+    assert model.grid_size(32) == (h, h)
+    assert out.recon.shape == x.shape
+    assert out.latent.shape == (2, 4, h, h)
+    assert out.quant.indices.shape == (2, h, h)
+    assert out.quant.indices.dtype == torch.int64
+    assert int(out.quant.indices.max()) < 32
+    # decoding the indices gives exactly the forward reconstruction
+    torch.testing.assert_close(model.decode_indices(out.quant.indices), out.recon)
+
+
+def test_non_square_and_grayscale():
+    model = VQModel(tiny((1, 2, 2), in_channels=1, out_channels=1)).eval()
+    out = model(torch.zeros(1, 1, 16, 24))
+    assert out.recon.shape == (1, 1, 16, 24) and out.quant.indices.shape == (1, 4, 6)
+    with pytest.raises(ValueError, match="divisible"):
+        model.grid_size(30)
+
+
+def test_channels_last_matches_contiguous():
+    torch.manual_seed(1)
+    model = VQModel(tiny((1, 2, 2))).eval()
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x).recon
+    model.to(memory_format=torch.channels_last)
+    out = model(x.contiguous(memory_format=torch.channels_last)).recon
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_published_vq16_size_is_about_72m_parameters():
+    # Build on the meta device: no memory, no init time.
+    with torch.device("meta"):
+        model = VQModel(VQConfig())
+    n = sum(p.numel() for p in model.parameters())
+    assert 70e6 < n < 74e6
+    assert model.downsample_factor == 16 and model.grid_size(256) == (16, 16)
