@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class RunLog:
@@ -13,9 +16,12 @@ class RunLog:
         self.path = run_dir / "metrics.jsonl"
         self._tb = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
-
-            self._tb = SummaryWriter(str(run_dir / "tb"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
+            except ImportError:  # e.g. a bare GPU image: metrics.jsonl still has everything
+                log.warning("tensorboard is not installed: writing metrics.jsonl only (pip install tensorboard)")
+            else:
+                self._tb = SummaryWriter(str(run_dir / "tb"))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -23,9 +29,10 @@ class RunLog:
         record = {"step": step, "time": time.time(), **values}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        for key, value in values.items():
-            self._tb.add_scalar(key, value, step)
-        self._tb.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(key, value, step)
+            self._tb.flush()
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint so the file shows one history."""
