@@ -230,9 +230,9 @@ def fetch_deb(dest: str | Path) -> Path:
     return dest / DEB_SUBDIR
 
 
-def download(dest: str | Path, base: str = URL_BASE, timeout: float = 60.0) -> Path:
-    """Download the four official .gz files into `dest`, checking their MD5 sums."""
-    dest = Path(dest)
+def download(dest: str | Path, base: str | None = None, timeout: float = 60.0) -> Path:
+    """Download the four official .gz files (from `base`, default URL_BASE) into `dest`, checking MD5s."""
+    dest, base = Path(dest), base or URL_BASE
     dest.mkdir(parents=True, exist_ok=True)
     for name, md5 in URL_MD5.items():
         target = dest / name

@@ -121,7 +121,10 @@ def to_channels(arr: np.ndarray, channels: int) -> np.ndarray:
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, C) -> float32 (C, H, W) in [-1, 1] (0 -> -1, 255 -> 1)."""
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # np.asarray(PIL image) is read-only; torch warns on those
+        arr = arr.copy()
+    t = torch.from_numpy(arr).permute(2, 0, 1)
     return t.to(torch.float32).div_(127.5).sub_(1.0).contiguous()
 
 
