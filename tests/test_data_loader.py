@@ -96,6 +96,8 @@ def test_loader_leaves_global_rng_alone_and_checks_state():
     assert torch.equal(before, torch.get_rng_state())
     with pytest.raises(DataError, match="batches per epoch"):
         loader.load_state_dict({"epoch": 0, "batch_in_epoch": 99})
+    loader.load_state_dict({"epoch": 2, "batch_in_epoch": 99}, strict=False)  # another world size: next epoch
+    assert loader.state_dict() == {"epoch": 3, "batch_in_epoch": 0}
     with pytest.raises(DataError, match="batch_in_epoch"):
         loader.load_state_dict({"epoch": 0})
     with pytest.raises(DataError, match="fewer than one batch"):

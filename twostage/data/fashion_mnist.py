@@ -163,6 +163,7 @@ def locate(root: str | Path | None = None, *, fetch: bool = True, actions: list[
         if not fetch:
             raise DataError(_not_found(tried, "fetching was disabled"))
         try:  # (c) fetch the Debian package now
+            log.info("Fashion-MNIST not found locally: fetching %s with apt-get download (31 MB)", DEB_PACKAGE)
             folder = fetch_deb(_own_dir() / "deb")
             actions.append(f"fetched {DEB_PACKAGE} with `apt-get download` and unpacked it with `dpkg -x` into {folder}")
             return folder, f"Debian package {DEB_PACKAGE} fetched with apt-get download into {folder}"
@@ -170,6 +171,7 @@ def locate(root: str | Path | None = None, *, fetch: bool = True, actions: list[
             tried.append(f"apt-get download {DEB_PACKAGE}: {err}")
             log.warning("could not fetch the Debian package (%s); trying the official download URLs", err)
         try:  # (d) last resort
+            log.info("downloading Fashion-MNIST from %s", URL_BASE)
             folder = download(dl_dir)
             actions.append(f"downloaded the four idx files from {URL_BASE} into {folder}")
             return folder, f"official download from {URL_BASE} cached in {folder}"

@@ -207,12 +207,20 @@ class ResumableLoader:
             return {"epoch": self._epoch + 1, "batch_in_epoch": 0}
         return {"epoch": self._epoch, "batch_in_epoch": self._batch}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a saved position; the next batch is the one after the last one returned."""
+    def load_state_dict(self, state: dict[str, int], strict: bool = True) -> None:
+        """Continue from a saved position; the next batch is the one after the last one returned.
+
+        strict=False accepts a position beyond this loader's epoch length (a run resumed with another
+        world size or batch size, where exact resume is impossible anyway) by starting the next epoch.
+        """
         try:
             epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
         except (KeyError, TypeError, ValueError):
             raise DataError(f"a loader state needs integer 'epoch' and 'batch_in_epoch', got {state!r}") from None
+        if not strict and epoch >= 0 and batch > self.batches_per_epoch:
+            log.warning("saved position batch %d of epoch %d is past this loader's %d batches per epoch; "
+                        "continuing with epoch %d", batch, epoch, self.batches_per_epoch, epoch + 1)  # fmt: skip
+            epoch, batch = epoch + 1, 0
         if epoch < 0 or not 0 <= batch <= self.batches_per_epoch:
             raise DataError(
                 f"saved loader position epoch={epoch}, batch_in_epoch={batch} does not fit this loader's "
