@@ -122,7 +122,7 @@ def test_failed_fetch_says_what_was_tried(isolated, monkeypatch):
 
 
 def _real_data_reachable() -> bool:
-    if fm.os.environ.get(fm.ENV_ROOT) or not fm.find_files(fm.SYSTEM_DIR)[1]:
+    if os.environ.get(fm.ENV_ROOT) or not fm.find_files(fm.SYSTEM_DIR)[1]:
         return True
     if not fm.find_files(fm.cache_dir() / "fashion-mnist" / "deb" / fm.DEB_SUBDIR)[1]:
         return True
