@@ -336,6 +336,7 @@ class _Trainer:
                 paused += time.perf_counter() - pause_start  # checkpoint time is not training throughput
         if bar is not None:
             bar.close()
+        self.loader.close()
         self.log.close()
         return last
 
