@@ -10,16 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from twostage.config import ConfigError, check
+from twostage.data.config import DataConfig
 from twostage.engine.config import TrainConfig
 from twostage.engine.task import OptimConfig
-
-try:  # the data layer is written concurrently; until it lands the section is an untyped mapping
-    from twostage.data import DataConfig
-except ImportError:  # pragma: no cover - depends on the data layer being present
-    DataConfig = Any  # type: ignore[misc,assignment]
 
 
 @dataclass
@@ -108,7 +103,7 @@ class CRTConfig:
         if self.width % self.heads:
             raise ConfigError(f"crt.width={self.width} must be divisible by crt.heads={self.heads}")
         if self.positions == "rope2d" and (self.width // self.heads) % 4:
-            raise ConfigError(f"crt.positions=rope2d needs a head dimension (width/heads) divisible by 4")
+            raise ConfigError("crt.positions=rope2d needs a head dimension (width/heads) divisible by 4")
 
 
 def _adam() -> OptimConfig:
@@ -134,7 +129,7 @@ class MonitorConfig:
 
 @dataclass
 class TokenizerRunConfig:
-    data: DataConfig = field(default_factory=lambda: DataConfig() if DataConfig is not Any else {})
+    data: DataConfig = field(default_factory=DataConfig)
     model: VQConfig = field(default_factory=VQConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     crt: CRTConfig = field(default_factory=CRTConfig)
@@ -143,13 +138,12 @@ class TokenizerRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
-    def image_size(self) -> int | None:
-        size = self.data.get("image_size") if isinstance(self.data, dict) else getattr(self.data, "image_size", None)
-        return int(size) if size is not None else None
+    def image_size(self) -> int:
+        return self.data.image_size
 
     def check(self) -> None:
         size, f = self.image_size, self.model.downsample_factor
-        if size is not None and size % f:
+        if size % f:
             raise ConfigError(
                 f"data.image_size={size} is not divisible by the downsampling factor {f} "
                 f"(model.channel_mult has {len(self.model.channel_mult)} levels)"

@@ -24,7 +24,7 @@ from twostage.tokenizers.crt import CausalPredictor, crt_loss, crt_weight
 from twostage.tokenizers.discriminator import D_LOSSES, G_LOSSES, PatchGAN, adaptive_weight
 from twostage.tokenizers.images import interleave_pairs, psnr, save_grid
 from twostage.tokenizers.model import VQModel
-from twostage.tokenizers.perceptual import build_perceptual
+from twostage.tokenizers.perceptual import PerceptualLoss, build_perceptual
 from twostage.tokenizers.quantizer import CodebookUsage
 
 
@@ -59,7 +59,8 @@ def _uses_cuda(device: str) -> bool:
 class VQTokenizerTask(TaskBase):
     def __init__(self, cfg: TokenizerRunConfig, *, image_size: int | None = None,
                  perceptual: nn.Module | None = None) -> None:
-        """`perceptual` overrides the configured perceptual backbone (tests use a tiny stand-in)."""
+        """`perceptual` overrides the configured perceptual loss: a PerceptualLoss, or a backbone with
+        `feature_maps(images, size)` (tests use a tiny stand-in)."""
         self.cfg = cfg
         self.image_size = image_size or cfg.image_size
         tokenizer = VQModel(cfg.model)
@@ -82,7 +83,8 @@ class VQTokenizerTask(TaskBase):
                     self.modules[name].to(memory_format=torch.channels_last)
         loss = cfg.loss
         if perceptual is not None:
-            self.perceptual = perceptual
+            is_loss = isinstance(perceptual, PerceptualLoss)
+            self.perceptual = perceptual if is_loss else PerceptualLoss(perceptual, size=loss.perceptual_size)
         elif loss.perceptual_weight > 0:
             self.perceptual = build_perceptual(loss.perceptual, weights=loss.lpips_weights, heads=loss.lpips_heads,
                                                random_init=loss.lpips_random_init, size=loss.perceptual_size)
