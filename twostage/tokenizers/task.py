@@ -58,9 +58,10 @@ def _uses_cuda(device: str) -> bool:
 
 class VQTokenizerTask(TaskBase):
     def __init__(self, cfg: TokenizerRunConfig, *, image_size: int | None = None,
-                 perceptual: nn.Module | None = None) -> None:
+                 perceptual: nn.Module | None = None, channels_last: bool | None = None) -> None:
         """`perceptual` overrides the configured perceptual loss: a PerceptualLoss, or a backbone with
-        `feature_maps(images, size)` (tests use a tiny stand-in)."""
+        `feature_maps(images, size)` (tests use a tiny stand-in). `channels_last` (default: when training
+        on CUDA) stores conv weights and activations NHWC."""
         self.cfg = cfg
         self.image_size = image_size or cfg.image_size
         tokenizer = VQModel(cfg.model)
@@ -76,7 +77,7 @@ class VQTokenizerTask(TaskBase):
         if cfg.loss.gan_weight > 0:
             self.modules["disc"] = PatchGAN(cfg.model.out_channels, cfg.loss.disc_channels,
                                             cfg.loss.disc_layers, cfg.loss.disc_norm)
-        self.channels_last = _uses_cuda(cfg.train.device)
+        self.channels_last = _uses_cuda(cfg.train.device) if channels_last is None else channels_last
         if self.channels_last:  # NHWC convolutions are the fast path for bf16 on tensor cores
             for name in ("tokenizer", "disc"):
                 if name in self.modules:
@@ -134,15 +135,16 @@ class VQTokenizerTask(TaskBase):
                 x = x.expand(-1, 3, -1, -1)
             else:
                 raise ValueError(f"images have {x.shape[1]} channels but model.in_channels={want}")
-        if self.channels_last and device.type == "cuda":
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def _perceptual_on(self, device: torch.device) -> nn.Module:
         if self._perceptual_device != device:
             self.perceptual.to(device)
-            if device.type == "cuda":
+            if self.channels_last:
                 self.perceptual.to(memory_format=torch.channels_last)
+            if device.type == "cuda":
                 if self.cfg.train.compile:
                     self.perceptual.compile()
             self._perceptual_device = device
