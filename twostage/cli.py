@@ -14,6 +14,7 @@ from twostage.config import ConfigError
 # `twostage --help` never advertises something that fails.
 COMMAND_MODULES = [
     "twostage.data.commands",
+    "twostage.tokenizers.commands",
 ]
 
 
@@ -32,7 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides (section.key=value) may stand anywhere, also after options such as --out.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
