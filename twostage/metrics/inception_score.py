@@ -1,0 +1,39 @@
+"""Inception-Score-style score: exp E_x KL(p(y|x) || p(y)), averaged over splits.
+
+With Inception-v3 logits this is the Inception Score (IS); with any other classifier it is
+"IS-<network>" (e.g. IS-EffNetLite0 over 1000 ImageNet classes) and not comparable to IS.
+Conventions (ADM evaluator / StyleGAN): 10 splits of consecutive samples, p(y) per split,
+mean and std over splits; for Inception-v3 the logits omit the output bias (see inception.py).
+Bounds: 1 (every sample gets the same prediction) .. K (confident predictions, classes uniform).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["inception_score"]
+
+
+def inception_score(logits=None, *, probs=None, splits: int = 10) -> tuple[float, float]:
+    """(mean, std) over `splits` consecutive chunks. Give logits (N, K) or probabilities (N, K)."""
+    if (logits is None) == (probs is None):
+        raise ValueError("pass exactly one of logits= or probs=")
+    if logits is not None:
+        logp = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), dim=1)
+    else:
+        p = torch.as_tensor(np.asarray(probs), dtype=torch.float64)
+        if (p < 0).any() or not torch.allclose(p.sum(1), torch.ones(len(p), dtype=p.dtype), atol=1e-4):
+            raise ValueError("probs must be non-negative rows summing to 1 (pass raw scores as logits=)")
+        logp = torch.log(p.clamp_min(0))  # log 0 = -inf is handled by the p > 0 mask below
+    n = logp.shape[0]
+    if n < splits:
+        raise ValueError(f"{n} samples cannot be cut into {splits} splits")
+    scores = []
+    for chunk in torch.tensor_split(logp, splits):
+        p = chunk.exp()
+        log_py = torch.log(p.mean(0))
+        # KL(p || p_y) with 0 log 0 = 0 (one-hot predictions have exact zeros)
+        kl = torch.where(p > 0, p * (chunk - log_py), torch.zeros_like(p)).sum(1).mean()
+        scores.append(float(kl.exp()))
+    return float(np.mean(scores)), float(np.std(scores))

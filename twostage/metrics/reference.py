@@ -1,0 +1,177 @@
+"""Reference statistics per dataset split, cached on disk together with the protocol that made them.
+
+A reference is named like `fashion-mnist:test`, `fashion-mnist:train`, `folder:/data/imagenet:val`,
+`npz:/data/images.npz:val` (split names: train, val; "test" is an alias of val, which for
+Fashion-MNIST *is* the official test set). A path to a statistics file written by
+`ReferenceStats.save` is accepted too.
+
+What is cached (one .npz per dataset split x image size x feature network x precision):
+- pool mean/covariance (FD), spatial mean/covariance (sFD),
+- up to `pr_features` pool features (precision/recall need samples, not moments; ADM uses a 10k
+  reference batch), picked with a fixed seed,
+- the protocol (dataset, split, count, transform, network, checksum, preprocessing, precision).
+The cache key includes the network checksum, so new weights never reuse stale statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from twostage.metrics.features import FeatureNetwork, extract_features
+from twostage.metrics.frechet import FeatureStats, feature_stats
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ReferenceSpec", "ReferenceStats", "parse_reference", "reference_stats", "load_reference_images"]
+
+SPLIT_ALIASES = {"train": "train", "val": "val", "test": "val", "validation": "val"}
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    dataset: str  # fashion-mnist | folder | npz
+    root: str | None
+    split: str  # train | val
+    text: str  # as the user wrote it
+
+
+def parse_reference(spec: str) -> ReferenceSpec:
+    """'fashion-mnist:test' | 'folder:/path[:split]' | 'npz:/path.npz[:split]'."""
+    name, _, rest = spec.partition(":")
+    name = name.lower()
+    if name == "fashion-mnist":
+        split = rest or "test"
+        if split not in SPLIT_ALIASES:
+            raise ValueError(f"reference {spec!r}: unknown split {split!r}; use train or test (= val)")
+        return ReferenceSpec(name, None, SPLIT_ALIASES[split], spec)
+    if name in ("folder", "npz"):
+        root, split = rest, "val"
+        head, _, tail = rest.rpartition(":")
+        if head and tail in SPLIT_ALIASES:
+            root, split = head, SPLIT_ALIASES[tail]
+        if not root:
+            raise ValueError(f"reference {spec!r} needs a path, e.g. {name}:/data/imagenet:val")
+        return ReferenceSpec(name, root, split, spec)
+    raise ValueError(f"unknown reference {spec!r}; use fashion-mnist:test, fashion-mnist:train, "
+                     f"folder:/path[:train|val], npz:/path.npz[:train|val], or a statistics .npz file")
+
+
+@dataclass
+class ReferenceStats:
+    pool: FeatureStats
+    spatial: FeatureStats | None
+    pr_features: np.ndarray | None  # (M, D) float32 pool features for precision/recall
+    protocol: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"mu": self.pool.mu, "sigma": self.pool.sigma, "n": np.int64(self.pool.n),
+                  "protocol": np.array(json.dumps(self.protocol, sort_keys=True))}
+        if self.spatial is not None:
+            arrays.update(mu_spatial=self.spatial.mu, sigma_spatial=self.spatial.sigma)
+        if self.pr_features is not None:
+            arrays["pr_features"] = self.pr_features.astype(np.float32)
+        tmp = path.with_name(path.name + ".part")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReferenceStats:
+        with np.load(path, allow_pickle=False) as z:
+            if "mu" not in z.files:
+                raise ValueError(f"{path}: not a reference statistics file (has {z.files})")
+            protocol = json.loads(str(z["protocol"])) if "protocol" in z.files else {}
+            n = int(z["n"]) if "n" in z.files else -1
+            pool = FeatureStats(z["mu"].astype(np.float64), z["sigma"].astype(np.float64), n, protocol)
+            spatial = (FeatureStats(z["mu_spatial"].astype(np.float64), z["sigma_spatial"].astype(np.float64), n,
+                                    protocol) if "mu_spatial" in z.files else None)
+            pr = z["pr_features"] if "pr_features" in z.files else None
+        return cls(pool, spatial, pr, protocol)
+
+
+def _cache_dir() -> Path:
+    from twostage.data.fashion_mnist import cache_dir
+
+    return cache_dir() / "reference_stats"
+
+
+def load_reference_images(ref: ReferenceSpec, image_size: int, resize: str = "pad",
+                          max_images: int | None = None, seed: int = 0):
+    """The reference split as a torch Dataset of (float [-1,1] CHW image, label), RGB, no augmentation."""
+    from twostage.data.build import build_dataset
+    from twostage.data.config import DataConfig
+    from twostage.data.datasets import SubsetDataset
+
+    cfg = DataConfig(name=ref.dataset, root=ref.root, image_size=image_size, channels=3, resize=resize,
+                     flip=False)
+    ds = build_dataset(cfg, ref.split)
+    if max_images is not None and max_images < len(ds):
+        idx = np.sort(np.random.default_rng(seed).choice(len(ds), max_images, replace=False))
+        ds = SubsetDataset(ds, idx)
+    return ds
+
+
+def reference_stats(
+    spec: str,
+    net: FeatureNetwork,
+    image_size: int,
+    *,
+    resize: str = "pad",
+    max_images: int | None = None,
+    pr_features: int = 10_000,
+    batch_size: int = 100,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+) -> tuple[ReferenceStats, Path | None]:
+    """Statistics of a reference split under `net`, computed once and cached. Returns (stats, path)."""
+    if spec.endswith(".npz") and Path(spec).is_file() and ":" not in spec:
+        stats = ReferenceStats.load(spec)
+        _check_network(stats.protocol, net, spec)
+        return stats, Path(spec)
+    ref = parse_reference(spec)
+    protocol = {
+        "reference": ref.text, "dataset": ref.dataset, "root": ref.root, "split": ref.split,
+        "image_size": image_size, "resize": resize, "channels": "rgb", "max_images": max_images,
+        "precision": precision, **net.protocol(),
+    }
+    key = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:16]
+    fname = f"{ref.dataset}-{ref.split}-{image_size}px-{net.name}-{precision}-{key}.npz"
+    path = Path(cache_dir) / fname if cache_dir else _cache_dir() / fname
+    if cache and path.is_file():
+        log.info("reference statistics from cache %s", path)
+        return ReferenceStats.load(path), path
+    ds = load_reference_images(ref, image_size, resize, max_images)
+    log.info("computing reference statistics of %s (%d images) with %s", ref.text, len(ds), net.name)
+    images = (torch.stack([ds[i][0] for i in range(j, min(j + batch_size, len(ds)))])
+              for j in range(0, len(ds), batch_size))
+    feats = extract_features(net, images, batch_size, device, precision, keys=("pool", "spatial"))
+    protocol["num_images"] = int(feats["pool"].shape[0])
+    pool = feature_stats(feats["pool"].numpy(), protocol)
+    spatial = feature_stats(feats["spatial"].numpy(), protocol) if "spatial" in feats else None
+    n = feats["pool"].shape[0]
+    pick = np.sort(np.random.default_rng(0).choice(n, min(n, pr_features), replace=False))
+    stats = ReferenceStats(pool, spatial, feats["pool"].numpy()[pick].astype(np.float32), protocol)
+    if cache:
+        stats.save(path)
+        log.info("cached reference statistics in %s", path)
+    return stats, (path if cache else None)
+
+
+def _check_network(protocol: dict, net: FeatureNetwork, where: str) -> None:
+    theirs = protocol.get("feature_checksum")
+    if theirs and theirs != net.checksum:
+        raise ValueError(f"{where} was computed with {protocol.get('feature_network')} weights "
+                         f"{theirs[:12]}..., but the network in use is {net.name} {net.checksum[:12]}...: "
+                         f"statistics from different networks are not comparable")
