@@ -1,0 +1,130 @@
+"""Configuration of a LightningDiT flow-generator run over a latent cache: `DiTRunConfig`.
+
+    cfg = twostage.config.load(DiTRunConfig, "dit_fmnist", ["model.size=B", "model.patch_size=2"])
+
+Defaults are LightningDiT's (METHODS section 7): rectified flow with logit-normal times and the
+velocity-direction loss, AdamW lr 2e-4 betas (0.9, 0.95) no weight decay, EMA 0.9999, label dropout
+0.1, Euler sampling with timestep shift 0.3 and a CFG interval. As with the AR generator, everything
+that depends on the cache (latent channels, grid, classes, latent statistics) is read from the cache
+when training starts and recorded in the run's model.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twostage.config import ConfigError, check
+from twostage.engine.config import TrainConfig
+from twostage.engine.task import OptimConfig
+from twostage.generators.flow import TIME_SAMPLERS
+from twostage.generators.flow_sampling import SAMPLERS
+
+# (layers, width, heads). B / L / XL are the published LightningDiT (= DiT) shapes; tiny and mini are
+# for tests and small latents (Fashion-MNIST), S is DiT-S.
+DIT_SHAPES: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 64, 4),
+    "mini": (4, 128, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+
+
+@dataclass
+class DiTModelConfig:
+    """The network. `size` picks a shape from DIT_SHAPES; layers / width / heads override it."""
+
+    size: str = field(default="B", metadata=check(choices=tuple(DIT_SHAPES)))
+    layers: int | None = field(default=None, metadata=check(gt=0))
+    width: int | None = field(default=None, metadata=check(gt=0))
+    heads: int | None = field(default=None, metadata=check(gt=0))
+    patch_size: int = field(default=1, metadata=check(choices=(1, 2, 4)))
+    # SwiGLU hidden = round_up(mlp_ratio * width * 2/3, 8) (LightningDiT: 2/3 of the 4x MLP).
+    mlp_ratio: float = field(default=4.0, metadata=check(gt=0))
+    qk_norm: bool = False  # RMSNorm on queries and keys per head (LightningDiT's option for large models)
+    rope: bool = True  # 2D RoPE on queries and keys
+    rope_base: float = field(default=10000.0, metadata=check(gt=0))
+    abs_pos: bool = True  # fixed 2D sin-cos position embedding added to the patch tokens (as DiT)
+    norm_eps: float = field(default=1e-6, metadata=check(gt=0))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        layers, width, heads = DIT_SHAPES[self.size]
+        return (self.layers or layers, self.width or width, self.heads or heads)
+
+    def check(self) -> None:
+        _, width, heads = self.shape
+        if width % heads:
+            raise ConfigError(f"model.width={width} is not divisible by model.heads={heads}")
+        if self.rope and (width // heads) % 4:
+            raise ConfigError(f"2D RoPE needs a head width (width / heads = {width // heads}) divisible by 4")
+        if self.abs_pos and width % 4:
+            raise ConfigError(f"the 2D sin-cos position embedding needs model.width={width} divisible by 4")
+
+
+@dataclass
+class FlowConfig:
+    """Rectified-flow training objective (time convention: twostage/generators/flow.py)."""
+
+    time_sampling: str = field(default="logit_normal", metadata=check(choices=TIME_SAMPLERS))
+    logit_mean: float = 0.0
+    logit_std: float = field(default=1.0, metadata=check(gt=0))
+    direction_weight: float = field(default=1.0, metadata=check(ge=0, help="velocity-direction loss; 0 = MSE only"))
+    # Train on latents normalized per channel with the cache's mean / std (LightningDiT does).
+    normalize_latents: bool = True
+
+
+@dataclass
+class DiTSampleConfig:
+    """Defaults of `generator sample` and of the sample grid written at each checkpoint."""
+
+    sampler: str = field(default="euler", metadata=check(choices=SAMPLERS))
+    steps: int = field(default=250, metadata=check(gt=0))
+    shift: float = field(default=0.3, metadata=check(gt=0, help="timestep shift s (data-side convention)"))
+    cfg_scale: float = field(default=1.0, metadata=check(ge=0, help="1 = no guidance"))
+    # Guidance only for t in [start, end] (t = 1 is data): off for the noisiest part of the path.
+    cfg_interval_start: float = field(default=0.1, metadata=check(ge=0, le=1))
+    cfg_interval_end: float = field(default=1.0, metadata=check(ge=0, le=1))
+    # Samples in the grid written at each checkpoint (0: none). Needs the cache's tokenizer run.
+    grid_at_checkpoint: int = field(default=16, metadata=check(ge=0))
+    grid_steps: int = field(default=50, metadata=check(gt=0, help="sampling steps of the checkpoint grid"))
+
+    def check(self) -> None:
+        if self.cfg_interval_start > self.cfg_interval_end:
+            raise ConfigError(f"sample.cfg_interval_start={self.cfg_interval_start} is after "
+                              f"sample.cfg_interval_end={self.cfg_interval_end}")
+
+
+@dataclass
+class DiTValConfig:
+    """Validation flow loss at every checkpoint (fixed noise and times, so runs compare)."""
+
+    batch_size: int = field(default=64, metadata=check(gt=0))
+    max_samples: int | None = field(default=2048, metadata=check(gt=0))
+    seed: int = 0
+
+
+def _dit_optim() -> OptimConfig:
+    return OptimConfig(kind="adamw", lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, grad_clip=1.0)
+
+
+def _dit_train() -> TrainConfig:
+    return TrainConfig(ema_decay=0.9999, batch_size=1024)
+
+
+@dataclass
+class DiTRunConfig:
+    """A class-conditional LightningDiT flow generator over a continuous latent cache."""
+
+    kind: str = field(default="dit", metadata=check(choices=("dit",)))
+    model: DiTModelConfig = field(default_factory=DiTModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    optim: OptimConfig = field(default_factory=_dit_optim)
+    train: TrainConfig = field(default_factory=_dit_train)
+    label_dropout: float = field(default=0.1, metadata=check(ge=0, le=1))
+    val: DiTValConfig = field(default_factory=DiTValConfig)
+    sample: DiTSampleConfig = field(default_factory=DiTSampleConfig)
+
+
+__all__ = ["DIT_SHAPES", "DiTModelConfig", "FlowConfig", "DiTSampleConfig", "DiTValConfig", "DiTRunConfig"]

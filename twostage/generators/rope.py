@@ -1,0 +1,61 @@
+"""2D rotary position embedding for raster-ordered token grids, with unrotated prefix tokens.
+
+Each attention head of width D is split in two halves: dims [0, D/2) are rotated by the token's row,
+dims [D/2, D) by its column (METHODS section 4). Within a half of width D/2 = 2F, dim j pairs with
+dim j + F (j < F) and the pair is rotated by the angle pos * freq_j, freq_j = base ** (-j / F) (the
+same frequency ladder as LlamaGen's 2D RoPE). Prefix tokens (the class token) get angle 0, i.e. the
+identity, so they carry no position.
+
+The tables are precomputed once per (prefix, grid) as cos / sin of shape (prefix + h*w, D), already
+laid out per dim, so applying them is one fused multiply-add that torch.compile turns into a single
+kernel together with the q/k split.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_frequencies(head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """The F = head_dim / 4 rotation frequencies shared by the row and the column half (float64)."""
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs a head width divisible by 4, got {head_dim}")
+    f = head_dim // 4
+    return base ** (-torch.arange(f, dtype=torch.float64) / f)
+
+
+def grid_positions(grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) of every raster position of an h x w grid, each (h*w,) int64."""
+    h, w = grid
+    idx = torch.arange(h * w)
+    return idx // w, idx % w
+
+
+def rope_2d_tables(grid: tuple[int, int], head_dim: int, prefix: int = 1, base: float = 10000.0,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables (prefix + h*w, head_dim) float32; the first `prefix` rows are the identity."""
+    freqs = rope_frequencies(head_dim, base)
+    rows, cols = grid_positions(grid)
+    row_angles = rows[:, None].double() * freqs  # (h*w, F)
+    col_angles = cols[:, None].double() * freqs
+    # Per-dim layout [row pair-first, row pair-second, col pair-first, col pair-second], each F wide.
+    angles = torch.cat([row_angles, row_angles, col_angles, col_angles], dim=-1)  # (h*w, D)
+    angles = torch.cat([torch.zeros(prefix, head_dim, dtype=torch.float64), angles])
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """For each half [a, b] (a, b of width F): [-b, a]. The 'rotate by 90 degrees' partner of x."""
+    f = x.shape[-1] // 4
+    xr = x.unflatten(-1, (2, 2, f))  # (..., axis, pair member, F)
+    return torch.stack((-xr[..., 1, :], xr[..., 0, :]), dim=-2).flatten(-3)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., T, heads, D) by tables cos / sin broadcastable to (T, 1, D).
+
+    Computed in float32 (bf16 angles lose the low bits that distinguish far positions) and returned in
+    x's dtype.
+    """
+    xf = x.float()
+    return (xf * cos + rotate_pairs(xf) * sin).to(x.dtype)
