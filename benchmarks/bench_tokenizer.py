@@ -45,7 +45,8 @@ def build(args: argparse.Namespace, crt: bool, device: torch.device):
     ] + (SMALL if args.small else []) + args.override  # fmt: skip
     cfg = configlib.load(TokenizerRunConfig, "vq16_imagenet256", overrides)
     torch.manual_seed(0)
-    task = VQTokenizerTask(cfg, channels_last=not args.no_channels_last and device.type == "cuda")
+    layout = {"auto": None, "nhwc": True, "nchw": False}[args.layout]
+    task = VQTokenizerTask(cfg, channels_last=layout if device.type == "cuda" else False)
     for module in task.modules.values():
         module.to(device).train()
     if args.compile:
@@ -107,9 +108,13 @@ def measure(args: argparse.Namespace, crt: bool, device: torch.device) -> dict:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         prof = profile(activities=acts)
         prof.__enter__()
+    if args.sync_debug and device.type == "cuda":  # raise on any host<->device sync in the timed loop
+        torch.cuda.set_sync_debug_mode("error")
     t0 = time.perf_counter()
     for step in range(args.warmup, args.warmup + args.steps):
         train_step(task, specs, opts, phases, batches[step % 4], step, device, autocast)
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("default")
     sync()
     elapsed = time.perf_counter() - t0
     if prof is not None:
@@ -138,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codebook-size", type=int, default=16384)
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto")
-    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--layout", choices=("auto", "nhwc", "nchw"), default="auto",
+                   help="memory format; auto = the task's default (NHWC when compiled, NCHW in eager mode)")
     p.add_argument("--small", action="store_true", help="a small model (CPU smoke test), not the benchmark")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS", help="print the top ROWS ops of the timed loop")
+    p.add_argument("--sync-debug", action="store_true", help="fail if the timed loop synchronizes with the GPU")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("override", nargs="*", help="extra config overrides, e.g. loss.adaptive_gan_weight=true")
     args = p.parse_args(argv)
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, batch {args.batch_size}, {args.image_size}px, "
-          f"{args.precision}, compile={args.compile}, channels_last={not args.no_channels_last}")
+          f"{args.precision}, compile={args.compile}, layout={args.layout}")
     results = []
     for crt in {"both": (False, True), "on": (True,), "off": (False,)}[args.crt]:
         r = measure(args, crt, device)

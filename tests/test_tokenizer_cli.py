@@ -3,6 +3,7 @@
 import argparse
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +12,10 @@ import yaml
 
 from twostage.tokenizers.commands import register
 from twostage.tokenizers.pretrained import Tokenizer, TokenizerLoadError
+
+
+# TWOSTAGE_TEST_DEVICE=cuda runs the training part of this test on a GPU (bf16 autocast).
+DEVICE = os.environ.get("TWOSTAGE_TEST_DEVICE", "cpu")
 
 
 def run_cli(*argv) -> int:
@@ -34,7 +39,7 @@ def run(tmp_path_factory):
         "crt": {"enabled": True, "width": 32, "heads": 2, "ramp_steps": 2},
         "monitor": {"grid_images": 4},
         "train": {"steps": 4, "batch_size": 4, "ckpt_every": 2, "log_every": 2, "num_workers": 0,
-                  "ema_decay": 0.9, "device": "cpu", "progress": False},
+                  "ema_decay": 0.9, "device": DEVICE, "progress": False},
     }
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp / "run"

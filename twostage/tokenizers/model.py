@@ -25,12 +25,28 @@ if TYPE_CHECKING:
     from twostage.tokenizers.config import VQConfig
 
 
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm that stays in the activation dtype under autocast.
+
+    Autocast runs group_norm in fp32: every activation is upcast (a full copy), normalized, and the
+    fp32 output is cast back by the next conv (another copy), which made GroupNorm the largest cost of
+    an eager bf16 step. The CUDA kernel accumulates its statistics in fp32 whatever the input dtype,
+    so running it on the bf16 activations directly loses nothing that matters and halves the bytes.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return super().forward(x)
+
+
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     # Tiny test models may have fewer channels than the recipe's 32 groups.
     g = min(groups, channels)
     while channels % g:
         g -= 1
-    return nn.GroupNorm(g, channels, eps=1e-6, affine=True)
+    return GroupNorm(g, channels, eps=1e-6, affine=True)
 
 
 class ResBlock(nn.Module):

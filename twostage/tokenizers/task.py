@@ -61,7 +61,8 @@ class VQTokenizerTask(TaskBase):
                  perceptual: nn.Module | None = None, channels_last: bool | None = None) -> None:
         """`perceptual` overrides the configured perceptual loss: a PerceptualLoss, or a backbone with
         `feature_maps(images, size)` (tests use a tiny stand-in). `channels_last` (default: when training
-        on CUDA) stores conv weights and activations NHWC."""
+        compiled on CUDA) stores conv weights and activations NHWC: the fast layout for compiled bf16
+        convolutions, but slower in eager mode, where GroupNorm copies NHWC inputs to NCHW."""
         self.cfg = cfg
         self.image_size = image_size or cfg.image_size
         tokenizer = VQModel(cfg.model)
@@ -77,7 +78,9 @@ class VQTokenizerTask(TaskBase):
         if cfg.loss.gan_weight > 0:
             self.modules["disc"] = PatchGAN(cfg.model.out_channels, cfg.loss.disc_channels,
                                             cfg.loss.disc_layers, cfg.loss.disc_norm)
-        self.channels_last = _uses_cuda(cfg.train.device) if channels_last is None else channels_last
+        if channels_last is None:  # measured on an H100 (VQ-16, batch 32): see benchmarks/bench_tokenizer.py
+            channels_last = _uses_cuda(cfg.train.device) and cfg.train.compile
+        self.channels_last = channels_last
         if self.channels_last:  # NHWC convolutions are the fast path for bf16 on tensor cores
             for name in ("tokenizer", "disc"):
                 if name in self.modules:
