@@ -78,3 +78,18 @@ def test_weight_ramp():
 def test_grid_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="grid"):
         predictor()(torch.randn(1, 6, 5, 5))
+
+
+def test_class_conditional_start_token():
+    torch.manual_seed(0)
+    g = CausalPredictor(6, (2, 3), width=32, layers=2, heads=4, num_classes=5).eval()
+    z = torch.randn(2, 6, 2, 3)
+    a = g(z, torch.tensor([0, 0]))
+    b = g(z, torch.tensor([0, 3]))
+    torch.testing.assert_close(a[0], b[0])
+    assert not torch.allclose(a[1, 0], b[1, 0])  # the start prediction depends on the class
+    loss = crt_loss(g, z, labels=torch.tensor([1, 2]))
+    loss.backward()
+    assert g.class_emb.weight.grad[1:3].abs().sum() > 0 and g.class_emb.weight.grad[0].abs().sum() == 0
+    with pytest.raises(ValueError, match="labels"):
+        g(z)

@@ -89,6 +89,14 @@ def test_adaptive_gan_weight_and_l1():
     loss.backward()
 
 
+def test_class_conditional_crt_reads_the_labels():
+    task = make("crt.num_classes=3")
+    batch = (torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([0, 2]))
+    loss, logs = task.autoencoder_loss(ctx(task, batch))
+    loss.backward()
+    assert task.modules["crt"].class_emb.weight.grad[2].abs().sum() > 0
+
+
 def test_gan_off_before_start_and_crt_zero_at_step_zero():
     task = make("loss.disc_start=10")
     loss, logs = task.autoencoder_loss(ctx(task, torch.rand(2, 3, 16, 16) * 2 - 1, step=0))

@@ -98,6 +98,8 @@ class CRTConfig:
     normalize: bool = True  # loss on l2-normalized latents (raw latents let the encoder shrink the norm)
     stop_grad_target: bool = False  # detach the target side (the paper leaves this open; default off)
     dropout: float = field(default=0.0, metadata=check(ge=0, lt=1))
+    # Class conditioning of g (open in the paper; default none): > 0 = number of classes of the data.
+    num_classes: int = field(default=0, metadata=check(ge=0))
 
     def check(self) -> None:
         if self.width % self.heads:

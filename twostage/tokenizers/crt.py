@@ -10,7 +10,7 @@ their predecessors (lower conditional entropy for the stage-2 AR model). g is di
 
 Open choices (config options, defaults as documented): loss on l2-normalized latents (default; on raw
 latents the loss can be gamed by shrinking the norm, which the normalized lookup ignores), stop-gradient
-on the target side (default off), width (256), positions (learned absolute, or 2D RoPE).
+on the target side (default off), width (256), positions (learned absolute, or 2D RoPE), class conditioning (off).
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ class CausalPredictor(nn.Module):
         mlp_ratio: float = 4.0,
         positions: str = "learned",
         dropout: float = 0.0,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         if width % heads:
@@ -101,6 +102,8 @@ class CausalPredictor(nn.Module):
         num_tokens = grid[0] * grid[1]
         self.inp = nn.Linear(code_dim, width)
         self.start = nn.Parameter(torch.randn(width) * 0.02)
+        # Optional class conditioning (open in the paper; default off): a per-class offset of the start token.
+        self.class_emb = nn.Embedding(num_classes, width) if num_classes > 0 else None
         if positions == "learned":
             self.pos = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
         else:
@@ -119,13 +122,18 @@ class CausalPredictor(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         n, d, h, w = latents.shape
         if (h, w) != self.grid:
             raise ValueError(f"CRT predictor was built for a {self.grid} latent grid, got {(h, w)}")
         seq = latents.flatten(2).transpose(1, 2)  # raster order (N, L, D)
         x = self.inp(seq[:, :-1])
-        x = torch.cat([self.start.to(x.dtype).expand(n, 1, -1), x], dim=1)
+        start = self.start.expand(n, 1, -1)
+        if self.class_emb is not None:
+            if labels is None:
+                raise ValueError("this CRT predictor is class-conditional: pass labels")
+            start = start + self.class_emb(labels.long()).unsqueeze(1)
+        x = torch.cat([start.to(x.dtype), x], dim=1)
         rope = None
         if self.positions == "learned":
             x = x + self.pos.to(x.dtype)
@@ -142,6 +150,7 @@ def crt_loss(
     *,
     normalize: bool = True,
     stop_grad_target: bool = False,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-latent l2 regression loss on the (N, D, h, w) pre-quantization latent.
 
@@ -153,7 +162,7 @@ def crt_loss(
     target = z.flatten(2).transpose(1, 2)
     if stop_grad_target:
         target = target.detach()
-    pred = predictor(z)
+    pred = predictor(z, labels) if labels is not None else predictor(z)
     return (pred.float() - target).pow(2).sum(-1).mean()
 
 

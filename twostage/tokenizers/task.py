@@ -52,6 +52,17 @@ def batch_images(batch: Any) -> torch.Tensor:
     raise TypeError(f"cannot find images in a batch of type {type(batch).__name__}")
 
 
+def batch_labels(batch: Any, device: torch.device) -> torch.Tensor:
+    """Class labels out of (images, labels) or {"label": ...} batches (class-conditional CRT only)."""
+    if isinstance(batch, (list, tuple)) and len(batch) > 1:
+        return torch.as_tensor(batch[1]).to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        for key in ("label", "labels", "y"):
+            if key in batch:
+                return torch.as_tensor(batch[key]).to(device, non_blocking=True)
+    raise TypeError("crt.num_classes > 0 needs batches with labels: (images, labels) or {'label': ...}")
+
+
 def _uses_cuda(device: str) -> bool:
     return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
@@ -74,6 +85,7 @@ class VQTokenizerTask(TaskBase):
             self.modules["crt"] = CausalPredictor(
                 cfg.model.code_dim, tokenizer.grid_size(self.image_size), width=c.width, layers=c.layers,
                 heads=c.heads, mlp_ratio=c.mlp_ratio, positions=c.positions, dropout=c.dropout,
+                num_classes=c.num_classes,
             )
         if cfg.loss.gan_weight > 0:
             self.modules["disc"] = PatchGAN(cfg.model.out_channels, cfg.loss.disc_channels,
@@ -189,8 +201,9 @@ class VQTokenizerTask(TaskBase):
 
         if "crt" in ctx.models:
             w = crt_weight(ctx.step, cfg.crt.weight, cfg.crt.ramp_steps)
+            labels = batch_labels(ctx.batch, ctx.device) if cfg.crt.num_classes > 0 else None
             c = crt_loss(ctx.models["crt"], out.latent, normalize=cfg.crt.normalize,
-                         stop_grad_target=cfg.crt.stop_grad_target)
+                         stop_grad_target=cfg.crt.stop_grad_target, labels=labels)
             loss = loss + w * c
             logs["crt"] = c.detach()
             logs["crt_weight"] = torch.full((), w, device=ctx.device)  # a device fill, not an H2D copy
