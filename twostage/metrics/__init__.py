@@ -1,0 +1,21 @@
+"""Evaluation for both stages, offline by default (EfficientNet-Lite0 features; Inception-v3 and
+DINOv2 from user-given weights files). Every result carries its protocol (`protocol.Protocol`), and
+metric names derive from the feature network: only Inception-v3 gives "FID".
+
+    features.py         FeatureNetwork interface, EffNet-Lite0, load_feature_network, extract_features
+    inception.py        FID Inception-v3 (pytorch-fid state dict / TorchScript file)
+    dinov2.py           DINOv2 ViT from official or timm checkpoints
+    frechet.py          Fréchet distance (float64) and feature statistics
+    inception_score.py  IS-style score (10 splits)
+    precision_recall.py improved precision / recall (k = 3)
+    reference.py        reference statistics per dataset split, cached with their protocol
+    generation.py       evaluate_generation (samples .npz vs reference)
+    reconstruction.py   evaluate_reconstruction (rFD, PSNR, SSIM, perceptual distance)
+    latent.py           codebook usage / perplexity, per-position CE, latent uniformity
+    protocol.py         Protocol record, metric names, JSON results
+    commands.py         `twostage eval gen|recon|stats`
+    degradation.py      Fashion-MNIST train/test + degradation sanity study
+
+Submodules are imported lazily (`from twostage.metrics.features import ...`) so importing the
+package costs nothing.
+"""
