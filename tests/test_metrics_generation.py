@@ -78,3 +78,27 @@ def test_samples_helpers():
     assert label_sampling(np.array([0, 0, 1])).startswith("unbalanced")
     with pytest.raises(FileNotFoundError):
         load_samples("/nonexistent.npz")
+
+
+def test_eval_recon_cli_with_a_tiny_tokenizer(files, monkeypatch, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from twostage.data.config import DataConfig
+    from twostage.tokenizers.config import TokenizerRunConfig, VQConfig
+    from twostage.tokenizers.model import VQModel
+    from twostage.tokenizers.pretrained import Tokenizer
+
+    torch.manual_seed(0)
+    cfg = TokenizerRunConfig()
+    cfg.model = VQConfig(base_channels=8, channel_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=1,
+                         z_channels=8, norm_groups=4, mid_attn=False, codebook_size=32, code_dim=4)
+    cfg.data = DataConfig(name="npz", root=str(files / "ref.npz"), image_size=32, val_fraction=0.4, flip=False)
+    tok = Tokenizer(VQModel(cfg.model), cfg, checksum="0" * 64, step=5)
+    monkeypatch.setattr(Tokenizer, "from_pretrained", classmethod(lambda cls, run, **kw: tok))
+    args = _parse(["eval", "recon", str(tmp_path / "run"), "--batch-size", "6", "--device", "cpu"])
+    assert args.func(args) == 0
+    doc = json.loads((tmp_path / "run" / "eval" / "recon-val-EffNetLite0-step5.json").read_text())
+    m, p = doc["metrics"], doc["protocol"]
+    assert {"rFD-EffNetLite0", "PSNR", "SSIM", "PD-EffNetLite0", "codebook_usage", "codebook_perplexity"} <= set(m)
+    assert 0 < m["codebook_usage"] <= 1 and p["num_samples"] == 12
+    assert p["extra"]["tokenizer_step"] == 5 and p["sampler"] == "reconstruction"
+    assert "rFD-EffNetLite0" in capsys.readouterr().out
