@@ -85,9 +85,13 @@ class ARSampler:
         return nxt, (logits[: self.batch].float() if record else None)
 
     @torch.no_grad()
-    def sample(self, labels: torch.Tensor, seed: int = 0, return_logits: bool = False):
+    def sample(self, labels: torch.Tensor, seed: int = 0, return_logits: bool = False, first_batch: int = 0):
         """Tokens (n, h, w) int64 for class labels (n,). With return_logits also the conditional
-        logits (n, N, V) float32 each token was drawn from (before CFG and filtering; for tests)."""
+        logits (n, N, V) float32 each token was drawn from (before CFG and filtering; for tests).
+
+        Batch b of this call draws its noise from seed (seed, first_batch + b): sampling a long
+        label list in several calls gives the same tokens as in one call.
+        """
         labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.model.num_classes):
             raise ValueError(f"labels must lie in [0, {self.model.num_classes}] ({self.model.num_classes} = null class)")
@@ -97,7 +101,7 @@ class ARSampler:
         try:
             for b, start in enumerate(range(0, len(labels), self.batch)):
                 chunk = labels[start : start + self.batch]
-                tokens, logits = self._sample_batch(chunk, seed, b, return_logits)
+                tokens, logits = self._sample_batch(chunk, seed, first_batch + b, return_logits)
                 outs.append(tokens[: len(chunk)])
                 if return_logits:
                     logit_outs.append(logits[: len(chunk)])

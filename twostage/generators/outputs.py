@@ -21,6 +21,10 @@ import numpy as np
 import torch
 
 
+class RunLoadError(RuntimeError):
+    """A generator run folder that cannot be sampled from (missing files, no checkpoint, mismatch)."""
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """float [-1, 1] (N, C, H, W) -> uint8 (N, H, W, 3); one channel is repeated to three."""
     x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
