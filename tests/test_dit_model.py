@@ -84,4 +84,7 @@ def test_config_checks():
     cfg = configlib.load(DiTRunConfig, None)
     assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay, cfg.train.ema_decay) == (2e-4, (0.9, 0.95), 0.0, 0.9999)
     assert (cfg.sample.shift, cfg.sample.steps, cfg.flow.time_sampling, cfg.label_dropout) == (0.3, 250, "logit_normal", 0.1)
+    # a section given in part keeps the recipe's other defaults
+    cfg = configlib.load(DiTRunConfig, None, ["train.steps=5", "optim.grad_clip=2.0"])
+    assert (cfg.train.ema_decay, cfg.train.batch_size, cfg.optim.lr) == (0.9999, 1024, 2e-4)
     assert DiTModelConfig(size="L").shape == (24, 1024, 16)

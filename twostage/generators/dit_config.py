@@ -105,12 +105,23 @@ class DiTValConfig:
     seed: int = 0
 
 
-def _dit_optim() -> OptimConfig:
-    return OptimConfig(kind="adamw", lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, grad_clip=1.0)
+# The recipe's defaults live in subclasses, not in default factories: a config section given in YAML
+# or by an override is built from its class's defaults, so a factory's values would silently vanish as
+# soon as one key of the section is set.
+@dataclass
+class DiTOptimConfig(OptimConfig):
+    """AdamW lr 2e-4, betas (0.9, 0.95), no weight decay (LightningDiT)."""
+
+    lr: float = field(default=2e-4, metadata=check(gt=0))
+    weight_decay: float = field(default=0.0, metadata=check(ge=0))
 
 
-def _dit_train() -> TrainConfig:
-    return TrainConfig(ema_decay=0.9999, batch_size=1024)
+@dataclass
+class DiTTrainConfig(TrainConfig):
+    """Batch 1024 and EMA 0.9999 (LightningDiT)."""
+
+    batch_size: int = field(default=1024, metadata=check(gt=0))
+    ema_decay: float | None = field(default=0.9999, metadata=check(gt=0, lt=1))
 
 
 @dataclass
@@ -120,11 +131,11 @@ class DiTRunConfig:
     kind: str = field(default="dit", metadata=check(choices=("dit",)))
     model: DiTModelConfig = field(default_factory=DiTModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
-    optim: OptimConfig = field(default_factory=_dit_optim)
-    train: TrainConfig = field(default_factory=_dit_train)
+    optim: DiTOptimConfig = field(default_factory=DiTOptimConfig)
+    train: DiTTrainConfig = field(default_factory=DiTTrainConfig)
     label_dropout: float = field(default=0.1, metadata=check(ge=0, le=1))
     val: DiTValConfig = field(default_factory=DiTValConfig)
     sample: DiTSampleConfig = field(default_factory=DiTSampleConfig)
 
 
-__all__ = ["DIT_SHAPES", "DiTModelConfig", "FlowConfig", "DiTSampleConfig", "DiTValConfig", "DiTRunConfig"]
+__all__ = ["DIT_SHAPES", "DiTModelConfig", "FlowConfig", "DiTOptimConfig", "DiTTrainConfig", "DiTSampleConfig", "DiTValConfig", "DiTRunConfig"]

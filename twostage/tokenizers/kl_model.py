@@ -1,0 +1,107 @@
+"""KL-regularized autoencoder (LDM KL-VAE; VA-VAE's tokenizer), METHODS section 6.
+
+    model = KLModel(cfg.model)        # spec "f16d32": 256 px -> 16 x 16 x 32 latents
+    out = model(x)                    # out.recon, out.posterior, out.latent (the sampled z)
+    z = model.encode(x).mode()        # deterministic latents for caches
+
+The convolutional trunk is the VQ tokenizer's Encoder / Decoder (twostage/tokenizers/model.py). The
+encoder ends in 2 * d channels (mean and log-variance of a diagonal Gaussian), refined by a 1x1
+quant_conv as in LDM; the decoder starts from a 1x1 post_quant_conv of the d-channel sample.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from twostage.tokenizers.kl_config import KLModelConfig
+from twostage.tokenizers.model import Decoder, Encoder
+
+
+class DiagonalGaussian:
+    """q(z | x) = N(mean, diag(exp(logvar))) from (N, 2d, h, w) moments."""
+
+    def __init__(self, moments: torch.Tensor) -> None:
+        self.mean, logvar = moments.float().chunk(2, dim=1)
+        # LDM's clamp: keeps exp() finite early in training, when the encoder output is arbitrary.
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) summed over (d, h, w): one value per image (N,)."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).flatten(1).sum(1)
+
+
+class KLOutput(NamedTuple):
+    recon: torch.Tensor  # (N, C, H, W)
+    posterior: DiagonalGaussian
+    latent: torch.Tensor  # (N, d, h, w): the sample the decoder saw (the mean when sample=False)
+
+
+def trunk_config(cfg: KLModelConfig, z_channels: int) -> SimpleNamespace:
+    """The attributes Encoder / Decoder read, with the level list resolved from the spec."""
+    return SimpleNamespace(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, base_channels=cfg.base_channels,
+        channel_mult=cfg.levels, enc_res_blocks=cfg.enc_res_blocks, dec_res_blocks=cfg.dec_res_blocks,
+        z_channels=z_channels, norm_groups=cfg.norm_groups, attn_heads=cfg.attn_heads, mid_attn=cfg.mid_attn,
+        dropout=cfg.dropout,
+    )
+
+
+class KLModel(nn.Module):
+    def __init__(self, cfg: KLModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.latent_channels
+        self.latent_channels = d
+        self.encoder = Encoder(trunk_config(cfg, 2 * d))
+        self.quant_conv = nn.Conv2d(2 * d, 2 * d, 1)
+        self.post_quant_conv = nn.Conv2d(d, d, 1)
+        self.decoder = Decoder(trunk_config(cfg, d))
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.cfg.levels) - 1)
+
+    @property
+    def encoder_last_layer(self) -> torch.Tensor:
+        """Weight the VF loss's adaptive weight takes gradient norms at (VA-VAE: the encoder's conv_out)."""
+        return self.encoder.conv_out.weight
+
+    @property
+    def decoder_last_layer(self) -> torch.Tensor:
+        """Weight the GAN's adaptive weight takes gradient norms at."""
+        return self.decoder.last_layer
+
+    def grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        f = self.downsample_factor
+        if h % f or w % f:
+            raise ValueError(f"image size {h}x{w} is not divisible by the downsampling factor {f}")
+        return h // f, w // f
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> KLOutput:
+        posterior = self.encode(x)
+        z = posterior.sample() if sample else posterior.mode()
+        if x.is_contiguous(memory_format=torch.channels_last):
+            z = z.contiguous(memory_format=torch.channels_last)
+        return KLOutput(self.decode(z), posterior, z)
+
+
+__all__ = ["DiagonalGaussian", "KLOutput", "KLModel", "trunk_config"]
