@@ -90,6 +90,7 @@ def test_uniformity_measures():
     u, c = density_uniformity(grid), density_uniformity(clustered)
     assert u["gini"] < c["gini"] and u["normalized_entropy"] > c["normalized_entropy"]
     assert u["density_cv"] < c["density_cv"]
+    pytest.importorskip("sklearn")  # t-SNE; scikit-learn is an optional dependency
     z = torch.randn(150, 8, 4, 4)
     out = latent_uniformity(z, num=150)
     assert 0 < out["normalized_entropy"] <= 1 and 0 <= out["gini"] < 1
