@@ -139,6 +139,10 @@ def reference_stats(
     if spec.endswith(".npz") and Path(spec).is_file() and ":" not in spec:
         stats = ReferenceStats.load(spec)
         _check_network(stats.protocol, net, spec)
+        theirs = stats.protocol.get("image_size")
+        if theirs is not None and theirs != image_size:
+            raise ValueError(f"{spec} holds statistics of {theirs}px images but the samples are {image_size}px; "
+                             f"compute matching ones with `twostage eval stats REF --image-size {image_size}`")
         return stats, Path(spec)
     ref = parse_reference(spec)
     protocol = {
