@@ -88,3 +88,10 @@ def test_config_checks():
     cfg = configlib.load(DiTRunConfig, None, ["train.steps=5", "optim.grad_clip=2.0"])
     assert (cfg.train.ema_decay, cfg.train.batch_size, cfg.optim.lr) == (0.9999, 1024, 2e-4)
     assert DiTModelConfig(size="L").shape == (24, 1024, 16)
+
+
+@pytest.mark.parametrize("preset,size", [("dit_fmnist", "mini"), ("dit_B1_imagenet256", "B")])
+def test_presets(preset, size):
+    cfg = configlib.load(DiTRunConfig, preset)
+    assert cfg.kind == "dit" and cfg.model.size == size and cfg.model.patch_size == 1
+    assert cfg.sample.shift == 0.3 and cfg.flow.time_sampling == "logit_normal"

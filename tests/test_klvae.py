@@ -142,3 +142,18 @@ def test_checkpoint_preview(tmp_path):
     task.autoencoder_loss(ctx(task, torch.rand(4, 3, 16, 16) * 2 - 1, step=3))
     logs = task.on_checkpoint(3, tmp_path, task.modules)
     assert (tmp_path / "samples" / "recon_0000003.png").is_file() and "tokenizer/preview_psnr" in logs
+
+
+def test_presets():
+    cfg = configlib.load(KLRunConfig, "kl_fmnist_f4d8")
+    assert (cfg.model.downsample_factor, cfg.model.latent_channels, cfg.vf.enabled, cfg.image_size) == (4, 8, True, 32)
+    with pytest.raises(configlib.ConfigError, match="data.root"):
+        configlib.load(KLRunConfig, "kl_f16d32_imagenet256")
+    with pytest.raises(configlib.ConfigError, match="lpips_weights"):
+        configlib.load(KLRunConfig, "kl_f16d32_imagenet256", ["data.root=/x", "vf.weights=/d.pth"])
+    with pytest.raises(configlib.ConfigError, match="vf.weights"):
+        configlib.load(KLRunConfig, "kl_f16d32_imagenet256", ["data.root=/x", "loss.lpips_weights=/w.pth"])
+    cfg = configlib.load(KLRunConfig, "kl_f16d32_imagenet256",
+                         ["data.root=/x", "loss.lpips_weights=/w.pth", "vf.weights=/d.pth"])
+    assert (cfg.model.levels, cfg.model.latent_channels, cfg.train.batch_size, cfg.optim.ae.betas) == (
+        (1, 1, 2, 2, 4), 32, 256, (0.5, 0.9))

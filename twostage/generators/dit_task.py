@@ -78,12 +78,19 @@ def balanced_labels(n: int, num_classes: int) -> np.ndarray:
 @torch.no_grad()
 def generate_latents(model: nn.Module, labels: torch.Tensor, *, steps: int, sampler: str = "euler",
                      shift: float = 1.0, cfg_scale: float = 1.0, interval: tuple[float, float] = (0.0, 1.0),
-                     generator: torch.Generator | None = None, precision: str = "fp32") -> torch.Tensor:
-    """Normalized latents (N, C, h, w) float32 integrated from seeded noise (at t = 0) to data (t = 1)."""
+                     generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                     precision: str = "fp32", null_label: int | None = None) -> torch.Tensor:
+    """Normalized latents (N, C, h, w) float32 integrated from noise (at t = 0) to data (t = 1).
+
+    The noise is `noise` when given, else drawn from `generator`. `model` may be a compiled wrapper;
+    then pass `noise` and `null_label` (the wrapper need not expose the model's attributes).
+    """
     device = labels.device
-    noise = torch.randn(labels.shape[0], model.in_channels, *model.grid, generator=generator,
-                        device=generator.device if generator is not None else device).to(device)
-    fn = guided_velocity(model, labels, model.null_label, cfg_scale, interval)
+    if noise is None:
+        noise = torch.randn(labels.shape[0], model.in_channels, *model.grid, generator=generator,
+                            device=generator.device if generator is not None else device)
+    noise = noise.to(device, torch.float32)
+    fn = guided_velocity(model, labels, model.null_label if null_label is None else null_label, cfg_scale, interval)
     dtype = torch.bfloat16 if precision == "bf16" else None
     ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     with ctx:
