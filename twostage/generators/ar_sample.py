@@ -1,17 +1,23 @@
-"""Fast class-conditional sampling from an AR transformer: static KV cache, CFG, compiled steps.
+"""Fast class-conditional sampling from an AR transformer: static KV cache, CFG, CUDA graphs.
 
     sampler = ARSampler(model, batch_size=64, cfg_scale=2.0, compile=True)
     tokens = sampler.sample(labels, seed=0)         # (N, h, w) int64 on the model's device
 
 Per batch: the class prefix is prefilled (conditional rows first, the null class second when CFG is
 on, so the batch is doubled), then one token per step. A step is one function (embed, all blocks
-against the cache, head, CFG, temperature / top-k / top-p, Gumbel-max draw) that torch.compile turns
-into a few fused kernels and, with mode "reduce-overhead", one CUDA graph replay: no host syncs and
-no per-kernel launch cost. The shapes are static: the last batch is padded, the cache is allocated at
-its final size, and each step reads the cache prefix of its bucket length (see kv_cache.py).
+against the cache, head, CFG, temperature / top-k / top-p, Gumbel-max draw). On a GPU it is
+compiled (fused kernels) and captured as a CUDA graph per cache-bucket length that reads the
+position from a device tensor, writes the token into the output buffer and advances the position
+itself: a step then costs the host one noise launch and one graph replay, with no host sync and no
+per-kernel launch cost. (torch.compile's own "reduce-overhead" graphs were measured slower: their
+per-call guard and input checks cost ~0.5 ms of host time per step, more than the step itself at
+batch 64.)
+
+Shapes are static: the last batch is padded, the cache is allocated once at its final size, and each
+step reads the cache prefix of its bucket length (kv_cache.py).
 
 Reproducibility: the noise of batch b comes from a generator seeded with (seed, b), so the same
-seed, batch size and settings give the same tokens, independent of how many batches ran before.
+seed, batch size and settings give the same tokens, however the labels are split over calls.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch._dynamo
 
 from twostage.generators.ar_model import PREFIX, ARTransformer
 from twostage.generators.kv_cache import bucket_length
@@ -28,21 +35,21 @@ log = logging.getLogger(__name__)
 
 
 def _raise_recompile_limit(n: int) -> None:
-    import torch._dynamo as dynamo
-
     for name in ("recompile_limit", "cache_size_limit"):  # renamed in torch 2.6
-        if hasattr(dynamo.config, name):
-            setattr(dynamo.config, name, max(getattr(dynamo.config, name), n))
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), n))
 
 
 class ARSampler:
-    def __init__(self, model: ARTransformer, *, batch_size: int = 64, cfg_scale: float = 2.0,
+    def __init__(self, model: ARTransformer, *, batch_size: int = 64, cfg_scale: float | None = 2.0,
                  cfg_until: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 kv_bucket: int = 32, compile: bool = False, compile_mode: str = "reduce-overhead",
-                 dtype: torch.dtype | None = None):
-        """cfg_scale <= 0 or None samples without guidance (no doubled batch). cfg_until: guided
-        steps are 0..cfg_until-1 (step 0 draws z_0); later steps use the conditional logits only.
-        dtype: the cache dtype (default: the model's)."""
+                 kv_bucket: int = 32, compile: bool = False, compile_mode: str = "default",
+                 cuda_graphs: bool | None = None, dtype: torch.dtype | None = None):
+        """cfg_scale None or <= 0 samples without guidance (no doubled batch); 1 runs the doubled
+        batch and equals conditional sampling. cfg_until: steps 0..cfg_until-1 are guided (step 0
+        draws z_0), later ones use the conditional logits only. compile_mode is torch.compile's
+        (default, max-autotune-no-cudagraphs). cuda_graphs (default: on CUDA devices) captures the
+        steps. dtype: the cache dtype (default: the model's)."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
@@ -56,13 +63,16 @@ class ARSampler:
         self.dtype = dtype
         self.rows = 2 * batch_size if self.cfg_scale is not None else batch_size
         self.compiled = compile
-        self.cudagraphs = compile and compile_mode == "reduce-overhead"
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._step = self._decode_step
         if compile:
-            # one graph per (bucket length, guided) pair; dynamic=False keeps every shape static so
-            # each can be a CUDA graph
-            _raise_recompile_limit(4 * (model.seq_len // max(kv_bucket, 1) + 2))
-            self._step = torch.compile(self._decode_step, mode=compile_mode, dynamic=False, fullgraph=True)
+            # One compilation symbolic in the bucket length (marked dynamic per call) serves every
+            # partial bucket; the last, full-cache bucket has other strides and gets its own.
+            _raise_recompile_limit(32)
+            mode = None if compile_mode == "default" else compile_mode
+            self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True)
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._state: dict[str, torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -84,6 +94,30 @@ class ARSampler:
         nxt = self._next(logits, noise, guided)
         return nxt, (logits[: self.batch].float() if record else None)
 
+    # -- buffers ----------------------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Free the KV cache, the static buffers and the captured graphs."""
+        self.model.clear_caches()
+        self._graphs.clear()
+        self._state = None
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        """Everything a step reads or writes, allocated once: captured graphs bake in addresses."""
+        if self._state is None or not self.model.has_caches(self.rows, self.dtype):
+            self._graphs.clear()
+            self.model.setup_caches(self.rows, self.dtype)
+            dev, n = self.device, self.model.num_tokens
+            self._state = {
+                "positions": torch.arange(self.model.seq_len, device=dev),
+                "noise": torch.empty(self.batch, self.model.vocab_size, device=dev),
+                "out": torch.empty(n, self.batch, dtype=torch.int64, device=dev),  # row t = token t
+                "pos": torch.zeros((), dtype=torch.int64, device=dev),  # sequence position fed next
+            }
+        return self._state
+
+    # -- sampling ---------------------------------------------------------------------------------------
+
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, seed: int = 0, return_logits: bool = False, first_batch: int = 0):
         """Tokens (n, h, w) int64 for class labels (n,). With return_logits also the conditional
@@ -96,8 +130,6 @@ class ARSampler:
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.model.num_classes):
             raise ValueError(f"labels must lie in [0, {self.model.num_classes}] ({self.model.num_classes} = null class)")
         outs, logit_outs = [], []
-        if not self.model.has_caches(self.rows, self.dtype):
-            self.model.setup_caches(self.rows, self.dtype)
         try:
             for b, start in enumerate(range(0, len(labels), self.batch)):
                 chunk = labels[start : start + self.batch]
@@ -106,30 +138,12 @@ class ARSampler:
                 if return_logits:
                     logit_outs.append(logits[: len(chunk)])
         finally:
-            # A compiled sampler keeps its cache: CUDA graphs recorded against these buffers stay
-            # valid for the next call. Call release() to free it.
-            if not self.compiled:
+            # Compiled / graphed samplers keep cache and graphs for the next call (release() frees).
+            if not (self.compiled or self.cuda_graphs):
                 self.release()
         h, w = self.model.grid
         tokens = torch.cat(outs).view(-1, h, w) if outs else torch.empty(0, h, w, dtype=torch.int64)
         return (tokens, torch.cat(logit_outs)) if return_logits else tokens
-
-    def release(self) -> None:
-        """Free the KV cache (it is rebuilt by the next sample call)."""
-        self.model.clear_caches()
-
-    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Position ids and the noise buffer, allocated once per sampler: a compiled step sees the
-        same tensors every call (the noise buffer is marked static so CUDA graphs read it in place
-        instead of copying 4 bytes x vocab x batch each step)."""
-        if getattr(self, "_positions", None) is None or self._positions.device != self.device:
-            self._positions = torch.arange(self.model.seq_len, device=self.device)
-            self._noise = None
-            if self.temperature > 0:
-                self._noise = torch.empty(self.batch, self.model.vocab_size, device=self.device)
-                if self.cudagraphs:
-                    torch._dynamo.mark_static_address(self._noise)
-        return self._positions, self._noise
 
     def _sample_batch(self, labels: torch.Tensor, seed: int, batch_index: int, record: bool):
         model, n_tok, B, dev = self.model, self.model.num_tokens, self.batch, self.device
@@ -137,30 +151,69 @@ class ARSampler:
             labels = torch.cat([labels, labels.new_zeros(B - len(labels))])
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(seed) * 1_000_003 + batch_index)
-        positions, noise_buf = self._buffers()
+        st = self._buffers()
+        noise_buf = st["noise"] if self.temperature > 0 else None
 
-        def noise():  # Exp(1) draws for the Gumbel-max sample, in place
+        def noise():  # Exp(1) draws for the Gumbel-max sample, in place in the static buffer
             return None if noise_buf is None else noise_buf.exponential_(generator=gen)
 
-        # Token t of every sequence is written into row t: each row is a contiguous buffer of ours
-        # (not memory owned by a CUDA graph) that the next step reads as its input.
-        out = torch.empty(n_tok, B, dtype=torch.int64, device=dev)
-        logits_rec = torch.empty(n_tok, B, model.vocab_size, device=dev) if record else None
         fed_labels = labels
         if self.cfg_scale is not None:
             fed_labels = torch.cat([labels, torch.full_like(labels, model.null_class)])
         first = model.prefill(fed_labels)
-        out[0] = self._next(first, noise(), self._guided(0))
+        st["out"][0] = self._next(first, noise(), self._guided(0))
+        st["pos"].fill_(PREFIX)
+        logits_rec = None
         if record:
+            logits_rec = torch.empty(n_tok, B, model.vocab_size, device=dev)
             logits_rec[0] = first[:B].float()
+        graphs = self.cuda_graphs and not record
         for t in range(1, n_tok):
-            pos = PREFIX + t - 1  # sequence position of the token fed (z_{t-1})
-            kv = positions[: bucket_length(pos + 1, self.kv_bucket, model.seq_len)]
-            if self.cudagraphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            nxt, logits = self._step(out[t - 1], positions[pos], kv, noise(), self._guided(t), record)
-            out[t].copy_(nxt)
+            kv_len = bucket_length(PREFIX + t, self.kv_bucket, model.seq_len)  # positions 0..PREFIX+t-1 filled
+            guided = self._guided(t)
+            noise()
+            if graphs:
+                self._graph(kv_len, guided).replay()
+                continue
+            _, logits = self._advance(kv_len, guided, record)
             if record:
                 logits_rec[t] = logits
-        tokens = out.t().contiguous()
+        tokens = st["out"].t().clone()
         return tokens, (logits_rec.transpose(0, 1) if record else None)
+
+    def _advance(self, kv_len: int, guided: bool, record: bool = False):
+        """One step on the static buffers: feed out[pos - PREFIX] at `pos`, write out[pos - PREFIX + 1],
+        advance pos. Everything stays on the device, so the same call can be captured in a graph."""
+        st = self._state
+        kv = st["positions"][:kv_len]
+        if self.compiled and kv_len < self.model.seq_len:
+            torch._dynamo.maybe_mark_dynamic(kv, 0)
+        fed_index = (st["pos"] - PREFIX).view(1)
+        tokens = st["out"].index_select(0, fed_index).view(-1)
+        noise = st["noise"] if self.temperature > 0 else None
+        nxt, logits = self._step(tokens, st["pos"], kv, noise, guided, record)
+        st["out"].index_copy_(0, fed_index + 1, nxt.view(1, -1))
+        st["pos"].add_(1)
+        return nxt, logits
+
+    def _graph(self, kv_len: int, guided: bool) -> torch.cuda.CUDAGraph:
+        key = (kv_len, guided)
+        if key not in self._graphs:
+            st = self._state
+            saved = {k: st[k].clone() for k in ("pos", "out")}
+            # Warm up on a side stream (compiles, initializes cuBLAS workspaces), undo its effects on
+            # the state (the cache write is repeated identically by the real step), then capture.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._advance(kv_len, guided)
+            torch.cuda.current_stream().wait_stream(stream)
+            for k, v in saved.items():
+                st[k].copy_(v)
+            graph = torch.cuda.CUDAGraph()
+            if not hasattr(self, "_pool"):
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._advance(kv_len, guided)
+            self._graphs[key] = graph
+        return self._graphs[key]

@@ -109,12 +109,12 @@ class ARTask(TaskBase):
         if self._tokenizer is False:
             return
         raw = getattr(model, "_orig_mod", model)
+        was_training = raw.training  # the sampler switches the model to eval mode
         s = self.cfg.sample
         n = self.cfg.sample.grid_at_checkpoint
         sampler = ARSampler(raw, batch_size=n, cfg_scale=s.cfg_scale, cfg_until=s.cfg_until,
-                            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+                            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cuda_graphs=False)
         labels = torch.as_tensor(balanced_labels(n, self.model.num_classes))
-        was_training = raw.training
         autocast = torch.autocast("cuda", torch.bfloat16) if self._bf16(raw) else contextlib.nullcontext()
         with autocast:
             tokens = sampler.sample(labels, seed=step)

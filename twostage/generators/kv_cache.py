@@ -42,15 +42,23 @@ class KVCache(nn.Module):
         self.k.index_copy_(2, positions, k.to(self.k.dtype))
         self.v.index_copy_(2, positions, v.to(self.v.dtype))
 
+    # "sdpa": the fused attention kernel with a boolean mask; "matmul": two batched matrix-vector
+    # products and a softmax, which inductor can fuse with the mask (benchmarks/bench_ar.py picks).
+    impl: str = "sdpa"
+
     def attend(self, q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Attention of q (batch, heads, 1, head_dim) over the first len(valid) cached positions.
 
         `valid` (L,) bool says which of those positions are filled (the ones after the current step
-        inside the bucket are not). L is a static length (the bucket), so shapes stay fixed.
+        inside the bucket are not). L is a bucket length, so one compiled graph serves many steps.
         """
         length = valid.shape[-1]
         k, v = self.k[:, :, :length], self.v[:, :, :length]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=valid.view(1, 1, 1, length))
+        if self.impl == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=valid.view(1, 1, 1, length))
+        scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+        probs = scores.masked_fill(~valid, float("-inf")).softmax(-1)
+        return probs.to(v.dtype) @ v
 
 
 def bucket_length(filled: int, bucket: int, max_len: int) -> int:
