@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5, 10 with --compile)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile=true)")
     p.add_argument("--qk-norm", action="store_true")
+    p.add_argument("--sdpa", choices=("auto", "flash", "cudnn", "efficient"), default="auto",
+                   help="restrict scaled_dot_product_attention to one backend (default: PyTorch's choice)")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--no-clip", action="store_true")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -171,8 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, LightningDiT-{args.size}/{args.patch} on "
           f"{args.grid}x{args.grid}x{args.channels} latents, batch {args.batch_size}, {args.precision}, "
-          f"compile={args.compile}, ema={not args.no_ema}, clip={not args.no_clip}")
-    r = measure(args, device)
+          f"compile={args.compile}, ema={not args.no_ema}, clip={not args.no_clip}, sdpa={args.sdpa}")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    with sdpa_kernel(backends[args.sdpa]) if args.sdpa != "auto" else contextlib.nullcontext():
+        r = measure(args, device)
     print(f"  {r['images_per_s']:8.1f} images/s  {r['step_ms']:7.1f} ms/step  MFU {r['mfu']:.3f} "
           f"(vs {PEAK_TFLOPS:.0f} TFLOP/s; {r['gflop_per_image_rule']:.1f} GFLOP/image)  "
           f"matmul {r['model_tflops']:.0f} TFLOP/s  peak {r['peak_mem_gib']:.1f} GiB  warmup {r['warmup_s']:.0f}s  "

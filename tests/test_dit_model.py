@@ -51,13 +51,16 @@ def test_rope_is_relative_and_options():
     q, k = torch.randn(8), torch.randn(8)
 
     def score(i, j):
-        qi, kj = apply_rope(q.expand(15, 8), cos, sin)[i], apply_rope(k.expand(15, 8), cos, sin)[j]
+        qi, kj = apply_rope(q.expand(1, 15, 8), cos, sin)[0, i], apply_rope(k.expand(1, 15, 8), cos, sin)[0, j]
         return float(qi @ kj)
 
     # grid (3, 5): index = row * 5 + col; same offset (+1 row, +2 cols) gives the same score
     assert score(0, 7) == pytest.approx(score(5, 12), abs=1e-5)
     assert score(0, 7) != pytest.approx(score(0, 8), abs=1e-3)
-    assert torch.allclose(apply_rope(q.expand(15, 8), cos, sin).norm(dim=-1), q.norm().expand(15), atol=1e-5)
+    assert torch.allclose(apply_rope(q.expand(1, 15, 8), cos, sin).norm(dim=-1), q.norm().expand(1, 15), atol=1e-5)
+    # (N, T, heads, D) and (N, T, 2, heads, D) broadcast the same tables
+    x = torch.randn(2, 15, 2, 3, 8)
+    assert torch.allclose(apply_rope(x, cos, sin)[:, :, 1], apply_rope(x[:, :, 1], cos, sin))
     plain = tiny(rope=False, abs_pos=False)
     assert plain.pos is None and not hasattr(plain, "rope_cos")
     assert plain(torch.randn(2, 6, 4, 4), torch.rand(2), torch.tensor([0, 1])).shape == (2, 6, 4, 4)
