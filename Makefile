@@ -9,10 +9,10 @@ STAMP := $(VENV)/.twostage-installed
 .PHONY: demo test setup clean
 
 demo: $(STAMP)
-	$(VENV)/bin/twostage demo
+	$(PY) -m twostage demo
 
 test: $(STAMP)
-	$(VENV)/bin/pytest
+	$(PY) -m pytest
 
 setup: $(STAMP)
 

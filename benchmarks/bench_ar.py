@@ -110,7 +110,8 @@ def bandwidth_floor_ms(model: ARTransformer, rows: int, bucket: int, bandwidth: 
     return 1e3 * exact / bandwidth / steps, 1e3 * bucketed / bandwidth / steps
 
 
-def bench_sample(size: str, batch: int, cfg: float, mode: str, bucket: int, bandwidth: float, graphs: bool) -> dict:
+def bench_sample(size: str, batch: int, cfg: float, mode: str, bucket: int, bandwidth: float, graphs: bool,
+                 profile: bool = False) -> dict:
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = build(size, False, device)
@@ -136,6 +137,19 @@ def bench_sample(size: str, batch: int, cfg: float, mode: str, bucket: int, band
            "kv_bucket": bucket, "decode_attn": KVCache.impl, "cuda_graphs": graphs, "warmup_s": warm_s,
            "distinct_tokens": int(tokens.unique().numel()), "max_mem_GB": torch.cuda.max_memory_allocated() / 1e9}
     sampler.release()
+    if profile:
+        # Kernel time breakdown of one batch, launched kernel by kernel (graph replays hide kernels).
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        plain = ARSampler(model, batch_size=batch, cfg_scale=cfg, kv_bucket=bucket, compile=mode != "none",
+                          compile_mode=mode, cuda_graphs=False)
+        plain.sample(labels, seed=0)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            plain.sample(labels, seed=1)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70), flush=True)
+        plain.release()
     del model, sampler
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -162,6 +176,7 @@ def main() -> int:
                     help="one run per value")
     ap.add_argument("--peak-tflops", type=float, default=750.0)
     ap.add_argument("--bandwidth-tbs", type=float, default=3.0, help="memory bandwidth for the floor, TB/s")
+    ap.add_argument("--profile", action="store_true", help="print the sampling step's kernel time breakdown")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-sample", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -184,7 +199,7 @@ def main() -> int:
                 for attn in args.decode_attn:
                     KVCache.impl = attn
                     r = bench_sample(args.sample_size, batch, args.cfg, args.compile_mode, bucket,
-                                     args.bandwidth_tbs * 1e12, not args.no_cuda_graphs)
+                                     args.bandwidth_tbs * 1e12, not args.no_cuda_graphs, args.profile)
                     results["sample"].append(r)
                     print(json.dumps(r), flush=True)
     if args.json:

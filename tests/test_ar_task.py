@@ -134,4 +134,10 @@ def test_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(configlib.ConfigError, match="discrete token cache"):
         _cli(["generator", "train", "ar_fmnist_tiny", "--tokens", str(tmp_path / "lat"), "--out", str(tmp_path / "r")])
     with pytest.raises(configlib.ConfigError, match="not a generator kind"):
-        _cli(["generator", "train", "ar_fmnist_tiny", "kind=dit", "--tokens", "x", "--out", "y"])
+        _cli(["generator", "train", "ar_fmnist_tiny", "kind=gan", "--tokens", "x", "--out", "y"])
+
+
+def test_dit_only_sampling_options_are_refused_for_ar_runs(tmp_path):
+    (tmp_path / "config.yaml").write_text("kind: ar\n")
+    with pytest.raises(configlib.ConfigError, match="DiT"):
+        _cli(["generator", "sample", str(tmp_path), "--num", "2", "--out", str(tmp_path / "x.npz"), "--steps", "10"])

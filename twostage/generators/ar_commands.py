@@ -18,7 +18,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from twostage.config import ConfigError
     from twostage.generators.ar_run import sample_ar_run
+
+    for flag in ("steps", "sampler", "shift", "cfg_interval"):
+        if getattr(args, flag, None) is not None:
+            raise ConfigError(f"--{flag.replace('_', '-')} applies to DiT runs; an AR run samples one token per "
+                              "step and stops CFG with --cfg-until")
 
     path = sample_ar_run(
         args.run, args.num, args.out, cfg_scale=args.cfg, cfg_until=args.cfg_until, temperature=args.temperature,

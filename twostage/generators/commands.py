@@ -4,7 +4,8 @@
     twostage generator train ar_imagenet_B train.steps=100000 --tokens caches/in256 --out runs/ar_B
     twostage generator sample runs/ar_B --num 50000 --cfg 2.0 --out samples/ar_B.npz --compile
 
-The config's (or run's) `kind` picks the implementation: `ar` (discrete tokens, LlamaGen GPT). Each
+The config's (or run's) `kind` picks the implementation: `ar` (discrete tokens, LlamaGen GPT) or `dit`
+(continuous latents, LightningDiT; --tokens then names the latent cache). Each
 kind provides `train(cfg_source, overrides, args)` and `sample(args)` in its own module, so a new
 kind (e.g. a continuous LightningDiT) only adds an entry to KINDS.
 """
@@ -23,7 +24,7 @@ import yaml
 log = logging.getLogger(__name__)
 
 # kind -> module providing cmd_train(args) and cmd_sample(args)
-KINDS = {"ar": "twostage.generators.ar_commands"}
+KINDS = {"ar": "twostage.generators.ar_commands", "dit": "twostage.generators.dit_commands"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,7 +58,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="bf16 applies on CUDA only")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoding step (CUDA graphs on GPU)")
     p.add_argument("--grid", type=int, default=64, help="samples in the PNG grid (0: none)")
-    p.add_argument("--tokens-only", action="store_true", help="do not decode images (npz holds tokens and labels)")
+    p.add_argument("--tokens-only", action="store_true", help="do not decode images (npz holds tokens and labels; AR)")
+    # continuous (DiT) runs only; the AR kind refuses them
+    p.add_argument("--steps", type=int, default=None, help="DiT: sampler steps (default: the run's)")
+    p.add_argument("--sampler", default=None, help="DiT: euler or heun (default: the run's)")
+    p.add_argument("--shift", type=float, default=None, help="DiT: timestep shift (default: the run's)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("START", "END"),
+                   help="DiT: guide only for t in [START, END] (t = 1 is data)")
     p.set_defaults(func=_guard(cmd_sample))
 
 
