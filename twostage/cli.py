@@ -15,6 +15,8 @@ from twostage.config import ConfigError
 COMMAND_MODULES = [
     "twostage.data.commands",
     "twostage.tokenizers.commands",
+    "twostage.generators.commands",
+    "twostage.metrics.commands",
 ]
 
 

@@ -252,6 +252,24 @@ def resolve_preset(name_or_path: str | Path) -> Path:
     )
 
 
+def source_kind(source: str | Path | dict, overrides: list[str] = (), default: str = "") -> str:
+    """The top-level `kind` of a config (file, preset or dict) before it is loaded; an override
+    `kind=...` wins. Command groups with several implementations (vq/kl tokenizers, ar/dit
+    generators) dispatch on it, then load the config class of that kind."""
+    data = source if isinstance(source, dict) else yaml.safe_load(resolve_preset(source).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a config file must hold a mapping of sections")
+    return str(parse_overrides(list(overrides)).get("kind", data.get("kind", default)))
+
+
+def run_kind(run_dir: str | Path, default: str = "") -> str:
+    """The `kind` recorded in a run folder's resolved config.yaml."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (it has no config.yaml)")
+    return str((yaml.safe_load(path.read_text()) or {}).get("kind", default))
+
+
 def load(cls: type[T], source: str | Path | dict | None = None, overrides: list[str] = ()) -> T:
     """Load a config: defaults <- YAML file or preset (or dict) <- overrides; validated."""
     if source is None:
@@ -292,4 +310,6 @@ __all__ = [
     "save",
     "config_hash",
     "resolve_preset",
+    "source_kind",
+    "run_kind",
 ]

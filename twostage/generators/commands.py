@@ -19,8 +19,6 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 log = logging.getLogger(__name__)
 
 # kind -> module providing cmd_train(args) and cmd_sample(args)
@@ -100,18 +98,15 @@ def _kind_module(kind: str, where: str):
 
 def config_kind(source: str | Path, overrides: list[str]) -> str:
     """The `kind` of a config file or preset (an override kind=... wins); default "ar"."""
-    from twostage.config import parse_overrides, resolve_preset
+    from twostage.config import source_kind
 
-    data = yaml.safe_load(resolve_preset(source).read_text()) or {}
-    over = parse_overrides(list(overrides))
-    return str(over.get("kind", data.get("kind", "ar")))
+    return source_kind(source, overrides, default="ar")
 
 
 def run_kind(run_dir: Path) -> str:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a generator run folder (no config.yaml)")
-    return str((yaml.safe_load(path.read_text()) or {}).get("kind", "ar"))
+    from twostage.config import run_kind as recorded_kind
+
+    return recorded_kind(run_dir, default="ar")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -134,12 +134,12 @@ def cmd_recon(args: argparse.Namespace) -> int:
     from twostage.metrics.protocol import write_result
     from twostage.metrics.reconstruction import evaluate_reconstruction
 
-    try:
-        from twostage.tokenizers.pretrained import Tokenizer
-    except ImportError as e:  # pragma: no cover - the tokenizer package is part of twostage
-        raise ImportError("eval recon needs twostage.tokenizers.pretrained.Tokenizer") from e
+    from twostage.tokenizers.kl_pretrained import KLTokenizer, is_kl_run
+    from twostage.tokenizers.pretrained import Tokenizer
+
     device = _device(args.device)
-    tok = Tokenizer.from_pretrained(args.run, device=device, step=args.step)
+    kl = is_kl_run(args.run)
+    tok = (KLTokenizer if kl else Tokenizer).from_pretrained(args.run, device=device, step=args.step)
     dataset = build_dataset(tok.config.data, args.split)  # int keys: never augmented
     if args.max_images is not None and args.max_images < len(dataset):
         import numpy as np
@@ -148,6 +148,8 @@ def cmd_recon(args: argparse.Namespace) -> int:
     indices: list[torch.Tensor] = []
 
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
+        if kl:  # the posterior mean, decoded
+            return tok.reconstruct(x)
         # one forward gives both the reconstruction and the codes (for usage / perplexity)
         out = tok.model(tok._input(x))
         indices.append(out.quant.indices.cpu())
@@ -161,8 +163,9 @@ def cmd_recon(args: argparse.Namespace) -> int:
                   f"({tok.config.data.image_size}px, {tok.config.data.resize})",
         protocol={"tokenizer_run": str(args.run), "tokenizer_step": tok.step, "tokenizer_checksum": tok.checksum},
     )
-    usage = codebook_usage(torch.cat([i.flatten() for i in indices]), tok.codebook_size)
-    metrics["codebook_usage"], metrics["codebook_perplexity"] = usage["usage"], usage["perplexity"]
+    if indices:
+        usage = codebook_usage(torch.cat([i.flatten() for i in indices]), tok.codebook_size)
+        metrics["codebook_usage"], metrics["codebook_perplexity"] = usage["usage"], usage["perplexity"]
     step = f"step{tok.step}" if tok.step is not None else "latest"
     out = Path(args.out) if args.out else Path(args.run) / "eval" / f"recon-{args.split}-{net.name}-{step}.json"
     write_result(out, metrics, proto, _command_line())

@@ -1,8 +1,14 @@
-"""`twostage tokenizer train | encode | reconstruct`.
+"""`twostage tokenizer train | encode | reconstruct | probe`.
 
     twostage tokenizer train vq_fmnist_f8 model.codebook_size=4096 crt.enabled=true --out runs/f8_crt
     twostage tokenizer encode runs/f8_crt --split train --out caches/f8_crt_train
     twostage tokenizer reconstruct runs/f8_crt --out runs/f8_crt/recon.png
+    twostage tokenizer probe runs/f8_crt          # held-out next-latent error of a fresh causal probe
+    twostage tokenizer train kl_fmnist_f4d8 vf.enabled=false --out runs/kl_f4d8   # kind: kl (KL-VAE)
+
+The config's `kind` picks the tokenizer: `vq` (default; VQ with optional CRT) or `kl` (KL-VAE with
+optional VF loss). A KL run's `encode` writes a latent cache (float16 posterior means and per-channel
+statistics, see twostage/tokenizers/kl_run.py) instead of token ids.
 
 `encode` writes the token cache that stage 2 trains on (format: twostage/data/token_cache.py):
 tokens.npy (N, 2, h*w) ids of each image and of its horizontal flip (uint16 when the codebook has
@@ -31,11 +37,11 @@ log = logging.getLogger(__name__)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `tokenizer` command group to the top-level CLI."""
-    top = subparsers.add_parser("tokenizer", help="train a VQ tokenizer, encode datasets to tokens, reconstruct",
+    top = subparsers.add_parser("tokenizer", help="train a VQ / KL tokenizer, encode datasets to a cache, reconstruct, probe",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = top.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
 
-    p = sub.add_parser("train", help="train a VQ tokenizer (resumes automatically when RUN has a checkpoint)")
+    p = sub.add_parser("train", help="train a tokenizer of the config's kind (resumes when RUN has a checkpoint)")
     p.add_argument("config", help="preset name in configs/ (e.g. vq_fmnist_f8) or a YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.codebook_size=4096 crt.enabled=true")
     p.add_argument("--out", required=True, type=Path, help="run folder")
@@ -59,6 +65,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--per-row", type=int, default=8)
     _inference_args(p, batch=64)
     p.set_defaults(func=_guard(cmd_reconstruct))
+
+    p = sub.add_parser("probe", help="fit a fresh 2-layer causal probe on frozen VQ latents; held-out next-latent error")
+    p.add_argument("run", type=Path, help="VQ tokenizer run folder")
+    p.add_argument("--train-images", type=int, default=10000, help="training-split images the probe is fitted on")
+    p.add_argument("--val-images", type=int, default=2000, help="validation-split images it is scored on")
+    p.add_argument("--steps", type=int, default=2000, help="probe optimizer steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="JSON file (default RUN/eval/probe-stepN.json)")
+    _inference_args(p, batch=256)
+    p.set_defaults(func=_guard(cmd_probe))
 
 
 def _inference_args(p: argparse.ArgumentParser, batch: int) -> None:
@@ -108,14 +124,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     from twostage.tokenizers.config import TokenizerRunConfig
     from twostage.tokenizers.task import VQTokenizerTask
 
+    kind = configlib.source_kind(args.config, args.overrides, default="vq")
+    if kind == "kl":
+        from twostage.tokenizers.kl_config import KLRunConfig
+        from twostage.tokenizers.kl_run import train_kl
+
+        cfg = configlib.load(KLRunConfig, args.config, args.overrides)
+        last = train_kl(cfg, args.out)
+        print(f"trained {args.out}: {_shown(last)}")
+        return 0
+    if kind != "vq":
+        raise configlib.ConfigError(f"{args.config}: kind={kind!r} is not a tokenizer kind; choose 'vq' or 'kl'")
     cfg = configlib.load(TokenizerRunConfig, args.config, args.overrides)
     seed_everything(cfg.train.seed)  # module init depends on it
     dataset = build_dataset(cfg.data, "train")
     task = VQTokenizerTask(cfg)
     last = train(task, cfg.train, dataset, args.out, full_config=cfg)
-    shown = {k: round(v, 5) for k, v in last.items() if k.split("/")[-1] in ("loss", "usage", "crt", "pixel")}
-    print(f"trained {args.out}: {shown}")
+    print(f"trained {args.out}: {_shown(last)}")
     return 0
+
+
+def _shown(last: dict[str, float]) -> dict[str, float]:
+    keep = ("loss", "usage", "crt", "pixel", "kl", "vf")
+    return {k: round(v, 5) for k, v in last.items() if k.split("/")[-1] in keep}
+
+
+def _load(args: argparse.Namespace):
+    """The run's tokenizer, VQ or KL (both expose config, step, weights_path, _input, reconstruct)."""
+    from twostage.tokenizers.kl_pretrained import KLTokenizer, is_kl_run
+    from twostage.tokenizers.pretrained import Tokenizer
+
+    cls = KLTokenizer if is_kl_run(args.run) else Tokenizer
+    return cls.from_pretrained(args.run, device=_device(args.device), step=args.step, prefer_ema=not args.raw)
 
 
 def _loader(cfg, split: str, args: argparse.Namespace, limit: int | None = None):
@@ -140,9 +180,19 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from twostage.data.token_cache import CacheMeta, token_dtype
     from twostage.tokenizers.pretrained import Tokenizer
 
+    from twostage.tokenizers.kl_pretrained import is_kl_run
+
     out: Path = args.out
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if is_kl_run(args.run):
+        from twostage.tokenizers.kl_run import encode_latents
+
+        encode_latents(args.run, args.split, out, batch_size=args.batch_size, device=args.device,
+                       precision=args.precision, flip=not args.no_flip, limit=args.limit, overwrite=args.overwrite,
+                       num_workers=args.num_workers, step=args.step, prefer_ema=not args.raw)
+        print(f"encoded the {args.split} split -> latent cache {out}")
+        return 0
     tok = Tokenizer.from_pretrained(args.run, device=_device(args.device), step=args.step, prefer_ema=not args.raw)
     dataset, loader = _loader(tok.config, args.split, args, args.limit)
     n, (h, w) = len(dataset), tok.grid_size()
@@ -200,9 +250,8 @@ def _data_summary(cfg) -> dict:
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     """Save originals and reconstructions of the first --num images of a split as one PNG."""
     from twostage.tokenizers.images import interleave_pairs, psnr, save_grid
-    from twostage.tokenizers.pretrained import Tokenizer
 
-    tok = Tokenizer.from_pretrained(args.run, device=_device(args.device), step=args.step, prefer_ema=not args.raw)
+    tok = _load(args)
     _, loader = _loader(tok.config, args.split, args, args.num)
     originals, recons = [], []
     for images, _ in loader:
@@ -216,4 +265,41 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     save_grid(grid, args.out, nrow=nrow)
     print(f"wrote {args.out}: {len(x)} {args.split} images, PSNR {float(psnr(r, x).mean()):.2f} dB "
           f"(checkpoint step {tok.step}, weights {tok.weights_path.name})")
+    return 0
+
+
+def _images(cfg, split: str, limit: int, args: argparse.Namespace) -> torch.Tensor:
+    _, loader = _loader(cfg, split, args, limit)
+    return torch.cat([images for images, _ in loader])
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Fit a fresh causal probe on the frozen tokenizer's latents; write held-out errors as JSON."""
+    from twostage.tokenizers.kl_pretrained import is_kl_run
+    from twostage.tokenizers.pretrained import Tokenizer, TokenizerLoadError
+    from twostage.tokenizers.probe import probe_tokenizer
+
+    if is_kl_run(args.run):
+        raise TokenizerLoadError(f"{args.run} is a KL-VAE run; the probe measures VQ (pre-quantization and code) latents")
+    tok = Tokenizer.from_pretrained(args.run, device=_device(args.device), step=args.step, prefer_ema=not args.raw)
+    start = time.perf_counter()
+    train = tok._input(_images(tok.config, "train", args.train_images, args)).cpu()
+    val = tok._input(_images(tok.config, "val", args.val_images, args)).cpu()
+    results = probe_tokenizer(tok.model, train, val, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                              device=tok.device)
+    record = {
+        "metric": "held-out next-latent l2 error of a fresh 2-layer causal probe (l2-normalized latents)",
+        "tokenizer_run": str(args.run), "tokenizer_step": tok.step, "tokenizer_checksum": tok.checksum,
+        "crt_enabled": bool(tok.config.crt.enabled), "seed": args.seed, "wall_s": round(time.perf_counter() - start, 2),
+        "views": {view: r.to_dict() for view, r in results.items()},
+    }
+    out = args.out or Path(args.run) / "eval" / f"probe-step{tok.step}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, out)
+    for view, r in results.items():
+        print(f"{view:9s} probe error: val {r.val_error:.4f}  train {r.train_error:.4f}  "
+              f"({r.train_images} train / {r.val_images} val images, {r.steps} steps)")
+    print(f"wrote {out}")
     return 0

@@ -131,6 +131,8 @@ class MonitorConfig:
 
 @dataclass
 class TokenizerRunConfig:
+    # A run folder's config.yaml names its kind, so loaders and commands dispatch vq vs kl (KLRunConfig).
+    kind: str = field(default="vq", metadata=check(choices=("vq",)))
     data: DataConfig = field(default_factory=DataConfig)
     model: VQConfig = field(default_factory=VQConfig)
     loss: LossConfig = field(default_factory=LossConfig)
