@@ -249,8 +249,11 @@ class _Trainer:
             first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), self.step, first_bad)
             for key, value in {"loss": loss, **logs}.items():
                 key = f"{phase.name}/{key}"
-                value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-                sums[key] = sums.get(key, 0.0) + value.to(self.device) / accum
+                # A Python number becomes a fill kernel on the device (its value is a launch argument),
+                # not a host->device copy, so logging never stalls the step.
+                value = (value.detach().float().to(self.device) if isinstance(value, torch.Tensor)
+                         else torch.full((), float(value), device=self.device))
+                sums[key] = sums.get(key, 0.0) + value / accum
                 counts[key] = counts.get(key, 0) + (1 if i == 0 else 0)
         for opt_name in phase.optimizers:
             opt, clip = self.optimizers[opt_name], self.specs[opt_name].config.grad_clip
