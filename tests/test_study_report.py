@@ -1,0 +1,255 @@
+"""`twostage study report`: files, content, determinism, CLI, degenerate tables, and the HTML in a real
+headless Chromium (loads offline without console errors, every image decoded)."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import fcntl
+import io
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from study_synthetic import GFD_NAME, make_rows, write_results
+from twostage.study.report import analyze, build_report, cmd_report, register_report
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    d = write_results(tmp_path_factory.mktemp("study"), noise=0.02, seed=1)
+    return d, build_report(d, n_boot=40)
+
+
+def test_report_files_and_content(study):
+    d, paths = study
+    out = d / "report"
+    assert {p.name for p in out.iterdir()} >= {"report.html", "fits.json", "summary.md", "frontier.png",
+                                               "per_position.png", "rfd_vs_gfd.png"}
+    fits = json.loads((out / "fits.json").read_text())
+    assert len(fits["fits"]) == 6  # AR loss x2, DiT loss x1, gFD x3
+    for f in fits["fits"]:
+        assert f["status"] == "ok", f
+        for method in ("cov", "bootstrap"):
+            assert set(f["ci"][method]) == {"alpha", "lambda", "l_min"}
+    assert fits["metadata"]["results_sha256"] and "date" not in json.dumps(fits["metadata"])
+    # The gFD laws of the two VQ tokenizers cross inside the sweep (the fixture is built that way).
+    gfd = next(o for o in fits["optimal"] if o["series"] == GFD_NAME)
+    assert [(x["from"], x["to"]) for x in gfd["crossovers"]] == [("tokf8k1024", "tokf4k1024")]
+    assert 5e13 < gfd["crossovers"][0]["compute"] < 3e14
+
+    page = (out / "report.html").read_text()
+    for needed in ("2000", "sha256:0123abcd", "fashion-mnist:test@32px", "ar-kv-cache", "flow-euler", "cfg_scale",
+                   "crossover at C =", "vq f8 K1024 → vq f4 K1024 +CRT", "rFD-EffNetLite0", "Pareto",
+                   "Sample grids", "val loss (AR cross-entropy, nats/token)", "cov CI"):
+        assert needed in page, needed
+    assert GFD_NAME in page and not re.search(r"\bFID\b", page)  # the metric keeps its network's name
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# Study synthetic") and "| vq f4 K1024 +CRT |" in summary and "crossover" in summary
+
+
+def test_report_is_self_contained(study):
+    d, _ = study
+    page = (d / "report" / "report.html").read_text()
+    assert not re.search(r"<script|<link|@import|url\(", page, re.I)
+    assert not re.search(r"(src|href)\s*=\s*\"(?!data:)", page, re.I)
+    srcs = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
+    assert len(srcs) == page.count("<img") >= 6 + 3  # 6 figures, a grid per tokenizer
+    for s in srcs:
+        with Image.open(io.BytesIO(base64.b64decode(s))) as im:
+            assert im.format == "PNG" and min(im.size) > 0
+
+
+def test_same_table_gives_identical_files(study, tmp_path):
+    d, paths = study
+    again = build_report(d, tmp_path / "again", n_boot=40)
+    for key, p in paths.items():
+        assert again[key].read_bytes() == p.read_bytes(), key
+
+
+def test_cli_registers_under_study_and_writes_report(study, tmp_path, capsys):
+    d, _ = study
+    top = argparse.ArgumentParser(prog="twostage")
+    groups = top.add_subparsers(dest="command")
+    study_group = groups.add_parser("study").add_subparsers(dest="study_command", required=True)
+    register_report(study_group)
+    args = top.parse_args(["study", "report", str(d), "--out", str(tmp_path / "r"), "--bootstrap", "0",
+                           "--fit-points", "all"])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "r" / "report.html")
+    fits = json.loads((tmp_path / "r" / "fits.json").read_text())
+    assert fits["metadata"]["fit_points"] == "all" and all(f["n_points"] == 10 for f in fits["fits"])
+    assert all("bootstrap" not in f["ci"] for f in fits["fits"])
+    missing = top.parse_args(["study", "report", str(tmp_path / "nothing")])
+    assert cmd_report(missing) == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_twostage_command_has_study_report_when_the_group_exists(study, tmp_path):
+    from twostage import cli
+
+    parser = cli.build_parser()
+    groups = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if "study" not in groups.choices:
+        pytest.skip("the `twostage study` command group is not registered yet")
+    assert cli.main(["study", "report", str(study[0]), "--out", str(tmp_path / "c"), "--bootstrap", "0"]) == 0
+    assert (tmp_path / "c" / "report.html").is_file()
+
+
+def test_degenerate_table_still_reports(tmp_path):
+    rows = make_rows(steps=[1000, 4000], sizes={"small": 2_000_000})  # 2 budgets: nothing can be fitted
+    for r in rows:
+        r["val_loss_per_position"] = None
+        if r["tokenizer_id"] == "klf4d8vf":
+            r["gfd"] = None
+    write_results(tmp_path, rows, grids=False)
+    paths = build_report(tmp_path, n_boot=10)
+    page = paths["html"].read_text()
+    assert "not enough points to fit" in page and "sample grid of run" in page
+    assert "per_position.png" not in {p.name for p in (tmp_path / "report").iterdir()}
+    fits = json.loads(paths["fits"].read_text())
+    assert {f["status"] for f in fits["fits"]} == {"insufficient"}
+    assert all(o["segments"] == [] for o in fits["optimal"])
+
+
+def test_mixed_protocols_and_metric_names_are_flagged():
+    rows = make_rows(steps=[500, 1000, 2000, 4000])
+    rows[0]["gen_protocol"] = json.dumps({**json.loads(rows[0]["gen_protocol"]), "num_samples": 500})
+    rows[1]["gfd_name"] = "FID"
+    a = analyze(rows, n_boot=0)
+    assert any("num_samples differs" in w for w in a["warnings"])
+    assert any("several gfd_name" in w for w in a["warnings"])
+    assert {s["name"] for s in a["series"] if s["metric"] == "gfd"} == {"FID", GFD_NAME}
+
+
+# -- headless Chromium through the DevTools protocol over --remote-debugging-pipe (stdlib only) ------
+
+class _Pipe:
+    """DevTools protocol over the pipe Chromium opens on fds 3 (commands in) and 4 (messages out):
+    NUL-terminated JSON. Events that arrive while waiting for a reply are kept in `events`."""
+
+    def __init__(self, user_dir: Path):
+        cmd_r, self._w = os.pipe()
+        self._r, out_w = os.pipe()
+
+        def onto_3_and_4():
+            # dup2 onto 3/4 clears close-on-exec; going through fds >= 10 first keeps dup2 from being
+            # a no-op when a pipe end already happens to be fd 3 or 4.
+            a, b = fcntl.fcntl(cmd_r, fcntl.F_DUPFD, 10), fcntl.fcntl(out_w, fcntl.F_DUPFD, 10)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self.proc = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={user_dir}",
+                                      "--remote-debugging-pipe", "about:blank"], close_fds=False,
+                                     preexec_fn=onto_3_and_4, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(cmd_r)
+        os.close(out_w)
+        self._buf, self._id, self.events = b"", 0, []
+
+    def _next(self, deadline: float) -> dict:
+        while b"\0" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._r], [], [], left)[0]:
+                raise TimeoutError("no message from chromium")
+            chunk = os.read(self._r, 1 << 20)
+            if not chunk:
+                raise RuntimeError("chromium closed the pipe")
+            self._buf += chunk
+        msg, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(msg)
+
+    def call(self, method: str, session: str | None = None, timeout: float = 15, **params) -> dict:
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self._next(deadline)
+            if m.get("id") == self._id:
+                if "error" in m:
+                    raise RuntimeError(f"{method}: {m['error']}")
+                return m.get("result", {})
+            self.events.append(m)
+
+    def wait_event(self, method: str, timeout: float = 15) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            hit = next((e for e in self.events if e.get("method") == method), None)
+            if hit:
+                return hit
+            self.events.append(self._next(deadline))
+
+    def close(self):
+        try:
+            self.call("Browser.close", timeout=5)
+        except (RuntimeError, TimeoutError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._w)
+        os.close(self._r)
+
+
+def chromium_check(page: Path, user_dir: Path, screenshot: Path | None = None) -> dict:
+    """Open `page` in headless Chromium; return console/exception/log errors, requests that left the
+    file (anything but file:, data:, about:), and per image (complete, naturalWidth, alt)."""
+    cdp = _Pipe(user_dir)
+    try:
+        target = cdp.call("Target.createTarget", url="about:blank")["targetId"]
+        session = cdp.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            cdp.call(f"{domain}.enable", session)
+        cdp.call("Page.navigate", session, url=page.resolve().as_uri())
+        cdp.wait_event("Page.loadEventFired")
+        images = cdp.call("Runtime.evaluate", session, returnByValue=True, expression=(
+            "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])"))["result"]["value"]
+        height = cdp.call("Runtime.evaluate", session, returnByValue=True,
+                          expression="document.documentElement.scrollHeight")["result"]["value"]
+        if screenshot is not None:
+            shot = cdp.call("Page.captureScreenshot", session, format="png", captureBeyondViewport=True,
+                            clip={"x": 0, "y": 0, "width": 1400, "height": min(height, 6000), "scale": 1})
+            screenshot.write_bytes(base64.b64decode(shot["data"]))
+        errors = []
+        for e in cdp.events:
+            m, p = e.get("method"), e.get("params", {})
+            if m == "Runtime.exceptionThrown":
+                errors.append(p["exceptionDetails"].get("text"))
+            elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
+                errors.append(str(p.get("args")))
+            elif m == "Log.entryAdded" and p["entry"].get("level") == "error":
+                errors.append(p["entry"].get("text"))
+        requests = [e["params"]["request"]["url"] for e in cdp.events if e.get("method") == "Network.requestWillBeSent"]
+        external = [u for u in requests if not u.startswith(("file:", "data:", "about:"))]
+        return {"errors": errors, "external_requests": external, "images": images, "height": height}
+    finally:
+        cdp.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")
+def test_report_opens_in_headless_chromium(study, tmp_path):
+    d, paths = study
+    shot = tmp_path / "report.png"
+    result = chromium_check(paths["html"], tmp_path / "profile", screenshot=shot)
+    assert result["errors"] == []
+    assert result["external_requests"] == []
+    assert len(result["images"]) >= 9
+    for complete, width, alt in result["images"]:
+        assert complete and width > 0, alt
+    with Image.open(shot) as im:
+        assert im.size[0] == 1400 and im.size[1] > 1000
+        assert len(im.convert("L").getcolors(1 << 16) or range(2)) > 1  # not a blank page
