@@ -214,6 +214,8 @@ def chromium_check(page: Path, user_dir: Path, screenshot: Path | None = None) -
         session = cdp.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             cdp.call(f"{domain}.enable", session)
+        cdp.call("Emulation.setDeviceMetricsOverride", session, width=1400, height=1000, deviceScaleFactor=1,
+                 mobile=False)
         cdp.call("Page.navigate", session, url=page.resolve().as_uri())
         cdp.wait_event("Page.loadEventFired")
         images = cdp.call("Runtime.evaluate", session, returnByValue=True, expression=(

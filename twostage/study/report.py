@@ -168,10 +168,16 @@ def _optimal_lines(s: dict, labels: dict[str, str]) -> list[str]:
     return lines or ["no fitted law in this series"]
 
 
+def _plain(value_json: str) -> str:
+    """A protocol value for reading: strings without their JSON quotes, anything else as JSON."""
+    v = json.loads(value_json)
+    return v if isinstance(v, str) else value_json
+
+
 def _protocol_table(summary: dict[str, dict[str, int]]) -> list[list[str]]:
     rows = []
     for k, vals in summary.items():
-        shown = [f"{v} (×{n})" if len(vals) > 1 else v for v, n in list(vals.items())[:4]]
+        shown = [f"{_plain(v)} (×{n})" if len(vals) > 1 else _plain(v) for v, n in list(vals.items())[:4]]
         more = f" … {len(vals)} distinct values" if len(vals) > 4 else ""
         rows.append([k, "; ".join(shown) + more])
     return rows
@@ -181,6 +187,7 @@ CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:left}
 th{background:#eee}tr:nth-child(even) td{background:#fafafa}.warn{background:#fff3cd;padding:0.5em 1em;border:1px solid #e0c36b}
 img{max-width:100%;border:1px solid #ddd;margin:0.3em 0}figure{display:inline-block;margin:0.5em;vertical-align:top}
+figure.wide{display:block}
 figcaption{font-size:12px;max-width:420px}.grid img{width:300px;image-rendering:pixelated}code{background:#f3f3f3}"""
 
 
@@ -219,7 +226,8 @@ def render_html(a: dict, study: str, n_rows: int, digest: str, figures: dict[str
     parts.append(_table(["series", "tokenizer", "points", "α", "λ", "L_min", "notes", "rmse(log)"], body))
     parts.append("<h2>Figures</h2>")
     for name, path in figures.items():
-        parts.append(f"<figure>{_img(path.read_bytes(), name)}<figcaption>{html.escape(name)}</figcaption></figure>")
+        wide = ' class="wide"' if path.name == "frontier.png" else ""  # one panel per series: give it the page width
+        parts.append(f"<figure{wide}>{_img(path.read_bytes(), name)}<figcaption>{html.escape(name)}</figcaption></figure>")
     parts.append(f"<h2>{html.escape(a['rfd_name'])} vs best {html.escape(a['gfd_name'])}</h2>")
     parts.append(_table(["tokenizer", a["rfd_name"], f"best {a['gfd_name']}", "best run", "Pareto"],
                         [[L[p["tokenizer_id"]], p["rfd"], p["best_gfd"], p["best_run_id"] or "", "yes" if p["pareto"] else ""]
@@ -242,7 +250,7 @@ def render_html(a: dict, study: str, n_rows: int, digest: str, figures: dict[str
 def render_summary(a: dict, study: str, n_rows: int, digest: str) -> str:
     L = a["labels"]
     gp = a["gen_protocol"]
-    proto = ", ".join(f"{k}={'/'.join(gp[k])}" for k in gp if k.split(".")[-1] in COMPARABILITY + ("sampler", "cfg_scale"))
+    proto = ", ".join(f"{k}={'/'.join(map(_plain, gp[k]))}" for k in gp if k.split(".")[-1] in COMPARABILITY + ("sampler", "cfg_scale"))
     out = [f"# Study {study}: compression-generation trade-off", "",
            f"{n_rows} generator runs, {len(L)} tokenizers; results.parquet sha256 `{digest[:16]}`.", "",
            f"Generation protocol: {proto or 'not recorded'}.", ""]
