@@ -38,7 +38,7 @@ def test_report_files_and_content(study):
     out = d / "report"
     assert {p.name for p in out.iterdir()} >= {"report.html", "fits.json", "summary.md", "frontier.png",
                                                "per_position.png", "rfd_vs_gfd.png"}
-    fits = json.loads((out / "fits.json").read_text())
+    fits = json.loads((out / "fits.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in fits.json"))
     assert len(fits["fits"]) == 6  # AR loss x2, DiT loss x1, gFD x3
     for f in fits["fits"]:
         assert f["status"] == "ok", f
@@ -53,7 +53,8 @@ def test_report_files_and_content(study):
     page = (out / "report.html").read_text()
     for needed in ("2000", "sha256:0123abcd", "fashion-mnist:test@32px", "ar-kv-cache", "flow-euler", "cfg_scale",
                    "crossover at C =", "vq f8 K1024 → vq f4 K1024 +CRT", "rFD-EffNetLite0", "Pareto",
-                   "Sample grids", "val loss (AR cross-entropy, nats/token)", "cov CI"):
+                   "Sample grids", "val loss (AR cross-entropy, nats/token)", "cov CI", "tokens/image",
+                   "different prediction tasks"):
         assert needed in page, needed
     assert GFD_NAME in page and not re.search(r"\bFID\b", page)  # the metric keeps its network's name
     summary = (out / "summary.md").read_text()
@@ -92,6 +93,9 @@ def test_cli_registers_under_study_and_writes_report(study, tmp_path, capsys):
     fits = json.loads((tmp_path / "r" / "fits.json").read_text())
     assert fits["metadata"]["fit_points"] == "all" and all(f["n_points"] == 10 for f in fits["fits"])
     assert all("bootstrap" not in f["ci"] for f in fits["fits"])
+    with pytest.raises(SystemExit):
+        top.parse_args(["study", "report", str(d), "--bootstrap", "-1"])
+    assert "must be >= 0" in capsys.readouterr().err
     missing = top.parse_args(["study", "report", str(tmp_path / "nothing")])
     assert cmd_report(missing) == 2 and "does not exist" in capsys.readouterr().err
 

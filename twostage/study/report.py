@@ -19,6 +19,7 @@ import hashlib
 import html
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ REQUIRED = ("run_id", "tokenizer_id", "compute")
 # Protocol fields that must agree for numbers to be comparable (METHODS section 9).
 COMPARABILITY = ("num_samples", "label_sampling", "feature_network", "feature_checksum", "feature_input_size",
                  "feature_preprocessing", "reference", "reference_stats", "quantization")
+SAMPLING = ("sampler", "steps", "cfg_scale", "cfg_interval", "temperature", "top_k", "top_p", "precision")
 MAX_GRIDS = 6
 KIND_LOSS = {"ar": "val loss (AR cross-entropy, nats/token)", "dit": "val loss (DiT flow loss)"}
 
@@ -45,11 +47,11 @@ def load_rows(directory: Path) -> list[dict[str, Any]]:
     path = Path(directory) / "results.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (write it with `twostage study run`)")
-    rows = pq.read_table(path).to_pylist()
-    missing = [c for c in REQUIRED if rows and c not in rows[0]]
+    table = pq.read_table(path)
+    missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise ValueError(f"{path} lacks column(s) {missing}; see the contract in twostage/study/__init__.py")
-    return rows
+    return table.to_pylist()
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -75,14 +77,21 @@ def protocol_summary(records: list[Any]) -> dict[str, dict[str, int]]:
             out.setdefault(k, {})
             value = json.dumps(v, sort_keys=True)
             out[k][value] = out[k].get(value, 0) + 1
-    return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
+    # The fields that decide comparability first, then how samples were drawn, then the rest.
+    rank = lambda k: (0 if k.split(".")[-1] in COMPARABILITY else 1 if k.split(".")[-1] in SAMPLING else 2, k)
+    return {k: dict(sorted(out[k].items())) for k in sorted(out, key=rank)}
 
 
 def rfd_name(rows: list[dict[str, Any]], gfd_name: str) -> str:
     """The reconstruction metric's name. From the recon protocol's network when recorded (same rule as
     twostage.metrics.protocol.metric_name, restated so the report does not import torch), else by
     prefixing the generation metric's name."""
-    nets = {_flatten(json.loads(r["recon_protocol"])).get("feature_network") for r in rows if r.get("recon_protocol")}
+    nets = set()
+    for r in rows:
+        try:
+            nets.add(_flatten(json.loads(r.get("recon_protocol") or "{}")).get("feature_network"))
+        except json.JSONDecodeError:
+            continue
     nets.discard(None)
     if len(nets) == 1:
         net = nets.pop()
@@ -148,11 +157,11 @@ def _fit_cells(f: FitResult) -> list[str]:
     return cells + ["; ".join([f"{method} CI", *f.notes])]
 
 
-def _table(head: list[str], body: list[list[Any]], cls: str = "") -> str:
+def _table(head: list[str], body: list[list[Any]]) -> str:
     h = "".join(f"<th>{html.escape(str(c))}</th>" for c in head)
     b = "".join("<tr>" + "".join(f"<td>{html.escape(_num(c) if not isinstance(c, str) else c)}</td>" for c in row)
                 + "</tr>" for row in body)
-    return f'<table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>'
+    return f'<table><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>'
 
 
 def _img(data: bytes, alt: str) -> str:
@@ -206,32 +215,44 @@ def render_html(a: dict, study: str, n_rows: int, digest: str, figures: dict[str
               _table(["field", "value (×tokenizers when they differ)"], _protocol_table(a["recon_protocol"])),
               "<h2>Compute-optimal tokenizer per budget</h2>"]
     for s in a["series"]:
-        parts.append(f"<h3>{html.escape(s['name'])}</h3><p>From the fitted laws:</p><ul>"
+        parts.append(f"<h3>{html.escape(s['name'])}</h3>")
+        if s["metric"] == "val_loss" and len({(r.get("tokens_per_image"), r.get("codebook_size")) for r in s["rows"]}) > 1:
+            parts.append("<p><i>Per-token losses of tokenizers with different tokens per image or codebook sizes measure "
+                         f"different prediction tasks; {html.escape(a['gfd_name'])} is the comparable measure.</i></p>")
+        parts.append("<p>From the fitted laws:</p><ul>"
                      + "".join(f"<li>{html.escape(x)}</li>" for x in _optimal_lines(s, L)) + "</ul>")
         body = []
         for b in s["budgets"]:
             w, at = b["best_within"], b["best_at_level"]
-            body.append([b["budget"], L[w["tokenizer_id"]], w["generator_label"] or "", w["value"],
-                         L[at["tokenizer_id"]] if at else "", at["value"] if at else None])
+            body.append([b["budget"], L[w["tokenizer_id"]], str(w["generator_size"]), w["generator_label"] or w["run_id"],
+                         w["value"], L[at["tokenizer_id"]] if at else "", at["value"] if at else None])
         parts.append("<p>From the runs (best run with compute ≤ budget, and best run at that budget level):</p>"
-                     + _table(["budget C", "best tokenizer", "its run", "value", "best at level", "value"], body))
+                     + _table(["budget C", "best tokenizer", "size", "run", "value", "best at level", "value"], body))
     parts.append(f"<h2>Scaling-law fits: L(C) = L_min + exp(λ)·C^α</h2><p>Least squares on log L (C in FLOPs), "
                  f"L_min ∈ [0, min L). Points: {'each tokenizer’s lower envelope of runs' if o['fit_points'] == 'frontier' else 'all runs'}. "
                  "95% intervals: Wald (covariance, Student t) marked “cov CI”; where L_min sits at its bound or "
                  "the covariance is degenerate, the seeded residual bootstrap "
                  f"({o['bootstrap_resamples']} resamples, seed {o['seed']}) marked “bootstrap CI”. "
                  "fits.json holds both for every fit.</p>")
-    body = [[s["name"], L[t], f"{f.n_points} ({f.n_distinct} C)", *_fit_cells(f), f.rmse_log]
+    body = [[s["name"], L[t], f"{f.n_points} ({f.n_distinct})", *_fit_cells(f), f.rmse_log]
             for s in a["series"] for t, f in s["fits"].items()]
-    parts.append(_table(["series", "tokenizer", "points", "α", "λ", "L_min", "notes", "rmse(log)"], body))
+    parts.append(_table(["series", "tokenizer", "points (distinct C)", "α", "λ", "L_min", "notes", "rmse(log)"], body))
     parts.append("<h2>Figures</h2>")
     for name, path in figures.items():
         wide = ' class="wide"' if path.name == "frontier.png" else ""  # one panel per series: give it the page width
         parts.append(f"<figure{wide}>{_img(path.read_bytes(), name)}<figcaption>{html.escape(name)}</figcaption></figure>")
-    parts.append(f"<h2>{html.escape(a['rfd_name'])} vs best {html.escape(a['gfd_name'])}</h2>")
-    parts.append(_table(["tokenizer", a["rfd_name"], f"best {a['gfd_name']}", "best run", "Pareto"],
-                        [[L[p["tokenizer_id"]], p["rfd"], p["best_gfd"], p["best_run_id"] or "", "yes" if p["pareto"] else ""]
-                         for p in a["pareto"]]))
+    parts.append(f"<h2>Tokenizers: {html.escape(a['rfd_name'])} vs best {html.escape(a['gfd_name'])}</h2>"
+                 "<p>Pareto: no other tokenizer is at least as good in both reconstruction and best generation.</p>")
+    axes = ["tokenizer_kind", "downsample", "tokens_per_image", "codebook_size", "latent_channels", "crt", "vf",
+            "psnr", "ssim", "codebook_usage"]
+    body = []
+    for p in a["pareto"]:
+        first = next(r for r in rows if r["tokenizer_id"] == p["tokenizer_id"])
+        runs = sum(r["tokenizer_id"] == p["tokenizer_id"] for r in rows)
+        body.append([L[p["tokenizer_id"]], *[first.get(c) for c in axes], runs, p["rfd"], p["best_gfd"],
+                     p["best_run_id"] or "", "yes" if p["pareto"] else ""])
+    parts.append(_table(["tokenizer", "kind", "f", "tokens/image", "codebook", "latent ch", "CRT", "VF", "PSNR", "SSIM",
+                         "codebook usage", "runs", a["rfd_name"], f"best {a['gfd_name']}", "best run", "Pareto"], body))
     if grids:
         parts.append('<h2>Sample grids (best run of each tokenizer)</h2><div class="grid">'
                      + "".join(f"<figure>{_img(d, c)}<figcaption>{html.escape(c)}</figcaption></figure>" for d, c in grids)
@@ -272,6 +293,17 @@ def render_summary(a: dict, study: str, n_rows: int, digest: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _no_nan(x: Any) -> Any:
+    """NaN/inf (an interval no bootstrap draw could give) as null: strict JSON readers reject NaN."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_no_nan(v) for v in x]
+    return x
+
+
 def build_report(directory: Path, out: Path | None = None, *, n_boot: int = 1000, seed: int = 0,
                  fit_points: str = "frontier") -> dict[str, Path]:
     directory = Path(directory)
@@ -280,6 +312,8 @@ def build_report(directory: Path, out: Path | None = None, *, n_boot: int = 1000
     if not rows:
         raise ValueError(f"{directory / 'results.parquet'} has no rows")
     digest = hashlib.sha256((directory / "results.parquet").read_bytes()).hexdigest()
+    log.info("%d runs, %d tokenizers; fitting (%d bootstrap resamples per fit)", len(rows),
+             len({r["tokenizer_id"] for r in rows}), n_boot)
     a = analyze(rows, n_boot=n_boot, seed=seed, fit_points=fit_points)
     L = a["labels"]
     colors = plots.tokenizer_colors(list(L))
@@ -315,7 +349,7 @@ def build_report(directory: Path, out: Path | None = None, *, n_boot: int = 1000
                              "budgets": s["budgets"]} for s in a["series"]],
                 "rfd_vs_gfd": a["pareto"], "warnings": a["warnings"]}
     paths = {"fits": out / "fits.json", "html": out / "report.html", "summary": out / "summary.md"}
-    paths["fits"].write_text(json.dumps(fits_doc, indent=1, sort_keys=True, allow_nan=True) + "\n")
+    paths["fits"].write_text(json.dumps(_no_nan(fits_doc), indent=1, sort_keys=True, allow_nan=False) + "\n")
     paths["html"].write_text(render_html(a, study, len(rows), digest, figures, grids, rows), encoding="utf-8")
     paths["summary"].write_text(render_summary(a, study, len(rows), digest), encoding="utf-8")
     return {**paths, **{f"figure:{k}": v for k, v in figures.items()}}
@@ -327,12 +361,19 @@ def register_report(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", type=Path, help="study folder holding results.parquet")
     p.add_argument("--out", type=Path, default=None, help="report folder (default DIR/report)")
-    p.add_argument("--bootstrap", type=int, default=1000,
+    p.add_argument("--bootstrap", type=_count, default=1000,
                    help="bootstrap resamples per fit for the confidence intervals (0: covariance intervals only)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--fit-points", choices=("frontier", "all"), default="frontier",
                    help="fit each tokenizer's lower envelope of runs (compute-optimal law) or every run")
     p.set_defaults(func=cmd_report)
+
+
+def _count(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
 
 
 def cmd_report(args: argparse.Namespace) -> int:
