@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "twostage.tokenizers.commands",
     "twostage.generators.commands",
     "twostage.metrics.commands",
+    "twostage.study.commands",
 ]
 
 

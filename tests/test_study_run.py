@@ -1,0 +1,179 @@
+"""`study run` end to end on tiny random data: jobs, markers, resume after an interruption, the table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+
+from twostage import cli
+from twostage.study import runner as runner_mod
+from twostage.study.jobs import build_plan, generator_id, job_done, tokenizer_id
+from twostage.study.runner import StageError, run_parallel, run_study
+from twostage.study.spec import load_spec
+from twostage.study.table import SCHEMA, read_table
+
+TRAIN = {"batch_size": 4, "ckpt_every": 1000, "log_every": 1, "num_workers": 0, "device": "cpu", "progress": False}
+TINY_VQ = ["model.base_channels=8", "model.channel_mult=[1,2,2]", "model.enc_res_blocks=1", "model.dec_res_blocks=1",
+           "model.z_channels=8", "model.norm_groups=4", "model.codebook_size=32", "model.code_dim=4",
+           "loss.perceptual=none", "loss.disc_channels=8", "loss.disc_layers=2", "monitor.grid_images=4"]
+
+
+def tiny_spec(data) -> dict:
+    return {
+        "name": "tiny",
+        "data": {"name": "npz", "root": str(data), "image_size": 16},
+        "tokenizer": {"steps": 2, "overrides": [*TINY_VQ, *[f"train.{k}={v}" for k, v in TRAIN.items()]],
+                      "encode_batch_size": 16, "num_workers": 0, "encode_train_limit": 24},
+        "tokenizers": [{"preset": "vq_fmnist_f4"},
+                       {"preset": "vq_fmnist_f4", "overrides": ["crt.enabled=true", "crt.width=32", "crt.heads=2"],
+                        "label": "crt"}],
+        "generators": {"ar": {"preset": "ar_fmnist_tiny", "sizes": ["tiny"], "cfg": 2.0, "overrides": [
+            *[f"train.{k}={v}" for k, v in {**TRAIN, "batch_size": 8}.items()], "val.batch_size=5",
+            "sample.grid_at_checkpoint=0"]}},
+        "budgets": [2, 3],
+        "sample": {"num": 12, "batch_size": 12},
+        "eval": {"reference": f"npz:{data}:val", "reference_max_images": 10, "batch_size": 12, "recon_max_images": 6,
+                 "recon_perceptual": False},
+    }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study_data")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 32), ("val", 12)):
+        np.savez(folder / f"{split}.npz", images=rng.integers(0, 256, size=(n, 16, 16), dtype=np.uint8),
+                 labels=np.arange(n) % 4)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TWOSTAGE_CACHE", str(tmp_path / "cache"))  # reference statistics stay in the test
+
+
+def test_interrupted_study_resumes_without_redoing_finished_stages(data, tmp_path, monkeypatch):
+    spec_file = tmp_path / "study.yaml"
+    spec_file.write_text(yaml.safe_dump(tiny_spec(data)))
+    out = tmp_path / "out"
+    calls: list[list[str]] = []
+    real = runner_mod.invoke
+
+    def interrupted(argv, root):
+        if argv[:2] == ["generator", "sample"]:  # die in the first generator job, after its training
+            raise KeyboardInterrupt
+        calls.append(argv)
+        real(argv, root)
+
+    monkeypatch.setattr(runner_mod, "invoke", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["study", "run", str(spec_file), "--out", str(out)])
+    spec = load_spec(spec_file)
+    plan = build_plan(spec, out)
+    assert [j.kind for j in plan.jobs] == ["reference", "tokenizer", "tokenizer", *["generator"] * 4]
+    assert all(job_done(j, out) for j in plan.jobs[:3])  # reference and both tokenizers finished
+    first = plan.generator_jobs[0]
+    assert (first.marker("train")).is_file() and not first.marker("sample").is_file()
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("done/*.json")}
+    assert len(calls) == 1 + 2 * 4 + 1  # stats, 2 x (train, encode x2, recon), the generator's train
+
+    calls.clear()
+
+    def counted(argv, root):
+        calls.append(argv)
+        real(argv, root)
+
+    monkeypatch.setattr(runner_mod, "invoke", counted)
+    assert cli.main(["study", "run", str(spec_file), "--out", str(out)]) == 0
+    # only the missing stages ran: sample + eval of the first generator, then 3 whole generator jobs
+    assert [c[:2] for c in calls] == [["generator", "sample"], ["eval", "gen"]] + \
+        [["generator", "train"], ["generator", "sample"], ["eval", "gen"]] * 3
+    for path, mtime in mtimes.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was redone"
+    log = (out / "commands.log").read_text().splitlines()
+    assert sum("generator train" in line for line in log) == 4  # the interrupted train is not repeated
+
+    table = read_table(out)
+    assert table.schema.equals(SCHEMA) and table.num_rows == 4
+    rows = table.to_pylist()
+    assert [r["tokenizer_label"] for r in rows] == ["vq f4 K32"] * 2 + ["crt"] * 2
+    assert [r["train_steps"] for r in rows] == [2, 3, 2, 3]
+    assert [r["crt"] for r in rows] == [False, False, True, True]
+    for r in rows:
+        assert r["run_id"] == generator_id(plan.generators[rows.index(r)], spec)
+        assert r["tokenizer_id"] == tokenizer_id(plan.generators[rows.index(r)].tokenizer)
+        assert r["tokens_per_image"] == 16 and r["downsample"] == 4 and r["codebook_size"] == 32
+        assert r["latent_channels"] is None and r["vf"] is False and r["generator_kind"] == "ar"
+        assert r["tokens_seen"] == r["train_steps"] * 8 * 16
+        assert r["compute"] == pytest.approx(r["flops_per_token"] * r["tokens_seen"])
+        model = json.loads((out / r["generator_run"] / "model.json").read_text())
+        assert r["params"] == model["parameters"]["non_embedding"]
+        assert len(r["val_loss_per_position"]) == 16 and r["val_loss"] == pytest.approx(np.mean(r["val_loss_per_position"]))
+        assert r["gfd_name"] == "FD-EffNetLite0" and r["gfd"] > 0 and 0 <= r["precision"] <= 1
+        assert r["rfd"] > 0 and r["psnr"] > 0 and 0 < r["codebook_usage"] <= 1
+        assert json.loads(r["gen_protocol"])["num_samples"] == 12
+        assert json.loads(r["recon_protocol"])["num_samples"] == 6
+        assert (out / r["samples_npz"]).is_file() and r["wall_s_generator"] > 0 and r["wall_s_tokenizer"] > 0
+    assert (out / "results.csv").is_file()
+
+    # a third run does nothing at all, and a changed sample count redoes only sampling + eval
+    calls.clear()
+    run_study(spec, out)
+    assert calls == []
+    spec2 = load_spec(spec_file, ["sample.num=8"])
+    run_study(spec2, out)
+    assert [c[:2] for c in calls] == [["generator", "sample"], ["eval", "gen"]] * 4
+    assert all(json.loads(r)["num_samples"] == 8 for r in read_table(out).column("gen_protocol").to_pylist())
+
+
+def test_failing_stage_names_its_command(data, tmp_path):
+    spec = tiny_spec(data)
+    spec["tokenizers"] = spec["tokenizers"][:1]
+    spec["tokenizer"]["overrides"].append("data.root=/nonexistent/folder")
+    spec_file = tmp_path / "study.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(StageError, match="twostage tokenizer train vq_fmnist_f4"):
+        run_study(load_spec(spec_file, ["eval.reference_max_images=null"]), tmp_path / "out", gpus=1)
+
+
+def test_parallel_scheduler_respects_dependencies(data, tmp_path):
+    plan = build_plan(load_spec(tiny_spec(data)), tmp_path / "out")
+    started: list[tuple[str, int]] = []
+    finished: set[str] = set()
+
+    def launch(job, gpu):
+        assert all(d in finished for d in job.deps), job.id
+        started.append((job.id, gpu))
+        finished.add(job.id)
+
+    run_parallel(plan, [0, 1], launch)
+    assert sorted(j for j, _ in started) == sorted(j.id for j in plan.jobs)
+    assert {g for _, g in started} <= {0, 1}
+
+    def broken(job, gpu):
+        if job.kind == "tokenizer":
+            raise StageError(f"{job.id} failed")
+        finished.add(job.id)
+
+    finished.clear()
+    with pytest.raises(StageError, match="failed"):
+        run_parallel(plan, [0, 1], broken)
+    assert not any(j.startswith("gen-") for j in finished)  # nothing ran on a failed tokenizer's cache
+
+
+def test_dry_run_lists_jobs(data, tmp_path, capsys):
+    spec_file = tmp_path / "study.yaml"
+    spec_file.write_text(yaml.safe_dump(tiny_spec(data)))
+    assert cli.main(["study", "run", str(spec_file), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "7 jobs" in out and "0/4 stages done" in out and not (tmp_path / "o").exists()
+
+
+def test_table_schema_types():
+    names = dict(zip(SCHEMA.names, SCHEMA.types))
+    assert names["val_loss_per_position"] == pa.list_(pa.float64())
+    assert names["codebook_size"] == pa.int64() and names["crt"] == pa.bool_() and names["compute"] == pa.float64()

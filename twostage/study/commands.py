@@ -1,0 +1,97 @@
+"""`twostage study run | report` and `twostage demo`.
+
+    twostage study run configs/study_crt.yaml --out runs/study_crt      # resumes where it stopped
+    twostage study run study_demo budgets=[100,200] --out runs/demo     # spec overrides like configs
+    twostage study run study_crt --out runs/study_crt --dry-run         # the jobs and what is done
+    twostage demo                                                        # the demo study + its report
+
+`study run` validates the whole grid, runs every stage that is not done (each one a `twostage`
+command, logged to DIR/commands.log), and writes DIR/results.parquet (+ results.csv): one row per
+generator run. See twostage/study/jobs.py for the folder layout and twostage/study/__init__.py for
+the table's columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+DEMO_SPEC = "study_demo"
+DEMO_OUT = Path("runs/demo")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    top = subparsers.add_parser("study", help="run a compression-generation trade-off study; report on it",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="study_command", metavar="ACTION", required=True)
+
+    p = sub.add_parser("run", help="run (or resume) every job of a study spec, then write the results table")
+    p.add_argument("spec", help="study spec: a YAML file or a preset in configs/ (e.g. study_demo)")
+    p.add_argument("overrides", nargs="*", help="spec overrides, e.g. budgets=[500,1000] sample.num=1000")
+    p.add_argument("--out", required=True, type=Path, help="study folder")
+    p.add_argument("--only", action="append", default=None, metavar="JOB",
+                   help="run only this job id (repeatable; its dependencies must be done); no table")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="spread jobs over this many GPUs, one job each (default: all visible; <= 1: in-process)")
+    p.add_argument("--dry-run", action="store_true", help="list the jobs and their finished stages; run nothing")
+    p.set_defaults(func=cmd_run)
+
+    # --- `study report` lives in twostage/study/report.py (written separately against the same
+    # results-table contract); it registers itself here once that module exists.
+    # (An import error inside an existing report module is raised, not hidden.)
+    if report_available():
+        importlib.import_module("twostage.study.report").register_report(sub)
+
+    d = subparsers.add_parser("demo", help="the miniature Fashion-MNIST study (CPU, minutes) and its report")
+    d.add_argument("--out", type=Path, default=DEMO_OUT, help=f"study folder (default {DEMO_OUT})")
+    d.set_defaults(func=cmd_demo)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from twostage.study.jobs import build_plan, read_marker
+    from twostage.study.runner import StageError, run_study
+    from twostage.study.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    if args.dry_run:
+        plan = build_plan(spec, args.out)
+        for job in plan.jobs:
+            done = [s.name for s in job.stages if read_marker(job, s, plan.root) is not None]
+            print(f"{job.id}  {len(done)}/{len(job.stages)} stages done  {job.label}")
+        print(f"{len(plan.jobs)} jobs ({len(plan.tokenizer_jobs)} tokenizer grid points, "
+              f"{len(plan.generator_jobs)} generator grid points)")
+        return 0
+    try:
+        plan = run_study(spec, args.out, only=args.only, gpus=args.gpus)
+    except (StageError, KeyError) as err:
+        print(f"study error: {err}", file=sys.stderr)
+        return 1
+    if not args.only:
+        print(f"study {spec.name}: {len(plan.generator_jobs)} generator runs; table {args.out / 'results.parquet'}")
+    return 0
+
+
+def report_available() -> bool:
+    return importlib.util.find_spec("twostage.study.report") is not None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """`study run study_demo --out DIR`, then `study report DIR` when the report command exists."""
+    from twostage.study.runner import StageError, invoke
+
+    out: Path = args.out
+    try:
+        invoke(["study", "run", DEMO_SPEC, "--out", str(out)], out)
+        if report_available():
+            invoke(["study", "report", str(out)], out)
+    except StageError as err:
+        print(f"demo error: {err}", file=sys.stderr)
+        return 1
+    print(f"demo study: {out / 'results.csv'}")
+    if report_available():
+        reports = sorted(out.rglob("*.html"))
+        print(f"report: {reports[0] if reports else out}")
+    return 0

@@ -1,0 +1,186 @@
+"""The study results table: one row per finished generator job (contract: twostage/study/__init__.py).
+
+    rows = collect_rows(spec, plan)        # from the jobs' run folders, caches and eval JSONs
+    write_table(spec, plan)                # DIR/results.parquet (+ results.csv), atomically
+
+Nothing here is recomputed from models: every value is read from what the stages wrote (config.yaml,
+model.json, run.json, val/step_*.json or metrics.jsonl, cache meta.json, eval JSONs, done markers),
+except the FLOPs, which twostage/study/flops.py counts from the recorded architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from twostage.study import flops as flopslib
+from twostage.study.jobs import Job, Plan, job_done, read_marker, tokenizer_id
+from twostage.study.spec import ResolvedGenerator, StudySpec
+
+SCHEMA = pa.schema([
+    ("study", pa.string()), ("run_id", pa.string()), ("tokenizer_id", pa.string()),
+    ("tokenizer_label", pa.string()), ("generator_label", pa.string()),
+    ("tokenizer_kind", pa.string()), ("downsample", pa.int64()), ("tokens_per_image", pa.int64()),
+    ("codebook_size", pa.int64()), ("latent_channels", pa.int64()), ("crt", pa.bool_()), ("vf", pa.bool_()),
+    ("generator_kind", pa.string()), ("generator_size", pa.string()), ("train_steps", pa.int64()),
+    ("batch_size", pa.int64()), ("params", pa.int64()), ("tokens_seen", pa.int64()),
+    ("flops_per_token", pa.float64()), ("compute", pa.float64()),
+    ("val_loss", pa.float64()), ("val_loss_per_position", pa.list_(pa.float64())),
+    ("gfd", pa.float64()), ("gfd_name", pa.string()), ("is_score", pa.float64()), ("precision", pa.float64()),
+    ("recall", pa.float64()), ("gen_protocol", pa.string()),
+    ("rfd", pa.float64()), ("psnr", pa.float64()), ("ssim", pa.float64()), ("codebook_usage", pa.float64()),
+    ("recon_protocol", pa.string()),
+    ("tokenizer_run", pa.string()), ("generator_run", pa.string()), ("samples_npz", pa.string()),
+    ("grid_png", pa.string()), ("wall_s_tokenizer", pa.float64()), ("wall_s_generator", pa.float64()),
+    ("device", pa.string()),
+])
+
+TABLE_FILE, CSV_FILE = "results.parquet", "results.csv"
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _metric(metrics: dict[str, float], prefixes: tuple[str, ...]) -> tuple[str | None, float | None]:
+    """The first metric whose name is one of `prefixes` exactly or `prefix-<network>`."""
+    for name, value in metrics.items():
+        for p in prefixes:
+            if name == p or name.startswith(f"{p}-") and not name.endswith("_std"):
+                return name, float(value)
+    return None, None
+
+
+def _wall(job: Job, root: Path) -> float:
+    return float(sum((read_marker(job, s, root) or {}).get("wall_s", 0.0) for s in job.stages))
+
+
+def _rel(path: Path, root: Path) -> str:
+    return os.path.relpath(path, root)
+
+
+def _val_loss(gen: ResolvedGenerator, run: Path) -> tuple[float | None, list[float] | None]:
+    """The validation loss at the run's last step (AR: and per position)."""
+    steps = gen.config.train.steps
+    if gen.kind == "ar":
+        path = run / "val" / f"step_{steps:07d}.json"
+        if path.is_file():
+            record = _json(path)
+            return float(record["loss"]), [float(v) for v in record["per_position"]]
+        return None, None
+    loss = None
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("step") == steps and "val/loss" in record:
+                loss = float(record["val/loss"])
+    return loss, None
+
+
+def _tokenizer_columns(gen: ResolvedGenerator, plan: Plan) -> dict[str, Any]:
+    tok = gen.tokenizer
+    tid = tokenizer_id(tok)
+    cfg = tok.config
+    meta_path = plan.root / "caches" / f"{tid}_train" / "meta.json"
+    grid = _json(meta_path)["grid"] if meta_path.is_file() else None
+    tokens = int(grid[0]) * int(grid[1]) if grid else tok.tokens_per_image
+    recon: dict[str, Any] = {}
+    recon_path = plan.root / "tokenizers" / tid / "eval" / "recon.json"
+    if recon_path.is_file():
+        recon = _json(recon_path)
+    m = recon.get("metrics", {})
+    return {
+        "tokenizer_id": tid, "tokenizer_label": tok.label, "tokenizer_kind": tok.kind,
+        "downsample": tok.downsample, "tokens_per_image": tokens,
+        "codebook_size": int(cfg.model.codebook_size) if tok.kind == "vq" else None,
+        "latent_channels": int(cfg.model.latent_channels) if tok.kind == "kl" else None,
+        "crt": bool(tok.kind == "vq" and cfg.crt.enabled), "vf": bool(tok.kind == "kl" and cfg.vf.enabled),
+        "rfd": _metric(m, ("rFD", "rFID"))[1], "psnr": m.get("PSNR"), "ssim": m.get("SSIM"),
+        "codebook_usage": m.get("codebook_usage"),
+        "recon_protocol": json.dumps(recon["protocol"]) if "protocol" in recon else None,
+        "tokenizer_run": _rel(plan.root / "tokenizers" / tid, plan.root),
+    }
+
+
+def _generator_columns(gen: ResolvedGenerator, job: Job, plan: Plan, tokens_per_image: int) -> dict[str, Any]:
+    run = job.folder
+    info = _json(run / "model.json")
+    if gen.kind == "ar":
+        params = int(info["parameters"]["non_embedding"])
+        per_token = flopslib.ar_flops_from_model_json(info)
+    else:
+        params = int(info["non_embedding_parameters"])
+        # per latent position (model.json's grid is the tokenizer's), whatever the patch size
+        per_token = flopslib.dit_flops_from_model_json(info, gen.config.model.mlp_ratio)
+    batch = int(gen.config.train.batch_size)
+    tokens_seen, compute = flopslib.training_compute(per_token, gen.config.train.steps, batch, tokens_per_image)
+    val_loss, per_position = _val_loss(gen, run)
+    evaluation = _json(run / "eval" / "gen.json")
+    m = evaluation["metrics"]
+    gfd_name, gfd = _metric(m, ("FD", "FID"))
+    samples = run / "samples.npz"
+    grid = samples.with_suffix(".png")
+    device = _json(run / "run.json").get("device_name") if (run / "run.json").is_file() else None
+    return {
+        "run_id": job.id.removeprefix("gen-"), "generator_label": gen.label, "generator_kind": gen.kind,
+        "generator_size": gen.size, "train_steps": int(gen.config.train.steps), "batch_size": batch,
+        "params": params, "tokens_seen": tokens_seen, "flops_per_token": per_token, "compute": compute,
+        "val_loss": val_loss, "val_loss_per_position": per_position,
+        "gfd": gfd, "gfd_name": gfd_name, "is_score": _metric(m, ("IS",))[1],
+        "precision": _metric(m, ("Precision",))[1], "recall": _metric(m, ("Recall",))[1],
+        "gen_protocol": json.dumps(evaluation.get("protocol", {})),
+        "generator_run": _rel(run, plan.root), "samples_npz": _rel(samples, plan.root),
+        "grid_png": _rel(grid, plan.root) if grid.is_file() else None, "device": device,
+    }
+
+
+def collect_rows(spec: StudySpec, plan: Plan) -> list[dict[str, Any]]:
+    """One row per finished generator job of the plan, in grid order (tokenizer, size, budget)."""
+    rows = []
+    tok_jobs = {j.id: j for j in plan.tokenizer_jobs}
+    for gen, job in zip(plan.generators, plan.generator_jobs):
+        if not job_done(job, plan.root):
+            continue
+        tok_job = tok_jobs[f"tok-{tokenizer_id(gen.tokenizer)}"]
+        row = {"study": spec.name, **_tokenizer_columns(gen, plan)}
+        row.update(_generator_columns(gen, job, plan, row["tokens_per_image"]))
+        row["wall_s_tokenizer"] = _wall(tok_job, plan.root)
+        row["wall_s_generator"] = _wall(job, plan.root)
+        rows.append(row)
+    return rows
+
+
+def to_arrow(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names} for row in rows], schema=SCHEMA)
+
+
+def write_table(spec: StudySpec, plan: Plan) -> Path:
+    """DIR/results.parquet and DIR/results.csv (each written to a temporary file, then renamed)."""
+    table = to_arrow(collect_rows(spec, plan))
+    root = plan.root
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{TABLE_FILE}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, root / TABLE_FILE)
+    # CSV has no list type: the per-position losses go in as a JSON list string
+    per_pos = pa.array([None if v is None else json.dumps(v) for v in table.column("val_loss_per_position").to_pylist()],
+                       pa.string())
+    flat = table.set_column(table.schema.get_field_index("val_loss_per_position"), "val_loss_per_position", per_pos)
+    tmp = root / f".{CSV_FILE}.tmp-{os.getpid()}"
+    pacsv.write_csv(flat, tmp)
+    os.replace(tmp, root / CSV_FILE)
+    return root / TABLE_FILE
+
+
+def read_table(root: str | Path) -> pa.Table:
+    return pq.read_table(Path(root) / TABLE_FILE)
+
+
+__all__ = ["SCHEMA", "TABLE_FILE", "CSV_FILE", "collect_rows", "to_arrow", "write_table", "read_table"]
