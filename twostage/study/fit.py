@@ -131,10 +131,10 @@ def _initial(x: np.ndarray, y: np.ndarray, l_min: float | None) -> np.ndarray:
     return np.array([lm, alpha, lam_c] if l_min is None else [alpha, lam_c], dtype=np.float64)
 
 
-def _solve(x: np.ndarray, y: np.ndarray, l_min: float | None,
-           start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Least squares for theta; returns (theta, jacobian at the optimum, l_min at its upper bound).
-    `start` skips the initial grid search (bootstrap resamples start from the point estimate)."""
+def _solve(x: np.ndarray, y: np.ndarray, l_min: float | None, start: np.ndarray | None = None,
+           max_nfev: int = 2000) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+    """Least squares for theta; returns (theta, jacobian at the optimum, l_min at its upper bound,
+    converged). `start` skips the initial grid search (bootstrap resamples start from the estimate)."""
     theta0 = _initial(x, y, l_min) if start is None else start.copy()
     if l_min is None:
         upper = float(np.exp(y).min()) * (1.0 - _UPPER_MARGIN)
@@ -150,9 +150,9 @@ def _solve(x: np.ndarray, y: np.ndarray, l_min: float | None,
         return _model(t, x, l_min)[1]
 
     sol = optimize.least_squares(resid, theta0, jac=jac, bounds=(lo, hi), method="trf", x_scale="jac",
-                                 xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=2000)
+                                 xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=max_nfev)
     at_bound = l_min is None and sol.x[0] >= upper * (1 - 1e-4)
-    return sol.x, sol.jac, bool(at_bound)
+    return sol.x, sol.jac, bool(at_bound), sol.status > 0
 
 
 def _to_params(theta: np.ndarray, x0: float, l_min: float | None) -> np.ndarray:
@@ -203,7 +203,7 @@ def fit_law(compute: Sequence[float], values: Sequence[float], *, key: dict[str,
     x0 = float(logc.mean())
     x, y = logc - x0, np.log(v)
     try:
-        theta, jac, at_bound = _solve(x, y, l_min)
+        theta, jac, at_bound, converged = _solve(x, y, l_min)
     except (ValueError, np.linalg.LinAlgError) as err:
         result.status, result.message = "failed", f"least squares failed: {err}"
         return result
@@ -216,6 +216,8 @@ def fit_law(compute: Sequence[float], values: Sequence[float], *, key: dict[str,
     result.params = {"alpha": float(est[0]), "lambda": float(est[1]), "l_min": float(est[2])}
     result.rmse_log = float(np.sqrt(np.mean(resid ** 2)))
     result.l_min_at_bound = at_bound
+    if not converged:
+        result.notes.append("the optimiser stopped at its evaluation limit: the law hardly constrains these points")
     if at_bound:
         result.notes.append("L_min reached its upper bound min(L): the points show no curvature toward a floor")
     if est[0] >= 0:
@@ -226,8 +228,10 @@ def fit_law(compute: Sequence[float], values: Sequence[float], *, key: dict[str,
         result.ci["cov"]["l_min"] = [max(lo, 0.0), min(hi, float(v.min()))]
     if n_boot > 0:
         rng = np.random.default_rng([seed, zlib.crc32(repr(sorted(key.items())).encode())])
-        result.ci["bootstrap"] = _bootstrap(x, fitted, resid, theta, x0, l_min, n_boot, rng, n_params)
+        result.ci["bootstrap"], failed = _bootstrap(x, fitted, resid, theta, x0, l_min, n_boot, rng, n_params)
         result.n_boot = n_boot
+        if failed:
+            result.notes.append(f"{failed} of {n_boot} bootstrap resamples did not converge and were left out")
     return result
 
 
@@ -245,19 +249,23 @@ def _wald(jac: np.ndarray, s2: float, dof: int, x0: float, est: np.ndarray, free
     return {name: [float(e - h), float(e + h)] for name, e, h in zip(PARAMS, est, half)}
 
 
-def _bootstrap(x, fitted, resid, theta, x0, l_min, n_boot, rng, n_params) -> dict[str, list[float]]:
+def _bootstrap(x, fitted, resid, theta, x0, l_min, n_boot, rng, n_params) -> tuple[dict[str, list[float]], int]:
+    """Percentile intervals and the number of resamples left out. Each resample starts from the point
+    estimate, so a well-posed one converges in a few evaluations; one that needs more than 100 is
+    wandering along a direction the data do not pin down, and is left out rather than waited for."""
     n = len(x)
     scaled = (resid - resid.mean()) * math.sqrt(n / (n - n_params))
     draws = []
     for _ in range(n_boot):
         y_star = fitted + rng.choice(scaled, size=n, replace=True)
         try:
-            theta_star, _, _ = _solve(x, y_star, l_min, start=theta)
+            theta_star, _, _, converged = _solve(x, y_star, l_min, start=theta, max_nfev=100)
         except (ValueError, np.linalg.LinAlgError):
             continue  # a resample the solver cannot handle says nothing about the parameters
-        draws.append(_to_params(theta_star, x0, l_min))
+        if converged:
+            draws.append(_to_params(theta_star, x0, l_min))
     if not draws:
-        return {name: [math.nan, math.nan] for name in PARAMS}
+        return {name: [math.nan, math.nan] for name in PARAMS}, n_boot
     d = np.array(draws)
     lo, hi = np.percentile(d, [50 * (1 - CI_LEVEL), 50 * (1 + CI_LEVEL)], axis=0)
-    return {name: [float(a), float(b)] for name, a, b in zip(PARAMS, lo, hi)}
+    return {name: [float(a), float(b)] for name, a, b in zip(PARAMS, lo, hi)}, n_boot - len(draws)

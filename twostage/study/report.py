@@ -119,6 +119,9 @@ def analyze(rows: list[dict[str, Any]], *, n_boot: int = 1000, seed: int = 0, fi
                 [{"compute": r["compute"], "value": r[metric]} for r in tok_rows]
             key = {"metric": metric, "series": part, "tokenizer_id": tid, "tokenizer_label": labels[tid]}
             fits[tid] = fit_law([p["compute"] for p in pts], [p["value"] for p in pts], key=key, n_boot=n_boot, seed=seed)
+            if fits[tid].status == "insufficient" and len(pts) < len(tok_rows):
+                fits[tid].message += (f"; on the lower envelope only {len(pts)} of {len(tok_rows)} runs beat all their "
+                                      "cheaper runs (--fit-points all fits every run)")
             if not fits[tid].ok:
                 warnings.append(f"{name}, {labels[tid]}: {fits[tid].message}")
         series.append({"metric": metric, "part": part, "name": name, "rows": mine, "fits": fits,
