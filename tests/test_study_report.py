@@ -259,3 +259,18 @@ def test_report_opens_in_headless_chromium(study, tmp_path):
     with Image.open(shot) as im:
         assert im.size[0] == 1400 and im.size[1] > 1000
         assert len(im.convert("L").getcolors(1 << 16) or range(2)) > 1  # not a blank page
+
+
+def test_large_sample_grids_are_downscaled_and_missing_ones_skipped(tmp_path):
+    from twostage.study.plots import grid_thumbnail
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (2048, 1024), (10, 200, 30)).save(big)
+    with Image.open(io.BytesIO(grid_thumbnail(big))) as im:
+        assert im.format == "PNG" and im.size == (1024, 512)
+    small = tmp_path / "small.png"
+    Image.new("L", (64, 32)).save(small)
+    assert grid_thumbnail(small) == small.read_bytes()  # embedded as written
+    assert grid_thumbnail(tmp_path / "absent.png") is None
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    assert grid_thumbnail(tmp_path / "broken.png") is None

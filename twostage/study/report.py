@@ -186,13 +186,19 @@ def _plain(value_json: str) -> str:
     return v if isinstance(v, str) else value_json
 
 
-def _protocol_table(summary: dict[str, dict[str, int]]) -> list[list[str]]:
-    rows = []
+def _protocol_html(summary: dict[str, dict[str, int]], counted: str) -> str:
+    """The fields that decide comparability or sampling in a table; the rest (dates, paths, run
+    bookkeeping) folded into a <details> element, which needs no script to open."""
+    main, rest = [], []
     for k, vals in summary.items():
         shown = [f"{_plain(v)} (×{n})" if len(vals) > 1 else _plain(v) for v, n in list(vals.items())[:4]]
         more = f" … {len(vals)} distinct values" if len(vals) > 4 else ""
-        rows.append([k, "; ".join(shown) + more])
-    return rows
+        (main if k.split(".")[-1] in COMPARABILITY + SAMPLING else rest).append([k, "; ".join(shown) + more])
+    head = ["field", f"value (×{counted} when they differ)"]
+    out = _table(head, main) if main else "<p>not recorded</p>"
+    if rest:
+        out += f"<details><summary>{len(rest)} other fields</summary>{_table(head, rest)}</details>"
+    return out
 
 
 CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px;color:#222}
@@ -213,9 +219,9 @@ def render_html(a: dict, study: str, n_rows: int, digest: str, figures: dict[str
         parts.append('<div class="warn"><b>Warnings</b><ul>' + "".join(f"<li>{html.escape(w)}</li>" for w in a["warnings"])
                      + "</ul></div>")
     parts += ["<h2>Evaluation protocol</h2><h3>Generation (gen_protocol of the runs)</h3>",
-              _table(["field", "value (×runs when they differ)"], _protocol_table(a["gen_protocol"])),
+              _protocol_html(a["gen_protocol"], "runs"),
               "<h3>Reconstruction (recon_protocol, one per tokenizer)</h3>",
-              _table(["field", "value (×tokenizers when they differ)"], _protocol_table(a["recon_protocol"])),
+              _protocol_html(a["recon_protocol"], "tokenizers"),
               "<h2>Compute-optimal tokenizer per budget</h2>"]
     for s in a["series"]:
         parts.append(f"<h3>{html.escape(s['name'])}</h3>")
