@@ -2,8 +2,9 @@
 
 The fit is least squares on log L, i.e. on relative errors: the runs of a sweep span decades of
 compute and the reducible part L - L_min shrinks by orders of magnitude, so absolute errors would let
-the cheapest runs dominate. L_min is constrained to [0, min(L)): the law cannot dip below the best
-observed value's floor, and a negative floor has no meaning for a loss or an FD.
+the cheapest runs dominate. L_min is constrained to [0, min(L)): the law approaches L_min from above,
+so a floor above an observed value contradicts that run, and a negative floor has no meaning for a
+loss or an FD.
 
 Compute is used as log C centred on the mean of the fitted points (the raw 1e12..1e20 FLOP values make
 exp(lambda) * C^alpha badly conditioned); lambda is reported for C in FLOPs as the table records it.
@@ -121,8 +122,7 @@ def _initial(x: np.ndarray, y: np.ndarray, l_min: float | None) -> np.ndarray:
     candidates = [l_min] if l_min is not None else list(L.min() * np.linspace(0.0, 0.98, 50))
     best, best_sse = None, math.inf
     for lm in candidates:
-        # a fixed L_min can exceed a bootstrap resample's smallest value; floor the gap for the start only
-        alpha, lam_c = np.polyfit(x, np.log(np.maximum(L - lm, 1e-9 * L)), 1)
+        alpha, lam_c = np.polyfit(x, np.log(L - lm), 1)  # every candidate lies below min(L)
         pred = np.log(lm + np.exp(lam_c + alpha * x))
         sse = float(np.sum((pred - y) ** 2))
         if sse < best_sse:
