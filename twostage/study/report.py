@@ -242,7 +242,8 @@ def render_html(a: dict, study: str, n_rows: int, digest: str, figures: dict[str
                  "95% intervals: Wald (covariance, Student t) marked “cov CI”; where L_min sits at its bound or "
                  "the covariance is degenerate, the seeded residual bootstrap "
                  f"({o['bootstrap_resamples']} resamples, seed {o['seed']}) marked “bootstrap CI”. "
-                 "fits.json holds both for every fit.</p>")
+                 "fits.json holds both for every fit. λ is the intercept at C = 1 FLOP, far outside the data, so it "
+                 "moves with α and its interval is wide even where the curve itself is tight.</p>")
     body = [[s["name"], L[t], f"{f.n_points} ({f.n_distinct})", *_fit_cells(f), f.rmse_log]
             for s in a["series"] for t, f in s["fits"].items()]
     parts.append(_table(["series", "tokenizer", "points (distinct C)", "α", "λ", "L_min", "notes", "rmse(log)"], body))
