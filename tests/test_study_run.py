@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from twostage import cli
+from twostage.generators.dit_model import ffn_hidden
+from twostage.study import flops
 from twostage.study import runner as runner_mod
 from twostage.study.jobs import build_plan, generator_id, job_done, tokenizer_id
 from twostage.study.runner import StageError, run_parallel, run_study
@@ -177,3 +179,34 @@ def test_table_schema_types():
     names = dict(zip(SCHEMA.names, SCHEMA.types))
     assert names["val_loss_per_position"] == pa.list_(pa.float64())
     assert names["codebook_size"] == pa.int64() and names["crt"] == pa.bool_() and names["compute"] == pa.float64()
+
+
+def test_continuous_study_row(data, tmp_path):
+    spec = tiny_spec(data)
+    spec["tokenizers"] = [{"preset": "kl_fmnist_f4d8", "overrides": [
+        "model.spec=f4d4", "model.base_channels=8", "model.enc_res_blocks=1", "model.dec_res_blocks=1",
+        "model.norm_groups=4", "loss.perceptual=none", "loss.disc_channels=8", "loss.disc_layers=2", "vf.enabled=false",
+        "monitor.grid_images=4", *[f"train.{k}={v}" for k, v in TRAIN.items()]]}]
+    spec["tokenizer"]["overrides"] = []
+    spec["generators"] = {"dit": {"preset": "dit_fmnist", "sizes": ["tiny"], "cfg": 1.5, "sample_steps": 2, "overrides": [
+        *[f"train.{k}={v}" for k, v in {**TRAIN, "batch_size": 8}.items()], "val.batch_size=4", "val.max_samples=8",
+        "sample.grid_at_checkpoint=0"]}}
+    spec["budgets"] = [2]
+    # gpus=2 takes the several-GPU path: each job in its own `study run DIR/study.yaml --only JOB`
+    # subprocess (here on the CPU; CUDA_VISIBLE_DEVICES names a GPU that is not there)
+    plan = run_study(load_spec(spec), tmp_path / "out", gpus=2)
+    assert sorted(p.stem for p in (tmp_path / "out" / "logs").glob("*.log")) == sorted(j.id for j in plan.jobs)
+    (row,) = read_table(tmp_path / "out").to_pylist()
+    assert row["tokenizer_label"] == "kl f4d4" and row["tokenizer_kind"] == "kl" and row["generator_kind"] == "dit"
+    assert row["latent_channels"] == 4 and row["codebook_size"] is None and row["vf"] is False and row["crt"] is False
+    assert row["codebook_usage"] is None and row["psnr"] is not None and row["val_loss_per_position"] is None
+    assert row["val_loss"] > 0 and row["gfd"] > 0 and row["tokens_per_image"] == 16
+    model = json.loads((tmp_path / "out" / row["generator_run"] / "model.json").read_text())
+    assert row["params"] == model["non_embedding_parameters"]
+    # training FLOPs per image / tokens per image (tiny: 2 layers, width 64, 4 channels, patch 1, 4x4). The
+    # run's own record (6 N T + attention) is higher: it counts the per-image conditioning layers per token.
+    per_image = flops.dit_train_flops_per_image(2, 64, ffn_hidden(64, 4.0), 4, 1, (4, 4))
+    assert row["flops_per_token"] * 16 == per_image < model["train_flops_per_image"]
+    assert row["compute"] == pytest.approx(per_image * 2 * 8)  # 2 steps x batch 8
+    assert json.loads(row["gen_protocol"])["steps"] == 2
+    assert job_done(plan.generator_jobs[0], tmp_path / "out")

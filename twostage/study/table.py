@@ -58,6 +58,8 @@ def _metric(metrics: dict[str, float], prefixes: tuple[str, ...]) -> tuple[str |
 
 
 def _wall(job: Job, root: Path) -> float:
+    """Seconds of the job's stages, as their done markers record them (the invocation that finished
+    each stage: time spent in an interrupted attempt before a resume is not counted)."""
     return float(sum((read_marker(job, s, root) or {}).get("wall_s", 0.0) for s in job.stages))
 
 
