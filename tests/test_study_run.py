@@ -82,6 +82,8 @@ def test_interrupted_study_resumes_without_redoing_finished_stages(data, tmp_pat
     assert (first.marker("train")).is_file() and not first.marker("sample").is_file()
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("done/*.json")}
     assert len(calls) == 1 + 2 * 4 + 1  # stats, 2 x (train, encode x2, recon), the generator's train
+    assert read_table(out).num_rows == 0  # the interrupted run still wrote its (empty) table
+    assert cli.main(["study", "table", str(out)]) == 0 and read_table(out).num_rows == 0
 
     calls.clear()
 
@@ -192,9 +194,10 @@ def test_continuous_study_row(data, tmp_path):
         *[f"train.{k}={v}" for k, v in {**TRAIN, "batch_size": 8}.items()], "val.batch_size=4", "val.max_samples=8",
         "sample.grid_at_checkpoint=0"]}}
     spec["budgets"] = [2]
-    # gpus=2 takes the several-GPU path: each job in its own `study run DIR/study.yaml --only JOB`
-    # subprocess (here on the CPU; CUDA_VISIBLE_DEVICES names a GPU that is not there)
-    plan = run_study(load_spec(spec), tmp_path / "out", gpus=2)
+    # two slots (one GPU, two jobs on it) take the several-GPU path: each job in its own
+    # `study run DIR/study.yaml --only JOB` subprocess (here on the CPU; CUDA_VISIBLE_DEVICES names a
+    # GPU that is not there)
+    plan = run_study(load_spec(spec), tmp_path / "out", gpus=1, jobs_per_gpu=2)
     assert sorted(p.stem for p in (tmp_path / "out" / "logs").glob("*.log")) == sorted(j.id for j in plan.jobs)
     (row,) = read_table(tmp_path / "out").to_pylist()
     assert row["tokenizer_label"] == "kl f4d4" and row["tokenizer_kind"] == "kl" and row["generator_kind"] == "dit"

@@ -51,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--split", default="val", choices=("train", "val"))
     r.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
     r.add_argument("--no-perceptual", action="store_true", help="skip the perceptual distance")
+    r.add_argument("--uniformity-vectors", type=int, default=2000, metavar="N",
+                   help="continuous (KL) runs: latent uniformity (VA-VAE Table 6: t-SNE + KDE) of N latent vectors, "
+                        "one random position per image; 0 skips it (the paper uses 10000; t-SNE time grows ~N log N)")
     _common(r)
     r.set_defaults(func=_guard(cmd_recon))
 
@@ -146,10 +149,13 @@ def cmd_recon(args: argparse.Namespace) -> int:
 
         dataset = SubsetDataset(dataset, np.arange(args.max_images))
     indices: list[torch.Tensor] = []
+    latents: list[torch.Tensor] = []
 
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
-        if kl:  # the posterior mean, decoded
-            return tok.reconstruct(x)
+        if kl:  # the posterior mean, decoded; kept for the latent-uniformity numbers
+            z = tok.encode(x)
+            latents.append(z.cpu())
+            return tok.decode(z)
         # one forward gives both the reconstruction and the codes (for usage / perplexity)
         out = tok.model(tok._input(x))
         indices.append(out.quant.indices.cpu())
@@ -166,6 +172,12 @@ def cmd_recon(args: argparse.Namespace) -> int:
     if indices:
         usage = codebook_usage(torch.cat([i.flatten() for i in indices]), tok.codebook_size)
         metrics["codebook_usage"], metrics["codebook_perplexity"] = usage["usage"], usage["perplexity"]
+    if latents and args.uniformity_vectors > 0:
+        from twostage.metrics.latent import latent_uniformity
+
+        uni = latent_uniformity(torch.cat(latents), num=args.uniformity_vectors)
+        metrics.update({f"latent_uniformity_{k}": v for k, v in uni.items() if k not in ("num_vectors", "runs")})
+        metrics["latent_uniformity_vectors"] = int(uni["num_vectors"])
     step = f"step{tok.step}" if tok.step is not None else "latest"
     out = Path(args.out) if args.out else Path(args.run) / "eval" / f"recon-{args.split}-{net.name}-{step}.json"
     write_result(out, metrics, proto, _command_line())

@@ -18,7 +18,8 @@ stage-2 (generator) run. Columns (null where not applicable):
 - generation metrics: `gfd` (float, the FD value), `gfd_name` (str, e.g. "FD-EffNetLite0" — never "FID"
   unless the network is Inception-v3), `is_score`, `precision`, `recall`, `gen_protocol` (JSON str: sample
   count, label sampling, sampler, steps, cfg, precision, feature network + checksum, reference, seed, version)
-- reconstruction metrics of the tokenizer: `rfd`, `psnr`, `ssim`, `codebook_usage` (float|null),
+- reconstruction metrics of the tokenizer: `rfd`, `psnr`, `ssim`, `codebook_usage` (float|null, VQ),
+  `latent_uniformity_gini`, `latent_uniformity_entropy` (float|null, KL: VA-VAE's t-SNE + KDE numbers),
   `recon_protocol` (JSON str)
 - bookkeeping: `tokenizer_run`, `generator_run`, `samples_npz`, `grid_png` (str paths relative to DIR),
   `wall_s_tokenizer`, `wall_s_generator` (float), `device` (str)

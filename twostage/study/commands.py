@@ -3,6 +3,8 @@
     twostage study run configs/study_crt.yaml --out runs/study_crt      # resumes where it stopped
     twostage study run study_demo budgets=[100,200] --out runs/demo     # spec overrides like configs
     twostage study run study_crt --out runs/study_crt --dry-run         # the jobs and what is done
+    twostage study run study_crt --out runs/study_crt --jobs-per-gpu 4  # small models: 4 jobs share a GPU
+    twostage study table runs/study_crt                                 # the table of what finished so far
     twostage demo                                                        # the demo study + its report
 
 `study run` validates the whole grid, runs every stage that is not done (each one a `twostage`
@@ -14,10 +16,10 @@ the table's columns.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 from pathlib import Path
+
+from twostage.study.report import register_report
 
 DEMO_SPEC = "study_demo"
 DEMO_OUT = Path("runs/demo")
@@ -35,15 +37,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--only", action="append", default=None, metavar="JOB",
                    help="run only this job id (repeatable; its dependencies must be done); no table")
     p.add_argument("--gpus", type=int, default=None,
-                   help="spread jobs over this many GPUs, one job each (default: all visible; <= 1: in-process)")
+                   help="spread jobs over this many GPUs (default: all visible; 1 GPU and 1 job per GPU: in-process)")
+    p.add_argument("--jobs-per-gpu", type=int, default=1,
+                   help="jobs sharing one GPU at a time (small models leave most of an H100 idle; default 1)")
     p.add_argument("--dry-run", action="store_true", help="list the jobs and their finished stages; run nothing")
     p.set_defaults(func=cmd_run)
 
-    # --- `study report` lives in twostage/study/report.py (written separately against the same
-    # results-table contract); it registers itself here once that module exists.
-    # (An import error inside an existing report module is raised, not hidden.)
-    if report_available():
-        importlib.import_module("twostage.study.report").register_report(sub)
+    t = sub.add_parser("table", help="rewrite DIR/results.parquet from the runs finished so far (e.g. after a kill)")
+    t.add_argument("dir", type=Path, help="study folder (holds study.yaml from its `study run`)")
+    t.set_defaults(func=cmd_table)
+
+    register_report(sub)
 
     d = subparsers.add_parser("demo", help="the miniature Fashion-MNIST study (CPU, minutes) and its report")
     d.add_argument("--out", type=Path, default=DEMO_OUT, help=f"study folder (default {DEMO_OUT})")
@@ -65,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{len(plan.generator_jobs)} generator grid points)")
         return 0
     try:
-        plan = run_study(spec, args.out, only=args.only, gpus=args.gpus)
+        plan = run_study(spec, args.out, only=args.only, gpus=args.gpus, jobs_per_gpu=args.jobs_per_gpu)
     except (StageError, KeyError) as err:
         print(f"study error: {err}", file=sys.stderr)
         return 1
@@ -74,24 +78,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def report_available() -> bool:
-    return importlib.util.find_spec("twostage.study.report") is not None
+def cmd_table(args: argparse.Namespace) -> int:
+    from twostage.study.jobs import build_plan, job_done
+    from twostage.study.runner import SPEC_FILE
+    from twostage.study.spec import load_spec
+    from twostage.study.table import write_table
+
+    spec_file = args.dir / SPEC_FILE
+    if not spec_file.is_file():
+        print(f"study table: {spec_file} not found; `study run SPEC --out {args.dir}` writes it", file=sys.stderr)
+        return 1
+    spec = load_spec(spec_file)
+    plan = build_plan(spec, args.dir)
+    path = write_table(spec, plan)
+    done = sum(job_done(job, plan.root) for job in plan.generator_jobs)
+    print(f"study {spec.name}: {done}/{len(plan.generator_jobs)} generator runs finished; table {path}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """`study run study_demo --out DIR`, then `study report DIR` when the report command exists."""
+    """`study run study_demo --out DIR`, then `study report DIR`."""
     from twostage.study.runner import StageError, invoke
 
     out: Path = args.out
     try:
         invoke(["study", "run", DEMO_SPEC, "--out", str(out)], out)
-        if report_available():
-            invoke(["study", "report", str(out)], out)
+        invoke(["study", "report", str(out)], out)
     except StageError as err:
         print(f"demo error: {err}", file=sys.stderr)
         return 1
     print(f"demo study: {out / 'results.csv'}")
-    if report_available():
-        reports = sorted(out.rglob("*.html"))
-        print(f"report: {reports[0] if reports else out}")
+    print(f"report: {out / 'report' / 'report.html'}")
     return 0

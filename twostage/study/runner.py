@@ -116,7 +116,8 @@ def launch_subprocess(job: Job, gpu: int, root: Path) -> None:
 
 
 def run_parallel(plan: Plan, gpus: list[int], launch: Callable[[Job, int], None]) -> None:
-    """Run the plan's unfinished jobs, at most one per GPU, each once its dependencies are done."""
+    """Run the plan's unfinished jobs, one per entry of `gpus` at a time (a GPU listed k times takes k
+    jobs at once), each once its dependencies are done."""
     pending = {j.id: j for j in plan.jobs if not job_done(j, plan.root)}
     finished = {j.id for j in plan.jobs if j.id not in pending}
     free: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -160,12 +161,16 @@ def save_spec(spec: StudySpec, root: Path) -> None:
     os.replace(tmp, root / SPEC_FILE)
 
 
-def run_study(spec: StudySpec, root: Path, only: list[str] | None = None, gpus: int | None = None) -> Plan:
+def run_study(spec: StudySpec, root: Path, only: list[str] | None = None, gpus: int | None = None,
+              jobs_per_gpu: int = 1) -> Plan:
     """Run a study into `root` (validated completely before anything runs); returns its plan.
 
     only: run just these job ids (their dependencies must be done). gpus: number of GPUs to spread
-    jobs over (default: torch.cuda.device_count(); <= 1 runs everything in this process).
+    jobs over (default: torch.cuda.device_count()). jobs_per_gpu: jobs sharing a GPU at once. With a
+    single slot in all (<= 1 GPU, 1 job per GPU) everything runs in this process.
     """
+    if jobs_per_gpu < 1:
+        raise ValueError(f"jobs_per_gpu must be >= 1, got {jobs_per_gpu}")
     root = Path(root)
     plan = build_plan(spec, root)  # loads and checks every config of the grid
     if only:
@@ -179,13 +184,16 @@ def run_study(spec: StudySpec, root: Path, only: list[str] | None = None, gpus: 
         import torch
 
         gpus = torch.cuda.device_count()
-    if gpus > 1:
-        run_parallel(plan, list(range(gpus)), lambda job, gpu: launch_subprocess(job, gpu, root))
-    else:
-        run_sequential(plan)
+    slots = [gpu for gpu in range(max(gpus, 1)) for _ in range(jobs_per_gpu)]
     from twostage.study.table import write_table
 
-    write_table(spec, plan)
+    try:
+        if len(slots) > 1:
+            run_parallel(plan, slots, lambda job, gpu: launch_subprocess(job, gpu, root))
+        else:
+            run_sequential(plan)
+    finally:  # a failed job must not hide the runs that finished: the table lists every finished one
+        write_table(spec, plan)
     return plan
 
 

@@ -35,6 +35,7 @@ SCHEMA = pa.schema([
     ("gfd", pa.float64()), ("gfd_name", pa.string()), ("is_score", pa.float64()), ("precision", pa.float64()),
     ("recall", pa.float64()), ("gen_protocol", pa.string()),
     ("rfd", pa.float64()), ("psnr", pa.float64()), ("ssim", pa.float64()), ("codebook_usage", pa.float64()),
+    ("latent_uniformity_gini", pa.float64()), ("latent_uniformity_entropy", pa.float64()),
     ("recon_protocol", pa.string()),
     ("tokenizer_run", pa.string()), ("generator_run", pa.string()), ("samples_npz", pa.string()),
     ("grid_png", pa.string()), ("wall_s_tokenizer", pa.float64()), ("wall_s_generator", pa.float64()),
@@ -106,6 +107,9 @@ def _tokenizer_columns(gen: ResolvedGenerator, plan: Plan) -> dict[str, Any]:
         "crt": bool(tok.kind == "vq" and cfg.crt.enabled), "vf": bool(tok.kind == "kl" and cfg.vf.enabled),
         "rfd": _metric(m, ("rFD", "rFID"))[1], "psnr": m.get("PSNR"), "ssim": m.get("SSIM"),
         "codebook_usage": m.get("codebook_usage"),
+        # continuous tokenizers (VA-VAE Table 6: lower Gini / higher entropy = more uniform latents)
+        "latent_uniformity_gini": m.get("latent_uniformity_gini"),
+        "latent_uniformity_entropy": m.get("latent_uniformity_normalized_entropy"),
         "recon_protocol": json.dumps(recon["protocol"]) if "protocol" in recon else None,
         "tokenizer_run": _rel(plan.root / "tokenizers" / tid, plan.root),
     }
