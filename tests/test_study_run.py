@@ -203,6 +203,7 @@ def test_continuous_study_row(data, tmp_path):
     assert row["tokenizer_label"] == "kl f4d4" and row["tokenizer_kind"] == "kl" and row["generator_kind"] == "dit"
     assert row["latent_channels"] == 4 and row["codebook_size"] is None and row["vf"] is False and row["crt"] is False
     assert row["codebook_usage"] is None and row["psnr"] is not None and row["val_loss_per_position"] is None
+    assert 0 <= row["latent_uniformity_gini"] <= 1 and 0 < row["latent_uniformity_entropy"] <= 1
     assert row["val_loss"] > 0 and row["gfd"] > 0 and row["tokens_per_image"] == 16
     model = json.loads((tmp_path / "out" / row["generator_run"] / "model.json").read_text())
     assert row["params"] == model["non_embedding_parameters"]

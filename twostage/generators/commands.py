@@ -7,7 +7,7 @@
 The config's (or run's) `kind` picks the implementation: `ar` (discrete tokens, LlamaGen GPT) or `dit`
 (continuous latents, LightningDiT; --tokens then names the latent cache). Each
 kind provides `train(cfg_source, overrides, args)` and `sample(args)` in its own module, so a new
-kind (e.g. a continuous LightningDiT) only adds an entry to KINDS.
+kind (e.g. a masked generator) only adds an entry to KINDS.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`twostage study run | report` and `twostage demo`.
+"""`twostage study run | table | report` and `twostage demo`.
 
     twostage study run configs/study_crt.yaml --out runs/study_crt      # resumes where it stopped
     twostage study run study_demo budgets=[100,200] --out runs/demo     # spec overrides like configs
