@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run only this job id (repeatable; its dependencies must be done); no table")
     p.add_argument("--gpus", type=int, default=None,
                    help="spread jobs over this many GPUs (default: all visible; 1 GPU and 1 job per GPU: in-process)")
-    p.add_argument("--jobs-per-gpu", type=int, default=1,
+    p.add_argument("--jobs-per-gpu", type=_positive, default=1,
                    help="jobs sharing one GPU at a time (small models leave most of an H100 idle; default 1)")
     p.add_argument("--dry-run", action="store_true", help="list the jobs and their finished stages; run nothing")
     p.set_defaults(func=cmd_run)
@@ -52,6 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d = subparsers.add_parser("demo", help="the miniature Fashion-MNIST study (CPU, minutes) and its report")
     d.add_argument("--out", type=Path, default=DEMO_OUT, help=f"study folder (default {DEMO_OUT})")
     d.set_defaults(func=cmd_demo)
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def cmd_run(args: argparse.Namespace) -> int:
