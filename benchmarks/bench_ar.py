@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from twostage.engine.optim import build_optimizer  # noqa: E402
 from twostage.engine.task import OptimConfig  # noqa: E402
-from twostage.generators.ar_model import ARTransformer  # noqa: E402
-from twostage.generators.ar_sample import ARSampler  # noqa: E402
-from twostage.generators.config import ARModelConfig  # noqa: E402
-from twostage.generators.kv_cache import KVCache, bucket_length  # noqa: E402
-from twostage.generators.sampling import balanced_labels  # noqa: E402
+from twostage.generators.ar.model import ARTransformer  # noqa: E402
+from twostage.generators.ar.sampler import ARSampler  # noqa: E402
+from twostage.generators.ar.config import ARModelConfig  # noqa: E402
+from twostage.generators.ar.kv_cache import KVCache, bucket_length  # noqa: E402
+from twostage.generators.ar.filters import balanced_labels  # noqa: E402
 
 GRID, VOCAB, CLASSES = (16, 16), 16384, 1000
 

@@ -34,9 +34,9 @@ from twostage import config as configlib  # noqa: E402
 from twostage.engine.ema import EMA  # noqa: E402
 from twostage.engine.optim import build_optimizer  # noqa: E402
 from twostage.engine.task import PhaseContext  # noqa: E402
-from twostage.generators.dit_config import DiTRunConfig  # noqa: E402
-from twostage.generators.dit_model import ffn_hidden, non_embedding_parameters  # noqa: E402
-from twostage.generators.dit_task import DiTTask, LatentSpace  # noqa: E402
+from twostage.generators.dit.config import DiTRunConfig  # noqa: E402
+from twostage.generators.dit.model import ffn_hidden, non_embedding_parameters  # noqa: E402
+from twostage.generators.dit.task import DiTTask, LatentSpace  # noqa: E402
 
 PEAK_TFLOPS = 750.0
 

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from twostage import config as configlib  # noqa: E402
 from twostage.engine.optim import build_optimizer  # noqa: E402
 from twostage.engine.task import PhaseContext  # noqa: E402
-from twostage.tokenizers.config import TokenizerRunConfig  # noqa: E402
-from twostage.tokenizers.task import VQTokenizerTask  # noqa: E402
+from twostage.tokenizers.vq.config import VQRunConfig  # noqa: E402
+from twostage.tokenizers.vq.task import VQTokenizerTask  # noqa: E402
 
 SMALL = ["model.base_channels=32", "model.channel_mult=[1,2,2,4]", "model.z_channels=64", "loss.disc_channels=16",
          "crt.width=64", "crt.heads=2"]  # fmt: skip
@@ -49,7 +49,7 @@ def build(args: argparse.Namespace, crt: bool, device: torch.device):
         f"train.compile={str(args.compile).lower()}", f"train.batch_size={args.batch_size}",
         f"model.codebook_size={args.codebook_size}",
     ] + (SMALL if args.small else []) + args.override  # fmt: skip
-    cfg = configlib.load(TokenizerRunConfig, "vq16_imagenet256", overrides)
+    cfg = configlib.load(VQRunConfig, "vq16_imagenet256", overrides)
     torch.manual_seed(0)
     layout = {"auto": None, "nhwc": True, "nchw": False}[args.layout]
     task = VQTokenizerTask(cfg, channels_last=layout if device.type == "cuda" else False)

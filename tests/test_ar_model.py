@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from twostage.generators.ar_model import AR_MODELS, ARTransformer
-from twostage.generators.ar_sample import ARSampler
-from twostage.generators.config import ARModelConfig
+from twostage.generators.ar.model import AR_MODELS, ARTransformer
+from twostage.generators.ar.sampler import ARSampler
+from twostage.generators.ar.config import ARModelConfig
 
 
 def tiny(grid=(3, 4), vocab=37, classes=5, seed=0) -> ARTransformer:
@@ -19,7 +19,7 @@ def tiny(grid=(3, 4), vocab=37, classes=5, seed=0) -> ARTransformer:
 
 @pytest.mark.parametrize("bucket", [0, 1, 4, 5])
 def test_cached_decoding_gives_the_full_forward_logits_at_every_step(bucket):
-    from twostage.generators.kv_cache import bucket_length
+    from twostage.generators.ar.kv_cache import bucket_length
 
     model = tiny()
     tokens = torch.randint(0, model.vocab_size, (3, model.num_tokens))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from twostage.generators.rope import apply_rope, rope_2d_tables, rope_frequencies
+from twostage.nn.rope import apply_rope, rope_2d_tables, rope_frequencies
 
 
 def reference_rotation(x: torch.Tensor, row: int, col: int, base: float = 10000.0) -> torch.Tensor:

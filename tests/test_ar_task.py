@@ -13,8 +13,8 @@ from twostage import config as configlib
 from twostage.data.token_cache import CacheDataset, CacheMeta, write_cache
 from twostage.engine.task import PhaseContext
 from twostage.generators import commands
-from twostage.generators.ar_task import ARTask, validation_loss
-from twostage.generators.config import ARRunConfig
+from twostage.generators.ar.task import ARTask, validation_loss
+from twostage.generators.ar.config import ARRunConfig
 
 GRID, VOCAB, CLASSES = (3, 3), 16, 3
 
@@ -84,7 +84,7 @@ def _cli(argv):
 
 def test_train_and_sample_through_the_commands(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
-    import twostage.generators.ar_run as ar_run
+    import twostage.generators.ar.run as ar_run
     import twostage.generators.outputs as outputs
 
     train, val, run = make_cache(tmp_path / "train"), make_cache(tmp_path / "val", n=10, seed=1, split="val"), tmp_path / "run"

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from twostage.tokenizers.config import VQConfig
-from twostage.tokenizers.crt import CausalPredictor, crt_loss, crt_weight
-from twostage.tokenizers.model import VQModel
+from twostage.tokenizers.vq.config import VQConfig
+from twostage.tokenizers.vq.crt import CausalPredictor, crt_loss, crt_weight
+from twostage.tokenizers.vq.model import VQModel
 
 
 def predictor(positions="learned", grid=(4, 5), code_dim=6):

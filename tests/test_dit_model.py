@@ -1,11 +1,11 @@
-"""LightningDiT network (twostage/generators/dit_model.py): shapes, AdaLN-Zero init, RoPE, sizes."""
+"""LightningDiT network (twostage/generators/dit/model.py): shapes, AdaLN-Zero init, RoPE, sizes."""
 
 import pytest
 import torch
 
 from twostage import config as configlib
-from twostage.generators.dit_config import DiTModelConfig, DiTRunConfig
-from twostage.generators.dit_model import (DIT_MODELS, LightningDiT, apply_rope, build_dit, ffn_hidden,
+from twostage.generators.dit.config import DiTModelConfig, DiTRunConfig
+from twostage.generators.dit.model import (DIT_MODELS, LightningDiT, apply_rope, build_dit, ffn_hidden,
                                            non_embedding_parameters, rope_2d)
 
 

@@ -11,12 +11,12 @@ import yaml
 
 from twostage import config as configlib
 from twostage.data.token_cache import CacheDataset
-from twostage.generators.dit_config import DiTRunConfig
-from twostage.generators.dit_run import load_dit_run, sample_dit, sample_noise, train_dit
+from twostage.generators.dit.config import DiTRunConfig
+from twostage.generators.dit.run import load_dit_run, sample_dit, sample_noise, train_dit
 from twostage.generators.outputs import RunLoadError
-from twostage.tokenizers.kl_config import KLRunConfig
-from twostage.tokenizers.kl_pretrained import KLTokenizer, is_kl_run
-from twostage.tokenizers.kl_run import encode_latents, train_kl
+from twostage.tokenizers.kl.config import KLRunConfig
+from twostage.tokenizers.kl.tokenizer import KLTokenizer, is_kl_run
+from twostage.tokenizers.kl.run import encode_latents, train_kl
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import torch
 from twostage import config as configlib
 from twostage.data.token_cache import CacheDataset, CacheMeta, write_cache
 from twostage.engine.task import PhaseContext
-from twostage.generators.dit_config import DiTRunConfig
-from twostage.generators.dit_task import DiTTask, LatentSpace, balanced_labels, generate_latents
+from twostage.generators.dit.config import DiTRunConfig
+from twostage.generators.dit.task import DiTTask, LatentSpace, balanced_labels, generate_latents
 
 TINY = ["model.size=tiny", "train.device=cpu", "val.batch_size=3", "sample.grid_at_checkpoint=4",
         "sample.grid_steps=2", "sample.cfg_scale=2.0"]

@@ -1,12 +1,12 @@
-"""Rectified-flow math and ODE samplers (twostage/generators/flow.py, flow_sampling.py)."""
+"""Rectified-flow math and ODE samplers (twostage/generators/dit/flow.py, flow_sampling.py)."""
 
 import math
 
 import pytest
 import torch
 
-from twostage.generators import flow
-from twostage.generators.flow_sampling import (cfg_combine, evaluations, guidance_active, guided_velocity, solve,
+from twostage.generators.dit import flow
+from twostage.generators.dit.sampler import (cfg_combine, evaluations, guidance_active, guided_velocity, solve,
                                                time_grid)
 
 

@@ -6,9 +6,9 @@ from torch import nn
 
 from twostage import config as configlib
 from twostage.engine.task import PhaseContext
-from twostage.tokenizers.kl_config import KLRunConfig, parse_spec
-from twostage.tokenizers.kl_model import DiagonalGaussian, KLModel
-from twostage.tokenizers.kl_task import KLTokenizerTask
+from twostage.tokenizers.kl.config import KLRunConfig, parse_spec
+from twostage.tokenizers.kl.model import DiagonalGaussian, KLModel
+from twostage.tokenizers.kl.task import KLTokenizerTask
 
 
 class TinyFeatures(nn.Module):

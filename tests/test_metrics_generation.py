@@ -83,12 +83,12 @@ def test_samples_helpers():
 def test_eval_recon_cli_with_a_tiny_tokenizer(files, monkeypatch, tmp_path, capsys):
     torch = pytest.importorskip("torch")
     from twostage.data.config import DataConfig
-    from twostage.tokenizers.config import TokenizerRunConfig, VQConfig
-    from twostage.tokenizers.model import VQModel
-    from twostage.tokenizers.pretrained import Tokenizer
+    from twostage.tokenizers.vq.config import VQRunConfig, VQConfig
+    from twostage.tokenizers.vq.model import VQModel
+    from twostage.tokenizers.vq.tokenizer import Tokenizer
 
     torch.manual_seed(0)
-    cfg = TokenizerRunConfig()
+    cfg = VQRunConfig()
     cfg.model = VQConfig(base_channels=8, channel_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=1,
                          z_channels=8, norm_groups=4, mid_attn=False, codebook_size=32, code_dim=4)
     cfg.data = DataConfig(name="npz", root=str(files / "ref.npz"), image_size=32, val_fraction=0.4, flip=False)

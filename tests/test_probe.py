@@ -1,6 +1,6 @@
 import torch
 
-from twostage.tokenizers.probe import fit_probe
+from twostage.tokenizers.vq.probe import fit_probe
 
 
 def test_probe_learns_a_predictable_sequence_better_than_noise():

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from twostage.generators.ar_model import AR_MODELS
-from twostage.generators.ar_sample import ARSampler
-from twostage.generators.sampling import (balanced_labels, cfg_logits, filter_logits, guided_step, sample_logits,
+from twostage.generators.ar.model import AR_MODELS
+from twostage.generators.ar.sampler import ARSampler
+from twostage.generators.ar.filters import (balanced_labels, cfg_logits, filter_logits, guided_step, sample_logits,
                                           top_k_filter, top_p_filter)
 
 

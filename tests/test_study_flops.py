@@ -7,10 +7,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from twostage.generators.ar_model import ARTransformer, describe
-from twostage.generators.config import ARModelConfig
-from twostage.generators.dit_config import DiTModelConfig
-from twostage.generators.dit_model import LightningDiT, ffn_hidden
+from twostage.generators.ar.model import ARTransformer, describe
+from twostage.generators.ar.config import ARModelConfig
+from twostage.generators.dit.config import DiTModelConfig
+from twostage.generators.dit.model import LightningDiT, ffn_hidden
 from twostage.study import flops
 
 

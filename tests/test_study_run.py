@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from twostage import cli
-from twostage.generators.dit_model import ffn_hidden
+from twostage.generators.dit.model import ffn_hidden
 from twostage.study import flops
 from twostage.study import runner as runner_mod
 from twostage.study.jobs import build_plan, generator_id, job_done, tokenizer_id

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from twostage.tokenizers.commands import register
-from twostage.tokenizers.pretrained import Tokenizer, TokenizerLoadError
+from twostage.tokenizers.vq.tokenizer import Tokenizer, TokenizerLoadError
 
 
 # TWOSTAGE_TEST_DEVICE=cuda runs the training part of this test on a GPU (bf16 autocast).

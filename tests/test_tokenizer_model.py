@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from twostage.tokenizers.config import VQConfig
-from twostage.tokenizers.model import VQModel
+from twostage.tokenizers.vq.config import VQConfig
+from twostage.tokenizers.vq.model import VQModel
 
 MULTS = {2: (1, 2), 4: (1, 2, 2), 8: (1, 2, 2, 4), 16: (1, 1, 2, 2, 4)}
 

@@ -5,9 +5,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from twostage.tokenizers.config import VQConfig
-from twostage.tokenizers.model import VQModel
-from twostage.tokenizers.quantizer import (
+from twostage.tokenizers.vq.config import VQConfig
+from twostage.tokenizers.vq.model import VQModel
+from twostage.tokenizers.vq.quantizer import (
     CodebookUsage,
     VectorQuantizer,
     codebook_usage,

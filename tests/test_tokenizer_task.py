@@ -8,8 +8,8 @@ from torch import nn
 
 from twostage import config as configlib
 from twostage.engine.task import PhaseContext
-from twostage.tokenizers.config import TokenizerRunConfig
-from twostage.tokenizers.task import VQTokenizerTask
+from twostage.tokenizers.vq.config import VQRunConfig
+from twostage.tokenizers.vq.task import VQTokenizerTask
 
 
 class TinyFeatures(nn.Module):
@@ -32,7 +32,7 @@ TINY = [
 
 def make(*extra):
     torch.manual_seed(0)
-    cfg = configlib.load(TokenizerRunConfig, None, TINY + list(extra))
+    cfg = configlib.load(VQRunConfig, None, TINY + list(extra))
     return VQTokenizerTask(cfg, perceptual=TinyFeatures())
 
 
@@ -128,24 +128,24 @@ def test_effnet_perceptual_backbone_runs():
 
 @pytest.mark.parametrize("preset", ["vq_fmnist_f8", "vq_fmnist_f4", "vq_fmnist_f2", "vq_fmnist_f4_crt"])
 def test_presets_load(preset):
-    cfg = configlib.load(TokenizerRunConfig, preset)
+    cfg = configlib.load(VQRunConfig, preset)
     f = {"vq_fmnist_f8": 8, "vq_fmnist_f4": 4, "vq_fmnist_f2": 2, "vq_fmnist_f4_crt": 4}[preset]
     assert cfg.model.downsample_factor == f and cfg.image_size == 32
     assert cfg.crt.enabled == preset.endswith("crt")
-    assert configlib.load(TokenizerRunConfig, preset, ["model.codebook_size=16384", "crt.enabled=true"]).crt.enabled
+    assert configlib.load(VQRunConfig, preset, ["model.codebook_size=16384", "crt.enabled=true"]).crt.enabled
 
 
 def test_imagenet_preset_is_the_published_recipe():
     with pytest.raises(configlib.ConfigError, match="data.root"):
-        configlib.load(TokenizerRunConfig, "vq16_imagenet256")
+        configlib.load(VQRunConfig, "vq16_imagenet256")
     with pytest.raises(configlib.ConfigError, match="lpips_weights"):
-        configlib.load(TokenizerRunConfig, "vq16_imagenet256", ["data.root=/data/imagenet"])
-    cfg = configlib.load(TokenizerRunConfig, "vq16_imagenet256", ["data.root=/x", "loss.lpips_weights=/w.pth"])
+        configlib.load(VQRunConfig, "vq16_imagenet256", ["data.root=/data/imagenet"])
+    cfg = configlib.load(VQRunConfig, "vq16_imagenet256", ["data.root=/x", "loss.lpips_weights=/w.pth"])
     m, lc = cfg.model, cfg.loss
     assert (m.base_channels, m.channel_mult, m.codebook_size, m.code_dim, m.commit_weight) == (
         128, (1, 1, 2, 2, 4), 16384, 8, 0.25)
     assert (lc.gan_weight, lc.disc_start, lc.perceptual_weight, lc.pixel) == (0.5, 20000, 1.0, "l2")
     assert (cfg.train.batch_size, cfg.train.steps, cfg.optim.ae.lr, cfg.optim.ae.betas) == (128, 400000, 1e-4, (0.9, 0.95))
     with pytest.raises(configlib.ConfigError, match="divisible"):
-        configlib.load(TokenizerRunConfig, "vq16_imagenet256", ["data.root=/x", "loss.lpips_weights=/w",
+        configlib.load(VQRunConfig, "vq16_imagenet256", ["data.root=/x", "loss.lpips_weights=/w",
                                                                  "data.image_size=264"])

@@ -1,12 +1,12 @@
-"""VA-VAE VF loss (twostage/tokenizers/vf_loss.py) and the adaptive weights (kl_task.adaptive_weights)."""
+"""VA-VAE VF loss (twostage/tokenizers/kl/vf_loss.py) and the adaptive weights (kl_task.adaptive_weights)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twostage.tokenizers.kl_task import adaptive_weights
-from twostage.tokenizers.vf_loss import FoundationFeatures, resample_to, vf_loss
+from twostage.tokenizers.kl.task import adaptive_weights
+from twostage.tokenizers.kl.vf_loss import FoundationFeatures, resample_to, vf_loss
 
 
 def test_zero_when_aligned_within_the_margins():
@@ -108,7 +108,7 @@ def test_foundation_features_land_on_the_latent_grid():
 
 def test_effnet_stride16_map_is_the_default():
     pytest.importorskip("efficientnet_lite_pytorch")
-    from twostage.tokenizers.vf_loss import build_foundation
+    from twostage.tokenizers.kl.vf_loss import build_foundation
 
     feats = build_foundation("effnet-lite0")
     assert feats.layer == 3 and feats.channels == 112 and feats.stride == 16

@@ -21,7 +21,7 @@ import yaml
 
 T = TypeVar("T")
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 class ConfigError(ValueError):
@@ -236,7 +236,7 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_preset(name_or_path: str | Path) -> Path:
-    """A YAML path as given, or a preset name looked up in configs/ (with or without .yaml)."""
+    """A YAML path as given, or a preset name looked up in twostage/presets/ (with or without .yaml)."""
     path = Path(name_or_path)
     if path.is_file():
         return path

@@ -7,8 +7,8 @@ import argparse
 
 def cmd_train(args: argparse.Namespace) -> int:
     from twostage import config as configlib
-    from twostage.generators.ar_task import train_ar
-    from twostage.generators.config import ARRunConfig
+    from twostage.generators.ar.task import train_ar
+    from twostage.generators.ar.config import ARRunConfig
 
     cfg = configlib.load(ARRunConfig, args.config, args.overrides)
     last = train_ar(cfg, args.tokens, args.out, val_tokens=args.val_tokens)
@@ -19,7 +19,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from twostage.config import ConfigError
-    from twostage.generators.ar_run import sample_ar_run
+    from twostage.generators.ar.run import sample_ar_run
 
     for flag in ("steps", "sampler", "shift", "cfg_interval"):
         if getattr(args, flag, None) is not None:

@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = top.add_subparsers(dest="generator_command", metavar="ACTION", required=True)
 
     p = sub.add_parser("train", help="train a generator (resumes automatically when RUN has a checkpoint)")
-    p.add_argument("config", help="preset name in configs/ (e.g. ar_fmnist_tiny) or a YAML file")
+    p.add_argument("config", help="preset name in twostage/presets/ (e.g. ar_fmnist_tiny) or a YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.size=L train.steps=1000")
     p.add_argument("--tokens", required=True, type=Path, help="training cache (`twostage tokenizer encode`)")
     p.add_argument("--val-tokens", type=Path, default=None, help="validation cache (loss per position at checkpoints)")
@@ -74,7 +74,7 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
         from twostage.data.token_cache import TokenCacheError
         from twostage.engine.checkpoint import CheckpointError
         from twostage.generators.outputs import RunLoadError
-        from twostage.tokenizers.pretrained import TokenizerLoadError
+        from twostage.tokenizers.vq.tokenizer import TokenizerLoadError
 
         try:
             return fn(args)

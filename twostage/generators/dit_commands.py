@@ -3,7 +3,7 @@
     twostage generator train dit_fmnist --tokens caches/kl_train --val-tokens caches/kl_val --out runs/dit
     twostage generator sample runs/dit --num 10000 --cfg 1.5 --out samples/dit.npz
 
-`--tokens` names the latent cache (written by twostage.tokenizers.kl_run.encode_latents). Sampling
+`--tokens` names the latent cache (written by twostage.tokenizers.kl.run.encode_latents). Sampling
 settings the shared parser does not define (--steps, --sampler, --shift, --cfg-interval START END)
 are read from `args` when present, else from the run's `sample:` config.
 """
@@ -15,8 +15,8 @@ import argparse
 
 def cmd_train(args: argparse.Namespace) -> int:
     from twostage import config as configlib
-    from twostage.generators.dit_config import DiTRunConfig
-    from twostage.generators.dit_run import train_dit
+    from twostage.generators.dit.config import DiTRunConfig
+    from twostage.generators.dit.run import train_dit
 
     cfg = configlib.load(DiTRunConfig, args.config, args.overrides)
     last = train_dit(cfg, args.tokens, args.out, val_cache=getattr(args, "val_tokens", None))
@@ -27,7 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from twostage.config import ConfigError
-    from twostage.generators.dit_run import sample_dit
+    from twostage.generators.dit.run import sample_dit
 
     if getattr(args, "tokens_only", False):
         raise ConfigError("--tokens-only does not apply to a DiT run: its samples are always decoded")

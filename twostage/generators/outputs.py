@@ -35,7 +35,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def save_image_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: int | None = None) -> Path:
     """A PNG grid of float [-1, 1] NCHW tensors or uint8 NHWC arrays."""
-    from twostage.tokenizers.images import save_grid
+    from twostage.common.images import save_grid
 
     if isinstance(images, np.ndarray):  # uint8 NHWC -> float NCHW, exactly invertible
         images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -64,6 +64,6 @@ def save_samples(path: Path, images: np.ndarray, labels: np.ndarray, protocol: d
 def load_tokenizer(run: str | Path, device: torch.device | str = "cpu"):
     """The stage-1 tokenizer that decodes a generator's tokens (imported lazily: the tokenizer
     package is only needed when images are wanted)."""
-    from twostage.tokenizers.pretrained import Tokenizer
+    from twostage.tokenizers.vq.tokenizer import Tokenizer
 
     return Tokenizer.from_pretrained(run, device=device)

@@ -137,8 +137,8 @@ def cmd_recon(args: argparse.Namespace) -> int:
     from twostage.metrics.protocol import write_result
     from twostage.metrics.reconstruction import evaluate_reconstruction
 
-    from twostage.tokenizers.kl_pretrained import KLTokenizer, is_kl_run
-    from twostage.tokenizers.pretrained import Tokenizer
+    from twostage.tokenizers.kl.tokenizer import KLTokenizer, is_kl_run
+    from twostage.tokenizers.vq.tokenizer import Tokenizer
 
     device = _device(args.device)
     kl = is_kl_run(args.run)

@@ -1,6 +1,6 @@
 """`twostage study run | table | report` and `twostage demo`.
 
-    twostage study run configs/study_crt.yaml --out runs/study_crt      # resumes where it stopped
+    twostage study run twostage/presets/study_crt.yaml --out runs/study_crt      # resumes where it stopped
     twostage study run study_demo budgets=[100,200] --out runs/demo     # spec overrides like configs
     twostage study run study_crt --out runs/study_crt --dry-run         # the jobs and what is done
     twostage study run study_crt --out runs/study_crt --jobs-per-gpu 4  # small models: 4 jobs share a GPU
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = top.add_subparsers(dest="study_command", metavar="ACTION", required=True)
 
     p = sub.add_parser("run", help="run (or resume) every job of a study spec, then write the results table")
-    p.add_argument("spec", help="study spec: a YAML file or a preset in configs/ (e.g. study_demo)")
+    p.add_argument("spec", help="study spec: a YAML file or a preset in twostage/presets/ (e.g. study_demo)")
     p.add_argument("overrides", nargs="*", help="spec overrides, e.g. budgets=[500,1000] sample.num=1000")
     p.add_argument("--out", required=True, type=Path, help="study folder")
     p.add_argument("--only", action="append", default=None, metavar="JOB",

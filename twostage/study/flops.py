@@ -69,7 +69,7 @@ def ar_flops_from_model_json(info: dict[str, Any]) -> float:
 
 def dit_flops_from_model_json(info: dict[str, Any], mlp_ratio: float) -> float:
     """Training FLOPs per latent position of a DiT run, from its model.json (written by train_dit)."""
-    from twostage.generators.dit_model import ffn_hidden
+    from twostage.generators.dit.model import ffn_hidden
 
     width = int(info["width"])
     grid = (int(info["grid"][0]), int(info["grid"][1]))

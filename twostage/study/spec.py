@@ -1,6 +1,6 @@
 """The study spec: a YAML file naming the grid of a compression-generation trade-off study.
 
-    spec = load_spec("configs/study_demo.yaml")        # typed, validated; unknown keys name the closest
+    spec = load_spec("twostage/presets/study_demo.yaml")        # typed, validated; unknown keys name the closest
     plan = build_plan(spec)                            # every job's resolved config, checked before work
 
 A study multiplies three axes: tokenizers x generator sizes (of the tokenizer's kind: AR for VQ,
@@ -128,7 +128,7 @@ class StudySpec:
 
 
 def load_spec(source: str | Path | dict, overrides: list[str] = ()) -> StudySpec:
-    """A validated StudySpec from a YAML file, a preset name in configs/ or a dict."""
+    """A validated StudySpec from a YAML file, a preset name in twostage/presets/ or a dict."""
     return configlib.load(StudySpec, source, list(overrides))
 
 
@@ -142,7 +142,7 @@ class ResolvedTokenizer:
     kind: str  # vq | kl
     preset: str
     overrides: list[str]  # everything after the preset, as `tokenizer train` takes them
-    config: Any  # TokenizerRunConfig | KLRunConfig
+    config: Any  # VQRunConfig | KLRunConfig
     label: str
 
     @property
@@ -181,11 +181,11 @@ def _kind(preset: str, overrides: list[str], default: str) -> str:
 
 def _tokenizer_class(kind: str, where: str):
     if kind == "vq":
-        from twostage.tokenizers.config import TokenizerRunConfig
+        from twostage.tokenizers.vq.config import VQRunConfig
 
-        return TokenizerRunConfig
+        return VQRunConfig
     if kind == "kl":
-        from twostage.tokenizers.kl_config import KLRunConfig
+        from twostage.tokenizers.kl.config import KLRunConfig
 
         return KLRunConfig
     raise ConfigError(f"{where}: kind={kind!r} is not a tokenizer kind; choose one of {sorted(GENERATOR_FOR)}")
@@ -193,10 +193,10 @@ def _tokenizer_class(kind: str, where: str):
 
 def _generator_class(kind: str):
     if kind == "ar":
-        from twostage.generators.config import ARRunConfig
+        from twostage.generators.ar.config import ARRunConfig
 
         return ARRunConfig
-    from twostage.generators.dit_config import DiTRunConfig
+    from twostage.generators.dit.config import DiTRunConfig
 
     return DiTRunConfig
 

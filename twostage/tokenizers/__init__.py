@@ -5,14 +5,15 @@
     ids = tok.encode(images)                          # (N, h, w); images float [-1, 1] (N, C, H, W)
     images = tok.decode_indices(ids)
 
-Training: `VQTokenizerTask(TokenizerRunConfig)` through twostage.engine.trainer.train, or the CLI
+Training: `VQTokenizerTask(VQRunConfig)` through twostage.engine.trainer.train, or the CLI
 (`twostage tokenizer train | encode | reconstruct`, see twostage/tokenizers/commands.py).
 """
 
-from twostage.tokenizers.config import CRTConfig, LossConfig, TokenizerRunConfig, VQConfig
-from twostage.tokenizers.model import VQModel
-from twostage.tokenizers.pretrained import Tokenizer, TokenizerLoadError
-from twostage.tokenizers.task import VQTokenizerTask
+from twostage.tokenizers.vq.config import CRTConfig, VQRunConfig, VQConfig
+from twostage.tokenizers.config import LossConfig
+from twostage.tokenizers.vq.model import VQModel
+from twostage.tokenizers.vq.tokenizer import Tokenizer, TokenizerLoadError
+from twostage.tokenizers.vq.task import VQTokenizerTask
 
-__all__ = ["CRTConfig", "LossConfig", "Tokenizer", "TokenizerLoadError", "TokenizerRunConfig", "VQConfig", "VQModel",
+__all__ = ["CRTConfig", "LossConfig", "Tokenizer", "TokenizerLoadError", "VQRunConfig", "VQConfig", "VQModel",
            "VQTokenizerTask"]

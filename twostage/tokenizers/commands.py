@@ -8,7 +8,7 @@
 
 The config's `kind` picks the tokenizer: `vq` (default; VQ with optional CRT) or `kl` (KL-VAE with
 optional VF loss). A KL run's `encode` writes a latent cache (float16 posterior means and per-channel
-statistics, see twostage/tokenizers/kl_run.py) instead of token ids.
+statistics, see twostage/tokenizers/kl/run.py) instead of token ids.
 
 `encode` writes the token cache that stage 2 trains on (format: twostage/data/token_cache.py):
 tokens.npy (N, 2, h*w) ids of each image and of its horizontal flip (uint16 when the codebook has
@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = top.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
 
     p = sub.add_parser("train", help="train a tokenizer of the config's kind (resumes when RUN has a checkpoint)")
-    p.add_argument("config", help="preset name in configs/ (e.g. vq_fmnist_f8) or a YAML file")
+    p.add_argument("config", help="preset name in twostage/presets/ (e.g. vq_fmnist_f8) or a YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.codebook_size=4096 crt.enabled=true")
     p.add_argument("--out", required=True, type=Path, help="run folder")
     p.set_defaults(func=_guard(cmd_train))
@@ -93,7 +93,7 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
         from twostage.config import ConfigError
         from twostage.data.errors import DataError
         from twostage.engine.checkpoint import CheckpointError
-        from twostage.tokenizers.pretrained import TokenizerLoadError
+        from twostage.tokenizers.vq.tokenizer import TokenizerLoadError
 
         try:
             return fn(args)
@@ -121,13 +121,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from twostage import config as configlib
     from twostage.data import build_dataset
     from twostage.engine.trainer import seed_everything, train
-    from twostage.tokenizers.config import TokenizerRunConfig
-    from twostage.tokenizers.task import VQTokenizerTask
+    from twostage.tokenizers.vq.config import VQRunConfig
+    from twostage.tokenizers.vq.task import VQTokenizerTask
 
     kind = configlib.source_kind(args.config, args.overrides, default="vq")
     if kind == "kl":
-        from twostage.tokenizers.kl_config import KLRunConfig
-        from twostage.tokenizers.kl_run import train_kl
+        from twostage.tokenizers.kl.config import KLRunConfig
+        from twostage.tokenizers.kl.run import train_kl
 
         cfg = configlib.load(KLRunConfig, args.config, args.overrides)
         last = train_kl(cfg, args.out)
@@ -135,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if kind != "vq":
         raise configlib.ConfigError(f"{args.config}: kind={kind!r} is not a tokenizer kind; choose 'vq' or 'kl'")
-    cfg = configlib.load(TokenizerRunConfig, args.config, args.overrides)
+    cfg = configlib.load(VQRunConfig, args.config, args.overrides)
     seed_everything(cfg.train.seed)  # module init depends on it
     dataset = build_dataset(cfg.data, "train")
     task = VQTokenizerTask(cfg)
@@ -151,8 +151,8 @@ def _shown(last: dict[str, float]) -> dict[str, float]:
 
 def _load(args: argparse.Namespace):
     """The run's tokenizer, VQ or KL (both expose config, step, weights_path, _input, reconstruct)."""
-    from twostage.tokenizers.kl_pretrained import KLTokenizer, is_kl_run
-    from twostage.tokenizers.pretrained import Tokenizer
+    from twostage.tokenizers.kl.tokenizer import KLTokenizer, is_kl_run
+    from twostage.tokenizers.vq.tokenizer import Tokenizer
 
     cls = KLTokenizer if is_kl_run(args.run) else Tokenizer
     return cls.from_pretrained(args.run, device=_device(args.device), step=args.step, prefer_ema=not args.raw)
@@ -178,15 +178,15 @@ def _num_classes(dataset, labels: np.ndarray) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     """Encode every image of a split, plain and horizontally flipped, into a memory-mapped cache."""
     from twostage.data.token_cache import CacheMeta, token_dtype
-    from twostage.tokenizers.pretrained import Tokenizer
+    from twostage.tokenizers.vq.tokenizer import Tokenizer
 
-    from twostage.tokenizers.kl_pretrained import is_kl_run
+    from twostage.tokenizers.kl.tokenizer import is_kl_run
 
     out: Path = args.out
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     if is_kl_run(args.run):
-        from twostage.tokenizers.kl_run import encode_latents
+        from twostage.tokenizers.kl.run import encode_latents
 
         encode_latents(args.run, args.split, out, batch_size=args.batch_size, device=args.device,
                        precision=args.precision, flip=not args.no_flip, limit=args.limit, overwrite=args.overwrite,
@@ -249,7 +249,7 @@ def _data_summary(cfg) -> dict:
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     """Save originals and reconstructions of the first --num images of a split as one PNG."""
-    from twostage.tokenizers.images import interleave_pairs, psnr, save_grid
+    from twostage.common.images import interleave_pairs, psnr, save_grid
 
     tok = _load(args)
     _, loader = _loader(tok.config, args.split, args, args.num)
@@ -275,9 +275,9 @@ def _images(cfg, split: str, limit: int, args: argparse.Namespace) -> torch.Tens
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """Fit a fresh causal probe on the frozen tokenizer's latents; write held-out errors as JSON."""
-    from twostage.tokenizers.kl_pretrained import is_kl_run
-    from twostage.tokenizers.pretrained import Tokenizer, TokenizerLoadError
-    from twostage.tokenizers.probe import probe_tokenizer
+    from twostage.tokenizers.kl.tokenizer import is_kl_run
+    from twostage.tokenizers.vq.tokenizer import Tokenizer, TokenizerLoadError
+    from twostage.tokenizers.vq.probe import probe_tokenizer
 
     if is_kl_run(args.run):
         raise TokenizerLoadError(f"{args.run} is a KL-VAE run; the probe measures VQ (pre-quantization and code) latents")

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from twostage.engine.task import OptimSpec, Phase, PhaseContext, TaskBase
-from twostage.tokenizers.config import TokenizerRunConfig
-from twostage.tokenizers.crt import CausalPredictor, crt_loss, crt_weight
+from twostage.tokenizers.vq.config import VQRunConfig
+from twostage.tokenizers.vq.crt import CausalPredictor, crt_loss, crt_weight
 from twostage.tokenizers.discriminator import D_LOSSES, G_LOSSES, PatchGAN, adaptive_weight
-from twostage.tokenizers.images import interleave_pairs, psnr, save_grid
-from twostage.tokenizers.model import VQModel
+from twostage.common.images import interleave_pairs, psnr, save_grid
+from twostage.tokenizers.vq.model import VQModel
 from twostage.tokenizers.perceptual import PerceptualLoss, build_perceptual
-from twostage.tokenizers.quantizer import CodebookUsage
+from twostage.tokenizers.vq.quantizer import CodebookUsage
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -68,7 +68,7 @@ def _uses_cuda(device: str) -> bool:
 
 
 class VQTokenizerTask(TaskBase):
-    def __init__(self, cfg: TokenizerRunConfig, *, image_size: int | None = None,
+    def __init__(self, cfg: VQRunConfig, *, image_size: int | None = None,
                  perceptual: nn.Module | None = None, channels_last: bool | None = None) -> None:
         """`perceptual` overrides the configured perceptual loss: a PerceptualLoss, or a backbone with
         `feature_maps(images, size)` (tests use a tiny stand-in). `channels_last` (default: when training

@@ -20,8 +20,8 @@ import torch
 
 from twostage import config as configlib
 from twostage.engine import checkpoint as ckpt
-from twostage.tokenizers.config import TokenizerRunConfig
-from twostage.tokenizers.model import VQModel
+from twostage.tokenizers.vq.config import VQRunConfig
+from twostage.tokenizers.vq.model import VQModel
 
 MODULE = "tokenizer"  # the key prefix of the tokenizer's weights in checkpoints
 
@@ -63,7 +63,7 @@ def strip_module_prefix(tensors: dict[str, torch.Tensor], module: str = MODULE) 
 
 
 class Tokenizer:
-    def __init__(self, model: VQModel, config: TokenizerRunConfig, *, checksum: str = "",
+    def __init__(self, model: VQModel, config: VQRunConfig, *, checksum: str = "",
                  weights_path: Path | None = None, step: int | None = None) -> None:
         self.model = model.eval()
         self.model.requires_grad_(False)
@@ -81,7 +81,7 @@ class Tokenizer:
         config_path = run_dir / "config.yaml"
         if not config_path.is_file():
             raise TokenizerLoadError(f"{run_dir} is not a tokenizer run folder (no config.yaml)")
-        cfg = configlib.load(TokenizerRunConfig, config_path)
+        cfg = configlib.load(VQRunConfig, config_path)
         path = resolve_checkpoint(run_dir, step)
         weights = path / "ema.safetensors"
         if not (prefer_ema and weights.is_file()):

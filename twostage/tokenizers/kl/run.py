@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from twostage import config as configlib
-from twostage.tokenizers.kl_config import KLRunConfig
+from twostage.tokenizers.kl.config import KLRunConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def train_kl(cfg: KLRunConfig, run_dir: str | Path, *, dataset=None) -> dict[str
     `dataset` overrides the configured training data (tests)."""
     from twostage.data import build_dataset
     from twostage.engine.trainer import seed_everything, train
-    from twostage.tokenizers.kl_task import KLTokenizerTask
+    from twostage.tokenizers.kl.task import KLTokenizerTask
 
     seed_everything(cfg.train.seed)  # module init depends on it
     data = dataset if dataset is not None else build_dataset(cfg.data, "train")
@@ -68,7 +68,7 @@ def encode_latents(run: str | Path, split: str, out: str | Path, *, batch_size: 
     from twostage.data import build_dataset, eval_loader
     from twostage.data.datasets import SubsetDataset
     from twostage.data.token_cache import CacheMeta
-    from twostage.tokenizers.kl_pretrained import KLTokenizer
+    from twostage.tokenizers.kl.tokenizer import KLTokenizer
 
     out = Path(out)
     if out.exists() and not overwrite:

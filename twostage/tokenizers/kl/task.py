@@ -1,6 +1,6 @@
 """`KLTokenizerTask`: the KL-VAE (+ VF loss, + PatchGAN) as a Task for the shared training engine.
 
-Phases per step, as in the VQ task (twostage/tokenizers/task.py):
+Phases per step, as in the VQ task (twostage/tokenizers/vq/task.py):
   autoencoder    steps "ae" (the autoencoder and "aux": the learned log-variance and the VF projection):
                  NLL = (L1 + perceptual) / exp(logvar) + logvar, summed over pixels and averaged over
                  images (LDM), + kl_weight * KL + adaptive GAN-generator term + adaptive VF term;
@@ -23,12 +23,12 @@ from torch import nn
 
 from twostage.engine.task import OptimSpec, Phase, PhaseContext, TaskBase
 from twostage.tokenizers.discriminator import D_LOSSES, G_LOSSES, PatchGAN
-from twostage.tokenizers.images import interleave_pairs, psnr, save_grid
-from twostage.tokenizers.kl_config import KLRunConfig
-from twostage.tokenizers.kl_model import KLModel
+from twostage.common.images import interleave_pairs, psnr, save_grid
+from twostage.tokenizers.kl.config import KLRunConfig
+from twostage.tokenizers.kl.model import KLModel
 from twostage.tokenizers.perceptual import PerceptualLoss, build_perceptual
-from twostage.tokenizers.task import _uses_cuda, batch_images, unwrap
-from twostage.tokenizers.vf_loss import FoundationFeatures, build_foundation, vf_loss
+from twostage.tokenizers.vq.task import _uses_cuda, batch_images, unwrap
+from twostage.tokenizers.kl.vf_loss import FoundationFeatures, build_foundation, vf_loss
 
 
 def adaptive_weights(rec_loss: torch.Tensor, terms: dict[str, tuple[torch.Tensor, torch.Tensor]],

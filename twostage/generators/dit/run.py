@@ -26,10 +26,10 @@ import torch
 from twostage import config as configlib
 from twostage.config import ConfigError
 from twostage.engine import checkpoint as ckpt
-from twostage.generators.dit_config import DiTRunConfig
-from twostage.generators.dit_model import LightningDiT, non_embedding_parameters
-from twostage.generators.dit_task import DiTTask, LatentSpace, balanced_labels, build_model, generate_latents
-from twostage.generators.flow_sampling import evaluations
+from twostage.generators.dit.config import DiTRunConfig
+from twostage.generators.dit.model import LightningDiT, non_embedding_parameters
+from twostage.generators.dit.task import DiTTask, LatentSpace, balanced_labels, build_model, generate_latents
+from twostage.generators.dit.sampler import evaluations
 from twostage.generators.outputs import RunLoadError, save_samples, to_uint8
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def write_model_json(out: Path, info: dict) -> None:
 
 def latent_decoder(tokenizer_run: str | Path, device: torch.device | str = "auto") -> Callable[[torch.Tensor], torch.Tensor]:
     """De-normalized latents -> images in [-1, 1], through the KL tokenizer of `tokenizer_run`."""
-    from twostage.tokenizers.kl_pretrained import KLTokenizer
+    from twostage.tokenizers.kl.tokenizer import KLTokenizer
 
     tok = KLTokenizer.from_pretrained(tokenizer_run, device=_device(device))
 

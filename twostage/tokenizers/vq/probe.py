@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from twostage.tokenizers.crt import CausalPredictor
+from twostage.tokenizers.vq.crt import CausalPredictor
 
 
 @dataclass

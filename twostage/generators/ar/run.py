@@ -17,12 +17,12 @@ import torch
 
 from twostage import config as configlib
 from twostage.engine import checkpoint as ckpt
-from twostage.generators.ar_model import ARTransformer
-from twostage.generators.ar_sample import ARSampler
-from twostage.generators.ar_task import MODULE
-from twostage.generators.config import ARRunConfig
+from twostage.generators.ar.model import ARTransformer
+from twostage.generators.ar.sampler import ARSampler
+from twostage.generators.ar.task import MODULE
+from twostage.generators.ar.config import ARRunConfig
 from twostage.generators.outputs import RunLoadError, load_tokenizer, save_samples, to_uint8
-from twostage.generators.sampling import balanced_labels
+from twostage.generators.ar.filters import balanced_labels
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ import logging
 import torch
 import torch._dynamo
 
-from twostage.generators.ar_model import PREFIX, ARTransformer
-from twostage.generators.kv_cache import bucket_length
-from twostage.generators.sampling import guided_step
+from twostage.generators.ar.model import PREFIX, ARTransformer
+from twostage.generators.ar.kv_cache import bucket_length
+from twostage.generators.ar.filters import guided_step
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twostage.generators.dit_config import DIT_SHAPES, DiTModelConfig
+from twostage.generators.dit.config import DIT_SHAPES, DiTModelConfig
 
 TIME_SCALE = 1000.0  # t in [0, 1] -> [0, 1000] before the sinusoids, so their frequencies span t's range
 

@@ -28,8 +28,8 @@ from torch import nn
 from twostage.config import ConfigError
 from twostage.data.token_cache import CacheDataset, CacheMeta
 from twostage.engine.task import OptimSpec, Phase, PhaseContext, TaskBase
-from twostage.generators.ar_model import ARTransformer, describe
-from twostage.generators.config import ARRunConfig
+from twostage.generators.ar.model import ARTransformer, describe
+from twostage.generators.ar.config import ARRunConfig
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,9 @@ class ARTask(TaskBase):
         return device.type == "cuda" and self.cfg.train.precision != "fp32"
 
     def _sample_grid(self, model: nn.Module, step: int, run_dir: Path) -> None:
-        from twostage.generators.ar_sample import ARSampler
+        from twostage.generators.ar.sampler import ARSampler
         from twostage.generators.outputs import load_tokenizer, save_image_grid
-        from twostage.generators.sampling import balanced_labels
+        from twostage.generators.ar.filters import balanced_labels
 
         device = next(model.parameters()).device
         if self._tokenizer is None:

@@ -1,6 +1,6 @@
 """ODE samplers of the rectified flow: Euler and Heun on a shifted time grid, with interval CFG.
 
-Time runs from NOISE_T = 0 to DATA_T = 1 (the convention of twostage/generators/flow.py). A sampler
+Time runs from NOISE_T = 0 to DATA_T = 1 (the convention of twostage/generators/dit/flow.py). A sampler
 takes a velocity function `fn(x, t) -> v` where `t` is a Python float: the grid lives on the host,
 so deciding whether guidance is on at a step costs no device synchronization.
 
@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from twostage.generators.flow import DATA_T, NOISE_T, shift_time
+from twostage.generators.dit.flow import DATA_T, NOISE_T, shift_time
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 SAMPLERS = ("euler", "heun")

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from twostage.engine.task import OptimSpec, Phase, PhaseContext, TaskBase
-from twostage.generators.dit_config import DiTRunConfig
-from twostage.generators.dit_model import LightningDiT
-from twostage.generators.flow import flow_losses, interpolate, sample_time, velocity_target
-from twostage.generators.flow_sampling import guided_velocity, solve
+from twostage.generators.dit.config import DiTRunConfig
+from twostage.generators.dit.model import LightningDiT
+from twostage.generators.dit.flow import flow_losses, interpolate, sample_time, velocity_target
+from twostage.generators.dit.sampler import guided_velocity, solve
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class LatentSpace:
     def from_cache_meta(cls, meta, cache: str | Path = "") -> LatentSpace:
         if meta.kind != "latents":
             raise ValueError(f"{cache or 'the cache'} holds {meta.kind}, not continuous latents: the DiT needs a "
-                             "cache written by a KL tokenizer (twostage.tokenizers.kl_run.encode_latents)")
+                             "cache written by a KL tokenizer (twostage.tokenizers.kl.run.encode_latents)")
         return cls(channels=int(meta.channels), grid=tuple(meta.grid), num_classes=int(meta.num_classes),
                    latent_mean=meta.latent_mean, latent_std=meta.latent_std, image_size=meta.image_size,
                    tokenizer_run=meta.tokenizer_run, tokenizer_checksum=meta.tokenizer_checksum, cache=str(cache))
@@ -196,7 +196,7 @@ class DiTTask(TaskBase):
                 logs.update(self.validation_loss(model, device))
             s = self.cfg.sample
             if s.grid_at_checkpoint > 0 and (decode := self.decoder()) is not None:
-                from twostage.tokenizers.images import save_grid
+                from twostage.common.images import save_grid
 
                 labels = torch.from_numpy(balanced_labels(s.grid_at_checkpoint, self.space.num_classes)).to(device)
                 g = torch.Generator(device=device).manual_seed(0)

@@ -5,7 +5,7 @@
     images = tok.decode(z)           # (N, C, H, W) in [-1, 1]
 
 Same run-folder layout, EMA preference and weights checksum as the VQ `Tokenizer`
-(twostage/tokenizers/pretrained.py), whose loading helpers it reuses; latent caches record the checksum.
+(twostage/tokenizers/vq/tokenizer.py), whose loading helpers it reuses; latent caches record the checksum.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 
 from twostage import config as configlib
 from twostage.engine import checkpoint as ckpt
-from twostage.tokenizers.kl_config import KLRunConfig
-from twostage.tokenizers.kl_model import KLModel
-from twostage.tokenizers.pretrained import TokenizerLoadError, file_sha256, resolve_checkpoint, strip_module_prefix
+from twostage.tokenizers.kl.config import KLRunConfig
+from twostage.tokenizers.kl.model import KLModel
+from twostage.tokenizers.vq.tokenizer import TokenizerLoadError, file_sha256, resolve_checkpoint, strip_module_prefix
 
 MODULE = "tokenizer"
 

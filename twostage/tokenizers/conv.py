@@ -1,4 +1,4 @@
-"""VQ autoencoder of the LlamaGen VQ-16 family (METHODS section 2).
+"""The convolutional encoder / decoder trunk shared by the VQ and KL tokenizers (LlamaGen VQ-16 / LDM).
 
 Encoder: conv_in -> levels (channel multipliers; ResBlocks; downsample between levels) -> mid
 (Res-Attn-Res) -> GroupNorm/SiLU/conv_out. The number of levels sets the downsampling factor
@@ -13,16 +13,12 @@ NHWC end to end; nothing in forward synchronizes with the host.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twostage.tokenizers.quantizer import QuantizerOutput, VectorQuantizer
-
-if TYPE_CHECKING:
-    from twostage.tokenizers.config import VQConfig
 
 
 class GroupNorm(nn.GroupNorm):
@@ -142,7 +138,7 @@ class Mid(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: VQConfig) -> None:
+    def __init__(self, cfg: Any) -> None:  # VQConfig or the KL trunk namespace
         super().__init__()
         ch, mult = cfg.base_channels, cfg.channel_mult
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
@@ -167,7 +163,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: VQConfig) -> None:
+    def __init__(self, cfg: Any) -> None:  # VQConfig or the KL trunk namespace
         super().__init__()
         ch, mult = cfg.base_channels, cfg.channel_mult
         cin = ch * mult[-1]
@@ -194,64 +190,3 @@ class Decoder(nn.Module):
         for level in self.levels:
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class VQOutput(NamedTuple):
-    recon: torch.Tensor  # (N, C, H, W)
-    latent: torch.Tensor  # (N, D, h, w) raw pre-quantization latent (after quant_conv, before l2)
-    quant: QuantizerOutput
-
-
-class VQModel(nn.Module):
-    def __init__(self, cfg: VQConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)
-        self.quantizer = VectorQuantizer(
-            cfg.codebook_size,
-            cfg.code_dim,
-            l2_norm=cfg.l2_norm,
-            commit_weight=cfg.commit_weight,
-            codebook_weight=cfg.codebook_weight,
-            entropy_weight=cfg.entropy_weight,
-            entropy_temperature=cfg.entropy_temperature,
-        )
-        self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
-        self.decoder = Decoder(cfg)
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.cfg.channel_mult) - 1)
-
-    @property
-    def codebook_size(self) -> int:
-        return self.cfg.codebook_size
-
-    def grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
-        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-        f = self.downsample_factor
-        if h % f or w % f:
-            raise ValueError(f"image size {h}x{w} is not divisible by the downsampling factor {f}")
-        return h // f, w // f
-
-    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw pre-quantization latent (N, D, h, w)."""
-        return self.quant_conv(self.encoder(x))
-
-    def encode(self, x: torch.Tensor) -> QuantizerOutput:
-        return self.quantizer(self.encode_latent(x))
-
-    def decode(self, z_q: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z_q.to(self.post_quant_conv.weight.dtype)))
-
-    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.quantizer.indices_to_latent(indices))
-
-    def forward(self, x: torch.Tensor) -> VQOutput:
-        latent = self.encode_latent(x)
-        quant = self.quantizer(latent)
-        z_q = quant.z_q
-        if x.is_contiguous(memory_format=torch.channels_last):
-            z_q = z_q.contiguous(memory_format=torch.channels_last)
-        return VQOutput(self.decode(z_q), latent, quant)

@@ -4,7 +4,7 @@
     out = model(x)                    # out.recon, out.posterior, out.latent (the sampled z)
     z = model.encode(x).mode()        # deterministic latents for caches
 
-The convolutional trunk is the VQ tokenizer's Encoder / Decoder (twostage/tokenizers/model.py). The
+The convolutional trunk is the VQ tokenizer's Encoder / Decoder (twostage/tokenizers/conv.py). The
 encoder ends in 2 * d channels (mean and log-variance of a diagonal Gaussian), refined by a 1x1
 quant_conv as in LDM; the decoder starts from a 1x1 post_quant_conv of the d-channel sample.
 """
@@ -17,8 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from twostage.tokenizers.kl_config import KLModelConfig
-from twostage.tokenizers.model import Decoder, Encoder
+from twostage.tokenizers.kl.config import KLModelConfig
+from twostage.tokenizers.conv import Decoder, Encoder
 
 
 class DiagonalGaussian:

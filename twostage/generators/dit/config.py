@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from twostage.config import ConfigError, check
 from twostage.engine.config import TrainConfig
 from twostage.engine.task import OptimConfig
-from twostage.generators.flow import TIME_SAMPLERS
-from twostage.generators.flow_sampling import SAMPLERS
+from twostage.generators.dit.flow import TIME_SAMPLERS
+from twostage.generators.dit.sampler import SAMPLERS
 
 # (layers, width, heads). B / L / XL are the published LightningDiT (= DiT) shapes; tiny and mini are
 # for tests and small latents (Fashion-MNIST), S is DiT-S.
@@ -65,7 +65,7 @@ class DiTModelConfig:
 
 @dataclass
 class FlowConfig:
-    """Rectified-flow training objective (time convention: twostage/generators/flow.py)."""
+    """Rectified-flow training objective (time convention: twostage/generators/dit/flow.py)."""
 
     time_sampling: str = field(default="logit_normal", metadata=check(choices=TIME_SAMPLERS))
     logit_mean: float = 0.0

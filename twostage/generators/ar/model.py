@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twostage.generators.config import AR_SHAPES, ARModelConfig
-from twostage.generators.kv_cache import KVCache
-from twostage.generators.rope import apply_rope, rope_2d_tables
+from twostage.generators.ar.config import AR_SHAPES, ARModelConfig
+from twostage.generators.ar.kv_cache import KVCache
+from twostage.nn.rope import apply_rope, rope_2d_tables
 
 PREFIX = 1  # one class token
 
