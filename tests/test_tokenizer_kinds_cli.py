@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from twostage import cli
-from twostage.config import run_kind, source_kind
+from twostage.engine.run_files import RunLoadError
+from twostage.registry import run_kind, source_kind
 from twostage.data.token_cache import CacheDataset
 
 TINY_DATA = ["data.name=npz", "data.image_size=16", "data.val_fraction=0.25"]
@@ -26,11 +27,11 @@ def data(tmp_path_factory):
 
 def test_source_kind_reads_the_file_and_the_override_wins(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"kind": "kl", "model": {}}))
-    assert source_kind(tmp_path / "c.yaml", [], "vq") == "kl"
-    assert source_kind(tmp_path / "c.yaml", ["kind=vq"], "vq") == "vq"
-    assert source_kind("vq_fmnist_f4", [], "vq") == "vq"  # the preset names no kind: the default
-    with pytest.raises(FileNotFoundError, match="no config.yaml"):
-        run_kind(tmp_path)
+    assert source_kind("tokenizer", tmp_path / "c.yaml", []) == "kl"
+    assert source_kind("tokenizer", tmp_path / "c.yaml", ["kind=vq"]) == "vq"
+    assert source_kind("tokenizer", "vq_fmnist_f4", []) == "vq"
+    with pytest.raises(RunLoadError, match="no config.yaml"):
+        run_kind("tokenizer", tmp_path)
 
 
 def test_kl_preset_trains_encodes_and_evaluates_through_the_cli(data, capsys):
@@ -39,7 +40,7 @@ def test_kl_preset_trains_encodes_and_evaluates_through_the_cli(data, capsys):
                  "model.enc_res_blocks=1", "model.dec_res_blocks=1", "model.norm_groups=4", "loss.perceptual=none",
                  "loss.disc_channels=8", "loss.disc_layers=2", "vf.enabled=false", *TINY_TRAIN]
     assert cli.main(["tokenizer", "train", "kl_fmnist_f4d8", *overrides, "--out", str(run)]) == 0
-    assert run_kind(run) == "kl"
+    assert run_kind("tokenizer", run).name == "kl"
     assert cli.main(["tokenizer", "encode", str(run), "--split", "val", "--out", str(cache), "--num-workers", "0"]) == 0
     meta = CacheDataset(cache).meta
     assert meta.kind == "latents" and meta.channels == 4 and len(meta.latent_std) == 4
@@ -61,7 +62,7 @@ def test_vq_probe_writes_both_views(data):
                  "model.codebook_size=32", "model.code_dim=4", "loss.perceptual=none", "loss.disc_channels=8",
                  "crt.enabled=true", "crt.width=32", "crt.heads=2", *TINY_TRAIN]
     assert cli.main(["tokenizer", "train", "vq_fmnist_f4", *overrides, "--out", str(run)]) == 0
-    assert run_kind(run) == "vq"
+    assert run_kind("tokenizer", run).name == "vq"
     out = data / "probe.json"
     assert cli.main(["tokenizer", "probe", str(run), "--steps", "3", "--train-images", "6", "--val-images", "3",
                      "--batch-size", "4", "--device", "cpu", "--num-workers", "0", "--out", str(out)]) == 0

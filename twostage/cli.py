@@ -8,6 +8,7 @@ import logging
 import sys
 
 from twostage import __version__
+from twostage.common.errors import UserError
 from twostage.config import ConfigError
 
 # Parts whose commands are complete. A part is listed only once its commands work end to end, so
@@ -53,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except ConfigError as err:
+    except ConfigError as err:  # nothing ran: the command line or config file needs a change
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except (UserError, FileExistsError, FileNotFoundError) as err:  # data, run folder or cache: one line, no traceback
+        print(f"{args.command} error: {err}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

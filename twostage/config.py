@@ -19,12 +19,14 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from twostage.common.errors import UserError
+
 T = TypeVar("T")
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, phrased so that the message says what to change."""
 
 
@@ -35,10 +37,9 @@ def check(
     le: float | None = None,
     lt: float | None = None,
     choices: tuple[Any, ...] | None = None,
-    help: str | None = None,
 ) -> dict[str, Any]:
     """Field metadata describing the allowed values of a config field."""
-    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "help": help}
+    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -252,37 +253,37 @@ def resolve_preset(name_or_path: str | Path) -> Path:
     )
 
 
-def source_kind(source: str | Path | dict, overrides: list[str] = (), default: str = "") -> str:
-    """The top-level `kind` of a config (file, preset or dict) before it is loaded; an override
-    `kind=...` wins. Command groups with several implementations (vq/kl tokenizers, ar/dit
-    generators) dispatch on it, then load the config class of that kind."""
-    data = source if isinstance(source, dict) else yaml.safe_load(resolve_preset(source).read_text()) or {}
+def read_source(source: str | Path | dict | None) -> dict[str, Any]:
+    """The nested dict a config source describes, before defaults: a dict as given, or a YAML file /
+    preset with its `base:` chain resolved (`base: vq_fmnist_f4` = that preset, then this file's keys
+    merged over it). The `base` key itself is consumed here."""
+    if source is None:
+        return {}
+    if isinstance(source, dict):
+        data, where = dict(source), "config"
+    else:
+        path = resolve_preset(source)
+        data, where = yaml.safe_load(path.read_text()) or {}, str(path)
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a config file must hold a mapping of sections")
-    return str(parse_overrides(list(overrides)).get("kind", data.get("kind", default)))
-
-
-def run_kind(run_dir: str | Path, default: str = "") -> str:
-    """The `kind` recorded in a run folder's resolved config.yaml."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (it has no config.yaml)")
-    return str((yaml.safe_load(path.read_text()) or {}).get("kind", default))
+        raise ConfigError(f"{where}: the top level must be a mapping of sections")
+    seen: list[str] = []
+    while "base" in data:
+        base = data.pop("base")
+        if not isinstance(base, str):
+            raise ConfigError(f"{where}: base={base!r} must name a preset or a YAML file")
+        if base in seen:
+            raise ConfigError(f"{where}: the base chain {' -> '.join([*seen, base])} loops")
+        seen.append(base)
+        parent = yaml.safe_load(resolve_preset(base).read_text()) or {}
+        if not isinstance(parent, dict):
+            raise ConfigError(f"{base}: the top level must be a mapping of sections")
+        data = merge(parent, data)
+    return data
 
 
 def load(cls: type[T], source: str | Path | dict | None = None, overrides: list[str] = ()) -> T:
     """Load a config: defaults <- YAML file or preset (or dict) <- overrides; validated."""
-    if source is None:
-        data: dict[str, Any] = {}
-    elif isinstance(source, dict):
-        data = source
-    else:
-        path = resolve_preset(source)
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    data = merge(data, parse_overrides(list(overrides)))
+    data = merge(read_source(source), parse_overrides(list(overrides)))
     return from_dict(cls, data)
 
 
@@ -310,6 +311,5 @@ __all__ = [
     "save",
     "config_hash",
     "resolve_preset",
-    "source_kind",
-    "run_kind",
+    "read_source",
 ]

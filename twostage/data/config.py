@@ -13,7 +13,7 @@ DATASET_NAMES = ("fashion-mnist", "folder", "npz")
 class DataConfig:
     name: str = field(
         default="fashion-mnist",
-        metadata=check(choices=DATASET_NAMES, help="fashion-mnist (embedded default), folder (ImageFolder), npz"),
+        metadata=check(choices=DATASET_NAMES),  # fashion-mnist (embedded default), folder (ImageFolder), npz
     )
     # folder: root/<class>/... or root/train + root/val; npz: a file with `images`/`labels` or a folder
     # with train.npz (+ val.npz); fashion-mnist: an optional folder with the four idx(.gz) files.
@@ -27,7 +27,7 @@ class DataConfig:
     # Held out for "val" when a folder / npz has no separate val set; 0 = no val split.
     val_fraction: float = field(default=0.0, metadata=check(ge=0, lt=1))
     seed: int = 0  # seeds the train/val split and the flips (not the sample order: that is train.seed)
-    background: int = field(default=0, metadata=check(ge=0, le=255, help="pad and transparency colour"))
+    background: int = field(default=0, metadata=check(ge=0, le=255))  # pad and transparency colour
 
     def check(self) -> None:
         if self.name in ("folder", "npz") and not self.root:

@@ -8,8 +8,10 @@ still catch it, and the CLI prints its message without a traceback.
 
 from __future__ import annotations
 
+from twostage.common.errors import UserError
 
-class DataError(RuntimeError):
+
+class DataError(UserError, RuntimeError):
     """A data problem, phrased so that the message says what to do about it."""
 
 

@@ -14,6 +14,8 @@ All arrays are memory-mapped, so an ImageNet-size cache costs no RAM and starts 
 
 from __future__ import annotations
 
+from twostage.common.errors import UserError
+
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 
-class TokenCacheError(ValueError):
+class TokenCacheError(UserError, ValueError):
     pass
 
 

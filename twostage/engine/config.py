@@ -9,7 +9,7 @@ from twostage.config import ConfigError, check
 
 @dataclass
 class TrainConfig:
-    steps: int = field(default=1000, metadata=check(gt=0, help="optimizer steps in total"))
+    steps: int = field(default=1000, metadata=check(gt=0))  # optimizer steps in total
     # Global batch: split over data-parallel ranks, then over accumulation micro-batches.
     batch_size: int = field(default=64, metadata=check(gt=0))
     grad_accum: int = field(default=1, metadata=check(gt=0))

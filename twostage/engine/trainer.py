@@ -12,6 +12,8 @@ state are restored and the run continues as if it had never stopped.
 
 from __future__ import annotations
 
+from twostage.common.errors import UserError
+
 import contextlib
 import json
 import logging
@@ -44,7 +46,7 @@ RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "trai
                      "train.progress", "train.num_workers", "train.compile"}
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 

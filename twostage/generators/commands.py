@@ -70,6 +70,7 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
     """Expected problems (missing cache, run, checkpoint) as one message instead of a traceback."""
 
     def run(args: argparse.Namespace) -> int:
+        from twostage.common.errors import UserError
         from twostage.config import ConfigError
         from twostage.data.token_cache import TokenCacheError
         from twostage.engine.checkpoint import CheckpointError
@@ -80,7 +81,7 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
             return fn(args)
         except ConfigError:
             raise  # the top-level CLI prints config errors
-        except (TokenCacheError, CheckpointError, RunLoadError, TokenizerLoadError, FileNotFoundError) as err:
+        except (TokenCacheError, CheckpointError, RunLoadError, TokenizerLoadError, FileNotFoundError, UserError) as err:
             print(f"generator error: {err}", file=sys.stderr)
             return 1
 
@@ -98,15 +99,15 @@ def _kind_module(kind: str, where: str):
 
 def config_kind(source: str | Path, overrides: list[str]) -> str:
     """The `kind` of a config file or preset (an override kind=... wins); default "ar"."""
-    from twostage.config import source_kind
+    from twostage import registry
 
-    return source_kind(source, overrides, default="ar")
+    return registry.source_kind("generator", source, overrides)
 
 
 def run_kind(run_dir: Path) -> str:
-    from twostage.config import run_kind as recorded_kind
+    from twostage import registry
 
-    return recorded_kind(run_dir, default="ar")
+    return registry.run_kind("generator", run_dir).name
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ a subprocess that sees only its GPU (CUDA_VISIBLE_DEVICES); a generator job star
 
 from __future__ import annotations
 
+from twostage.common.errors import UserError
+
 import contextlib
 import logging
 import os
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 SPEC_FILE = "study.yaml"  # the resolved spec of the last `study run` into DIR (children read it)
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     """A stage's command failed; the message holds the command line to repeat it by hand."""
 
 

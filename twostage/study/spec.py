@@ -51,14 +51,14 @@ class TokenizerSpec:
 class TokenizerSettings:
     """What every tokenizer of the study shares: training length, overrides, how much is encoded."""
 
-    steps: int = field(default=20000, metadata=check(gt=0, help="tokenizer train.steps"))
+    steps: int = field(default=20000, metadata=check(gt=0))  # tokenizer train.steps
     overrides: list[str] = field(default_factory=list)
     # Encode only the first N images of a split (None: all). Stage 2 trains on the train cache and
     # reports validation loss on the val cache.
     encode_train_limit: int | None = field(default=None, metadata=check(gt=0))
     encode_val_limit: int | None = field(default=None, metadata=check(gt=0))
     encode_batch_size: int = field(default=256, metadata=check(gt=0))
-    num_workers: int = field(default=2, metadata=check(ge=0, help="data loader workers of encode / eval"))
+    num_workers: int = field(default=2, metadata=check(ge=0))  # data loader workers of encode / eval
 
 
 @dataclass
@@ -68,8 +68,8 @@ class GeneratorSpec:
     preset: str
     sizes: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
-    cfg: float | None = field(default=None, metadata=check(ge=0, help="CFG scale (None: the preset's)"))
-    sample_steps: int | None = field(default=None, metadata=check(gt=0, help="DiT sampler steps (None: preset's)"))
+    cfg: float | None = field(default=None, metadata=check(ge=0))  # CFG scale (None: the preset's)
+    sample_steps: int | None = field(default=None, metadata=check(gt=0))  # DiT sampler steps (None: preset's)
 
 
 @dataclass
@@ -80,7 +80,7 @@ class GeneratorsSpec:
 
 @dataclass
 class SampleSettings:
-    num: int = field(default=10000, metadata=check(gt=0, help="samples per generator for eval gen"))
+    num: int = field(default=10000, metadata=check(gt=0))  # samples per generator for eval gen
     batch_size: int = field(default=64, metadata=check(gt=0))
     seed: int = 0
 

@@ -124,7 +124,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from twostage.tokenizers.vq.config import VQRunConfig
     from twostage.tokenizers.vq.task import VQTokenizerTask
 
-    kind = configlib.source_kind(args.config, args.overrides, default="vq")
+    from twostage import registry
+
+    kind = registry.source_kind("tokenizer", args.config, args.overrides)
     if kind == "kl":
         from twostage.tokenizers.kl.config import KLRunConfig
         from twostage.tokenizers.kl.run import train_kl

@@ -27,7 +27,7 @@ class LossConfig:
     lpips_weights: Path | None = None
     lpips_heads: Path | None = None
     lpips_random_init: bool = False  # untrained LPIPS, for throughput benchmarks only
-    gan_weight: float = field(default=0.5, metadata=check(ge=0, help="0 disables the discriminator"))
+    gan_weight: float = field(default=0.5, metadata=check(ge=0))  # 0 disables the discriminator
     gan_loss: str = field(default="hinge", metadata=check(choices=("hinge", "non-saturating")))
     disc_start: int = field(default=20000, metadata=check(ge=0))
     disc_layers: int = field(default=3, metadata=check(gt=0))
@@ -49,8 +49,8 @@ class LossConfig:
 class MonitorConfig:
     """What the run reports besides losses."""
 
-    usage_window: int = field(default=100, metadata=check(gt=0, help="steps over which codebook usage counts"))
-    grid_images: int = field(default=16, metadata=check(ge=0, help="reconstructions in each checkpoint grid"))
+    usage_window: int = field(default=100, metadata=check(gt=0))  # steps over which codebook usage counts
+    grid_images: int = field(default=16, metadata=check(ge=0))  # reconstructions in each checkpoint grid
 
 
 __all__ = ["LossConfig", "MonitorConfig"]

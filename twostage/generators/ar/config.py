@@ -84,7 +84,7 @@ class SampleConfig:
     # Sampling step after which CFG stops (None: guide every step).
     cfg_until: int | None = field(default=None, metadata=check(ge=0))
     temperature: float = field(default=1.0, metadata=check(ge=0))
-    top_k: int = field(default=0, metadata=check(ge=0, help="0 keeps all tokens"))
+    top_k: int = field(default=0, metadata=check(ge=0))  # 0 keeps all tokens
     top_p: float = field(default=1.0, metadata=check(gt=0, le=1))
     # Samples in the grid written at each checkpoint (0: none). Needs the cache's tokenizer run.
     grid_at_checkpoint: int = field(default=16, metadata=check(ge=0))

@@ -70,7 +70,7 @@ class FlowConfig:
     time_sampling: str = field(default="logit_normal", metadata=check(choices=TIME_SAMPLERS))
     logit_mean: float = 0.0
     logit_std: float = field(default=1.0, metadata=check(gt=0))
-    direction_weight: float = field(default=1.0, metadata=check(ge=0, help="velocity-direction loss; 0 = MSE only"))
+    direction_weight: float = field(default=1.0, metadata=check(ge=0))  # velocity-direction loss; 0 = MSE only
     # Train on latents normalized per channel with the cache's mean / std (LightningDiT does).
     normalize_latents: bool = True
 
@@ -81,14 +81,14 @@ class DiTSampleConfig:
 
     sampler: str = field(default="euler", metadata=check(choices=SAMPLERS))
     steps: int = field(default=250, metadata=check(gt=0))
-    shift: float = field(default=0.3, metadata=check(gt=0, help="timestep shift s (data-side convention)"))
-    cfg_scale: float = field(default=1.0, metadata=check(ge=0, help="1 = no guidance"))
+    shift: float = field(default=0.3, metadata=check(gt=0))  # timestep shift s (data-side convention)
+    cfg_scale: float = field(default=1.0, metadata=check(ge=0))  # 1 = no guidance
     # Guidance only for t in [start, end] (t = 1 is data): off for the noisiest part of the path.
     cfg_interval_start: float = field(default=0.1, metadata=check(ge=0, le=1))
     cfg_interval_end: float = field(default=1.0, metadata=check(ge=0, le=1))
     # Samples in the grid written at each checkpoint (0: none). Needs the cache's tokenizer run.
     grid_at_checkpoint: int = field(default=16, metadata=check(ge=0))
-    grid_steps: int = field(default=50, metadata=check(gt=0, help="sampling steps of the checkpoint grid"))
+    grid_steps: int = field(default=50, metadata=check(gt=0))  # sampling steps of the checkpoint grid
 
     def check(self) -> None:
         if self.cfg_interval_start > self.cfg_interval_end:

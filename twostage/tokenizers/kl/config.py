@@ -111,11 +111,11 @@ class VFConfig:
     # latent grid without resampling (DINOv2/14 on a 16x16 grid: 224, the paper's setting).
     input_size: int | None = field(default=None, metadata=check(gt=0))
     resample: str = field(default="area", metadata=check(choices=("area", "bilinear")))
-    weight: float = field(default=0.1, metadata=check(ge=0, help="vf_weight (x the adaptive weight)"))
+    weight: float = field(default=0.1, metadata=check(ge=0))  # vf_weight (x the adaptive weight)
     adaptive: bool = True  # w = ||grad L_rec|| / (||grad L_vf|| + 1e-4) at the encoder's last layer
     adaptive_max: float = field(default=1e8, metadata=check(gt=0))
-    cos_margin: float = field(default=0.5, metadata=check(ge=0, le=2, help="m1 of the marginal cosine loss"))
-    distmat_margin: float = field(default=0.25, metadata=check(ge=0, le=2, help="m2 of the distance-matrix loss"))
+    cos_margin: float = field(default=0.5, metadata=check(ge=0, le=2))  # m1 of the marginal cosine loss
+    distmat_margin: float = field(default=0.25, metadata=check(ge=0, le=2))  # m2 of the distance-matrix loss
     cos_weight: float = field(default=1.0, metadata=check(ge=0))
     distmat_weight: float = field(default=1.0, metadata=check(ge=0))
     # The distance matrix of the latent side: of the projected latent z' (public code) or of z itself.

@@ -56,7 +56,7 @@ class CRTConfig:
 
     enabled: bool = False
     weight: float = field(default=4.0, metadata=check(ge=0))
-    ramp_steps: int = field(default=1000, metadata=check(ge=0, help="linear ramp of the weight from 0"))
+    ramp_steps: int = field(default=1000, metadata=check(ge=0))  # linear ramp of the weight from 0
     layers: int = field(default=2, metadata=check(ge=1))
     width: int = field(default=256, metadata=check(gt=0))
     heads: int = field(default=4, metadata=check(gt=0))

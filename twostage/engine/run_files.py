@@ -1,0 +1,140 @@
+"""Reading a finished (or running) run folder: its config, its model.json and its weights.
+
+Every kind writes the same layout (twostage/engine/trainer.py):
+
+    RUN/config.yaml        the resolved config; its top-level `kind` names the tokenizer or generator kind
+    RUN/model.json         what the model is (architecture, the cache it trained on, parameter counts)
+    RUN/checkpoints/       step_XXXXXXX/{model,ema}.safetensors with "<module>.<param>" keys, `latest`
+
+`load_run_weights` is the one loader every kind uses: EMA or raw weights (`weights` auto | ema | raw),
+the latest or a given step, wrapper prefixes stripped, and the sha256 of the file actually read, so a
+cache or a samples file can always be traced to exact weights. `write_model_json` is the one writer:
+it refuses to put a second architecture into a run folder that already holds one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import yaml
+
+from twostage.common.errors import UserError
+from twostage.common.hashing import file_sha256
+from twostage.engine import checkpoint as ckpt
+
+WEIGHTS = ("auto", "ema", "raw")
+
+
+class RunLoadError(UserError, RuntimeError):
+    """A run folder that cannot be loaded: missing files, no checkpoint, or weights of another model."""
+
+
+@dataclass
+class RunWeights:
+    state: dict[str, torch.Tensor]  # module-relative keys ("blocks.0.attn.qkv.weight")
+    file: Path  # the safetensors file read
+    step: int
+    weights: str  # "ema" or "raw"
+    checksum: str  # sha256 of `file`
+
+
+def recorded_kind(run_dir: str | Path) -> str:
+    """The `kind` in RUN/config.yaml ("" when the config names none)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise RunLoadError(f"{run_dir} is not a run folder (it has no config.yaml)")
+    data = yaml.safe_load(path.read_text()) or {}
+    return str(data.get("kind", "")) if isinstance(data, dict) else ""
+
+
+def checkpoint_path(run_dir: str | Path, step: int | None = None) -> Path:
+    """RUN/checkpoints/step_XXXXXXX of `step`, or the latest complete one."""
+    folder = Path(run_dir) / "checkpoints"
+    if step is not None:
+        path = folder / f"step_{step:07d}"
+        if not (path / "model.safetensors").is_file():
+            have = ", ".join(p.name for p in ckpt.list_checkpoints(folder)) or "none"
+            raise RunLoadError(f"{run_dir} has no checkpoint at step {step} (have: {have})")
+        return path
+    path = ckpt.latest_checkpoint(folder)
+    if path is None or not (path / "model.safetensors").is_file():
+        raise RunLoadError(f"{run_dir} has no checkpoint (expected {folder}/latest and step_XXXXXXX/); "
+                           "train one first, or check the --out folder of the training command")
+    return path
+
+
+def strip_prefixes(tensors: dict[str, torch.Tensor], module: str) -> dict[str, torch.Tensor]:
+    """Keys of `module` without "<module>." and without DDP / torch.compile wrapper prefixes."""
+    prefix = f"{module}."
+    out = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in out.items()}
+
+
+def load_run_weights(run_dir: str | Path, module: str, *, weights: str = "auto", step: int | None = None) -> RunWeights:
+    """The weights of `module` in a run folder's checkpoint.
+
+    weights: "auto" (EMA when the checkpoint has it, else raw), "ema" (an error without EMA) or "raw".
+    """
+    if weights not in WEIGHTS:
+        raise RunLoadError(f"weights={weights!r}: choose one of {list(WEIGHTS)}")
+    path = checkpoint_path(run_dir, step)
+    file = path / "ema.safetensors"
+    if weights == "ema" and not file.is_file():
+        raise RunLoadError(f"{path} has no EMA weights (the run trained without train.ema_decay); use raw weights")
+    if weights == "raw" or not file.is_file():
+        file = path / "model.safetensors"
+    from safetensors.torch import load_file
+
+    state = strip_prefixes(load_file(str(file)), module)
+    if not state:
+        raise RunLoadError(f"{file} holds no '{module}.*' weights: is {run_dir} a run of this kind?")
+    match = ckpt.STEP_DIR.match(path.name)
+    return RunWeights(state=state, file=file, step=int(match.group(1)) if match else -1,
+                      weights=file.stem, checksum=file_sha256(file))
+
+
+def load_state_strict(model: torch.nn.Module, run: RunWeights, config_path: Path) -> None:
+    """Load exactly; a mismatch is the user's (wrong run or edited config), said in one line."""
+    try:
+        model.load_state_dict(run.state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0:3]
+        raise RunLoadError(f"{run.file} does not match the model in {config_path}: {' '.join(first)}") from None
+
+
+def read_model_json(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "model.json"
+    if not path.is_file():
+        raise RunLoadError(f"{run_dir} has no model.json: it is not a generator run folder, or training "
+                           "never started")
+    return json.loads(path.read_text())
+
+
+def write_model_json(run_dir: str | Path, info: dict[str, Any], arch_keys: Iterable[str]) -> None:
+    """Write RUN/model.json atomically; refuse to mix two architectures (`arch_keys` differ) in one folder."""
+    run_dir = Path(run_dir)
+    path = run_dir / "model.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [k for k in arch_keys if _plain(old.get(k)) != _plain(info.get(k))]
+        if changed:
+            diff = ", ".join(f"{k}: {old.get(k)} -> {info.get(k)}" for k in changed)
+            raise UserError(f"{run_dir} holds a run of another model ({diff}); train into a new --out folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".model.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(info, indent=2, default=list))
+    os.replace(tmp, path)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists compare equal after a JSON round trip."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+__all__ = ["RunLoadError", "RunWeights", "WEIGHTS", "recorded_kind", "checkpoint_path", "strip_prefixes",
+           "load_run_weights", "load_state_strict", "read_model_json", "write_model_json"]
