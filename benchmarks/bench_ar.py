@@ -10,13 +10,14 @@ wd 0.05 on matrices), label dropout 0.1, the recipe's dropout 0.1 (--no-dropout 
 the model is compiled in place like the engine's train.compile (--train-compile-mode picks the mode).
 Inputs: 16x16 = 256 tokens, codebook 16384, 1000 classes (ImageNet 256 with VQ-16).
 
-    FLOPs per token (training) = 6 * N + 12 * layers * width * T
-    N = non-embedding parameters (all matmul weights incl. the output head), T = 256 (the sequence)
+    FLOPs per token (training) = 6 * N + 12 * layers * width * T   (ARTransformer.flops_per_token)
+    N = matmul parameters (all matmul weights incl. the output head), T = 256 (the sequence)
     MFU = FLOPs per token * tokens/s / peak (750 TFLOP/s: H100 SXM dense bf16, as the reference numbers)
 
-Sampling: bf16 weights and KV cache, static cache, CFG 2.0 with the batch doubled, top-k all / top-p 1
-/ temperature 1, the decoding step compiled and captured as CUDA graphs (ar_sample.py), timed over
-one whole batch of 256 steps (prefill, decoding and sampling included) after a warm-up batch.
+Sampling: bf16 weights and KV cache, static cache, CFG 2.0 with the batch doubled (--cfg 1: no
+guidance, not doubled), top-k all / top-p 1 / temperature 1, the decoding step compiled and captured
+as CUDA graphs (twostage/generators/ar/sampler.py), timed over one whole batch of 256 steps (prefill,
+decoding and sampling included) after a warm-up batch.
 
     bandwidth floor per step = (bf16 weights + KV cache filled so far, both read once) / bandwidth
     averaged over the 256 steps; "bucketed" counts the cache prefix a step actually reads (rounded up
@@ -41,7 +42,7 @@ from twostage.generators.ar.model import ARTransformer  # noqa: E402
 from twostage.generators.ar.sampler import ARSampler  # noqa: E402
 from twostage.generators.ar.config import ARModelConfig  # noqa: E402
 from twostage.generators.ar.kv_cache import KVCache, bucket_length  # noqa: E402
-from twostage.generators.ar.filters import balanced_labels  # noqa: E402
+from twostage.generators.outputs import balanced_labels  # noqa: E402
 
 GRID, VOCAB, CLASSES = (16, 16), 16384, 1000
 
@@ -204,14 +205,15 @@ def main() -> int:
                     print(json.dumps(r), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    print("\ntraining: FLOPs/token = 6*N_non_embedding + 12*layers*width*256; MFU against "
+    print("\ntraining: FLOPs/token = 6*N_matmul + 12*layers*width*256; MFU against "
           f"{args.peak_tflops:.0f} TFLOP/s")
     for r in results["train"]:
         print(f"  {r['size']:>3} batch {r['batch']:4d}: {r['tokens_per_s'] / 1e3:7.1f}k tokens/s  MFU {r['mfu']:.3f}  "
               f"{r['step_ms']:6.1f} ms/step  ({r['params_M']:.0f}M params, compile {r['compile_mode']}, "
               f"dropout {'0.1' if r['dropout'] else '0'})")
     if results["sample"]:
-        print(f"sampling: CFG {args.cfg} (batch doubled), bf16, floor at {args.bandwidth_tbs} TB/s")
+        doubled = "batch doubled" if args.cfg != 1.0 else "no guidance, batch not doubled"
+        print(f"sampling: CFG {args.cfg} ({doubled}), bf16, floor at {args.bandwidth_tbs} TB/s")
     for r in results["sample"]:
         print(f"  {r['size']:>3} batch {r['batch']:4d}: {r['images_per_s']:7.1f} images/s  {r['ms_per_step']:.3f} ms/step  "
               f"(floor {r['floor_ms_per_step']:.3f} ms exact, {r['bucketed_floor_ms_per_step']:.3f} ms bucketed; "

@@ -35,24 +35,22 @@ from twostage.engine.ema import EMA  # noqa: E402
 from twostage.engine.optim import build_optimizer  # noqa: E402
 from twostage.engine.task import PhaseContext  # noqa: E402
 from twostage.generators.dit.config import DiTRunConfig  # noqa: E402
-from twostage.generators.dit.model import ffn_hidden, non_embedding_parameters  # noqa: E402
 from twostage.generators.dit.task import DiTTask, LatentSpace  # noqa: E402
 
 PEAK_TFLOPS = 750.0
 
 
 def train_flops_per_image(model) -> tuple[float, float]:
-    """(parameter-rule FLOPs, matmul FLOPs) of one training image (forward + backward = 3 x forward)."""
+    """(parameter-rule FLOPs, matmul FLOPs) of one training image (forward + backward = 3 x forward).
+
+    The matmul count is the model's own (LightningDiT.flops_per_token, the study's convention); the
+    rule counts the per-image AdaLN and timestep layers per token, as public MFU figures do.
+    """
     layers, width = len(model.blocks), model.width
     tokens = model.tokens_grid[0] * model.tokens_grid[1]
     attn_scores = 2 * 2 * tokens * tokens * width * layers  # QK^T and AV, forward
-    rule = 6 * non_embedding_parameters(model) * tokens + 3 * attn_scores
-    hidden = ffn_hidden(width, model.cfg.mlp_ratio)
-    per_token = layers * (4 * width * width + 3 * width * hidden) + model.patch_embed.weight.numel() \
-        + model.final.weight.numel()
-    per_image = layers * 6 * width * width + 2 * width * width + 256 * width + width * width  # AdaLN, t-MLP
-    matmul = 3 * (2 * per_token * tokens + 2 * per_image + attn_scores)
-    return float(rule), float(matmul)
+    rule = 6 * model.param_counts()["non_embedding"] * tokens + 3 * attn_scores
+    return float(rule), float(model.flops_per_token()["train_per_image"])
 
 
 def build(args: argparse.Namespace, device: torch.device):

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from twostage.metrics.features import load_feature_network  # noqa: E402
+from twostage.backbones import load_feature_network  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

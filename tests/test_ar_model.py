@@ -87,7 +87,8 @@ def test_published_sizes_and_flops():
         counts[name] = model.param_counts()
         assert round(counts[name]["total"] / 1e6) == millions, name
     layers, width, _ = ARModelConfig(size="B").shape
-    n = counts["B"]["non_embedding"]
+    norms = width * (2 * layers + 1)  # RMSNorm gains: parameters without matmuls
+    n = counts["B"]["non_embedding"] - norms  # the matmul weights (N of 6 N D), output head included
     with torch.device("meta"):
         b = AR_MODELS["B"](vocab_size=16384, num_classes=1000, grid=(16, 16))
     assert b.flops_per_token()["train"] == 6 * n + 12 * layers * width * 256

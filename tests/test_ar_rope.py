@@ -60,3 +60,10 @@ def test_frequencies_follow_the_llamagen_ladder():
     f = rope_frequencies(64, 10000.0)
     assert f.shape == (16,) and f[0] == 1.0
     torch.testing.assert_close(f, 10000.0 ** (-torch.arange(0, 32, 2, dtype=torch.float64) / 32))
+
+
+def test_tables_without_a_prefix_are_the_grid_rows_of_the_prefixed_ones():
+    # The DiT uses no prefix, the AR model and the CRT predictor one: the grid rows are the same.
+    cos0, sin0 = rope_2d_tables((3, 4), 16)
+    cos1, sin1 = rope_2d_tables((3, 4), 16, prefix=1)
+    assert cos0.shape == (12, 16) and torch.equal(cos0, cos1[1:]) and torch.equal(sin0, sin1[1:])

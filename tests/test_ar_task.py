@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -10,11 +9,12 @@ import pytest
 import torch
 
 from twostage import config as configlib
-from twostage.data.token_cache import CacheDataset, CacheMeta, write_cache
+from twostage.data.cache_writer import write_arrays
+from twostage.data.token_cache import CacheDataset, CacheMeta
 from twostage.engine.task import PhaseContext
-from twostage.generators import commands
-from twostage.generators.ar.task import ARTask, validation_loss
+from twostage.cli import main
 from twostage.generators.ar.config import ARRunConfig
+from twostage.generators.ar.task import ARTask, validation_loss
 
 GRID, VOCAB, CLASSES = (3, 3), 16, 3
 
@@ -28,7 +28,7 @@ def make_cache(folder, n=24, seed=0, split="train"):
     flipped = plain.reshape(n, 3, 3)[:, :, ::-1].reshape(n, 9)
     meta = CacheMeta(kind="tokens", grid=GRID, num_classes=CLASSES, tokenizer_run="/nonexistent/tokenizer",
                      tokenizer_checksum="abc", split=split, codebook_size=VOCAB, image_size=12)
-    write_cache(folder, meta, labels, tokens=np.stack([plain, flipped], axis=1))
+    write_arrays(folder, meta, np.stack([plain, flipped], axis=1), labels)
     return folder
 
 
@@ -66,49 +66,59 @@ def test_label_dropout_and_validation_per_position(tmp_path):
 
 
 class StandInTokenizer:
-    """Decodes codes to flat gray 12x12 images (value = code / vocab), like Tokenizer.decode_indices."""
+    """Decodes codes to flat gray 12x12 images (value = code / vocab), like a VQ tokenizer's decode."""
 
     checksum = "abc"
 
-    def decode_indices(self, indices):
+    def decode(self, indices):
         x = indices.float() / VOCAB * 2 - 1
         return x.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None]
 
 
-def _cli(argv):
-    parser = argparse.ArgumentParser()
-    commands.register(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+def stand_in_loader(run, device="cpu", step=None, weights="auto"):
+    return StandInTokenizer()
 
 
-def test_train_and_sample_through_the_commands(tmp_path, monkeypatch):
+def test_checkpoint_side_work_writes_validation_and_a_grid(tmp_path):
+    # The RNG the side work draws from is isolated by the engine (twostage.engine.trainer.isolated_rng).
+    data = CacheDataset(make_cache(tmp_path / "c"))
+
+    def factory(device):
+        torch.randn(100)
+        return StandInTokenizer().decode
+
+    task = ARTask(tiny_config(), data.meta, val_data=data, decoder=factory)
+    logs = task.on_checkpoint(5, tmp_path / "run", task.modules)
+    assert (tmp_path / "run" / "samples" / "step_0000005.png").is_file() and "val/loss" in logs
+    record = json.loads((tmp_path / "run" / "val" / "step_0000005.json").read_text())
+    assert record["step"] == 5 and record["loss"] == logs["val/loss"] and len(record["per_position"]) == 9
+
+
+def test_train_and_sample_through_the_commands(tmp_path, monkeypatch, capsys):
     pytest.importorskip("tensorboard")
-    import twostage.generators.ar.run as ar_run
-    import twostage.generators.outputs as outputs
 
     train, val, run = make_cache(tmp_path / "train"), make_cache(tmp_path / "val", n=10, seed=1, split="val"), tmp_path / "run"
-    monkeypatch.setattr(outputs, "load_tokenizer", lambda run, device: StandInTokenizer())
+    monkeypatch.setattr("twostage.tokenizers.base.load_tokenizer", stand_in_loader)
     overrides = ["train.steps=6", "train.batch_size=8", "train.num_workers=0", "train.progress=false",
                  "train.log_every=2", "train.ckpt_every=3", "train.device=cpu", "train.ema_decay=0.9",
                  "val.batch_size=4", "sample.grid_at_checkpoint=4"]
-    assert _cli(["generator", "train", "ar_fmnist_tiny", *overrides, "--tokens", str(train),
+    assert main(["generator", "train", "ar_fmnist_tiny", *overrides, "--tokens", str(train),
                  "--val-tokens", str(val), "--out", str(run)]) == 0
     info = json.loads((run / "model.json").read_text())
-    assert info["grid"] == [3, 3] and info["vocab_size"] == VOCAB and info["num_classes"] == CLASSES
-    assert info["flops_per_step_train"] == info["flops_per_token_train"] * 9 * 8
-    assert info["parameters"]["non_embedding"] < info["parameters"]["total"]
+    assert info["kind"] == "ar" and info["grid"] == [3, 3] and info["vocab_size"] == VOCAB
+    assert info["num_classes"] == CLASSES and info["tokens_per_image"] == 9 and info["tokenizer_checksum"] == "abc"
+    assert info["train_flops_per_step"] == info["train_flops_per_token"] * 9 * 8
+    assert info["non_embedding_parameters"] < info["parameters"]
     val_json = json.loads((run / "val" / "step_0000006.json").read_text())
-    assert len(val_json["per_position"]) == 9 and val_json["weights"] == "ema"
-    assert val_json["train_flops"] == 6 * info["flops_per_step_train"]
+    assert len(val_json["per_position"]) == 9 and val_json["weights"] == "ema" and val_json["step"] == 6
+    assert val_json["train_flops"] == 6 * info["train_flops_per_step"]
     assert (run / "samples" / "step_0000006.png").is_file()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val/loss" in x for x in lines) and any("ar/loss" in x for x in lines)
 
-    monkeypatch.setattr(ar_run, "load_tokenizer", lambda run, device: StandInTokenizer())
     out = tmp_path / "s.npz"
-    assert _cli(["generator", "sample", str(run), "--num", "7", "--cfg", "2.0", "--batch-size", "4",
-                 "--out", str(out), "--top-k", "8"]) == 0
+    assert main(["generator", "sample", str(run), "--num", "7", "--cfg", "2.0", "--batch-size", "4",
+                 "--out", str(out), "--top-k", "8", "--device", "cpu"]) == 0
     with np.load(out) as z:
         assert z["images"].shape == (7, 12, 12, 3) and z["images"].dtype == np.uint8
         assert z["labels"].tolist() == [0, 0, 0, 1, 1, 2, 2] and z["tokens"].shape == (7, 3, 3)
@@ -118,26 +128,38 @@ def test_train_and_sample_through_the_commands(tmp_path, monkeypatch):
     assert proto["cfg_scale"] == 2.0 and proto["label_sampling"] == "balanced" and proto["top_k"] == 8
     assert out.with_suffix(".png").is_file() and out.with_suffix(".json").is_file()
     # same seed, same tokens; tokens only needs no tokenizer
+    monkeypatch.undo()
     again = tmp_path / "t.npz"
-    assert _cli(["generator", "sample", str(run), "--num", "7", "--cfg", "2.0", "--batch-size", "4",
-                 "--out", str(again), "--top-k", "8", "--tokens-only"]) == 0
+    assert main(["generator", "sample", str(run), "--num", "7", "--cfg", "2.0", "--batch-size", "4",
+                 "--out", str(again), "--top-k", "8", "--tokens-only", "--device", "cpu"]) == 0
     with np.load(out) as a, np.load(again) as b:
         assert np.array_equal(a["tokens"], b["tokens"]) and b["images"].shape[0] == 0
+    # no --cfg: the run's sample.cfg_scale (2.0 in the preset); --cfg 1: no guidance
+    default, plain = tmp_path / "d.npz", tmp_path / "p.npz"
+    for path, extra in ((default, []), (plain, ["--cfg", "1"])):
+        assert main(["generator", "sample", str(run), "--num", "2", "--out", str(path), "--tokens-only",
+                     "--device", "cpu", *extra]) == 0
+    assert json.loads(default.with_suffix(".json").read_text())["protocol"]["cfg_scale"] == 2.0
+    assert json.loads(plain.with_suffix(".json").read_text())["protocol"]["cfg_scale"] == 1.0
 
 
 def test_errors_name_the_problem(tmp_path, capsys):
-    assert _cli(["generator", "sample", str(tmp_path), "--num", "2", "--out", str(tmp_path / "x.npz")]) == 1
+    assert main(["generator", "sample", str(tmp_path), "--num", "2", "--out", str(tmp_path / "x.npz")]) == 1
     assert "no config.yaml" in capsys.readouterr().err
     meta = CacheMeta(kind="latents", grid=(2, 2), num_classes=2, tokenizer_run="", tokenizer_checksum="", split="train",
                      channels=4)
-    write_cache(tmp_path / "lat", meta, np.zeros(2), latents=np.zeros((2, 1, 4, 2, 2)))
-    with pytest.raises(configlib.ConfigError, match="discrete token cache"):
-        _cli(["generator", "train", "ar_fmnist_tiny", "--tokens", str(tmp_path / "lat"), "--out", str(tmp_path / "r")])
-    with pytest.raises(configlib.ConfigError, match="not a generator kind"):
-        _cli(["generator", "train", "ar_fmnist_tiny", "kind=gan", "--tokens", "x", "--out", "y"])
+    write_arrays(tmp_path / "lat", meta, np.zeros((2, 1, 4, 2, 2)), np.zeros(2))
+    assert main(["generator", "train", "ar_fmnist_tiny", "--tokens", str(tmp_path / "lat"), "--out",
+                 str(tmp_path / "r")]) == 2
+    assert "discrete token cache" in capsys.readouterr().err
+    assert main(["generator", "train", "ar_fmnist_tiny", "kind=gan", "--tokens", "x", "--out", "y"]) == 2
+    assert "not a generator kind" in capsys.readouterr().err
 
 
-def test_dit_only_sampling_options_are_refused_for_ar_runs(tmp_path):
-    (tmp_path / "config.yaml").write_text("kind: ar\n")
-    with pytest.raises(configlib.ConfigError, match="DiT"):
-        _cli(["generator", "sample", str(tmp_path), "--num", "2", "--out", str(tmp_path / "x.npz"), "--steps", "10"])
+@pytest.mark.parametrize("kind,flag,taker", [("ar", ["--steps", "10"], "dit"), ("dit", ["--top-k", "5"], "ar"),
+                                             ("dit", ["--tokens-only"], "ar")])
+def test_sampling_options_of_another_kind_are_refused(tmp_path, capsys, kind, flag, taker):
+    (tmp_path / "config.yaml").write_text(f"kind: {kind}\n")
+    assert main(["generator", "sample", str(tmp_path), "--num", "2", "--out", str(tmp_path / "x.npz"), *flag]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag[0]} is an option of {taker} generator runs" in err and f"is a {kind} run" in err

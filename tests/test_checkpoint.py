@@ -70,3 +70,21 @@ def test_unreadable_checkpoint_error_says_what_to_do(tmp_path):
     (path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ckpt.CheckpointError, match="Delete that folder"):
         ckpt.load_checkpoint(path)
+
+
+def test_last_finite_checkpoint_skips_ones_with_nan_weights(tmp_path):
+    # A -inf attention-mask buffer is fine: only the given (parameter) keys are checked.
+    mask = torch.full((2, 2), float("-inf"))
+    ckpt.save_checkpoint(tmp_path, 1, {"net.w": torch.ones(2), "net.mask": mask}, {},
+                         ema={"net.w": torch.ones(2)}, keep=5)
+    ckpt.save_checkpoint(tmp_path, 2, {"net.w": torch.ones(2), "net.mask": mask}, {},
+                         ema={"net.w": torch.tensor([1.0, float("nan")])}, keep=5)
+    ckpt.save_checkpoint(tmp_path, 3, {"net.w": torch.tensor([float("inf"), 0.0]), "net.mask": mask}, {},
+                         ema={"net.w": torch.ones(2)}, keep=5)
+    keys = {"net.w"}
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_0000003"
+    good, bad = ckpt.last_finite_checkpoint(tmp_path, model_keys=keys, ema_keys=keys)
+    assert good.name == "step_0000001" and [p.name for p in bad] == ["step_0000002", "step_0000003"]
+    assert not ckpt.has_finite_weights(good)  # without keys the -inf buffer counts
+    (good / "model.safetensors").write_bytes(b"garbage")
+    assert ckpt.last_finite_checkpoint(tmp_path, keys, keys) == (None, [good, *bad])

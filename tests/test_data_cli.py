@@ -1,20 +1,15 @@
-"""`twostage data info` / `data prepare` through the command functions."""
+"""`twostage data info` / `data prepare` through the CLI."""
 
 from __future__ import annotations
-
-import argparse
 
 import numpy as np
 from PIL import Image
 
-from twostage.data.commands import register
+from twostage import cli
 
 
 def _run(argv):
-    parser = argparse.ArgumentParser(prog="twostage")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return cli.main(argv)  # through the CLI's one error guard: config errors exit 2, data errors 1
 
 
 def test_info_fashion_mnist(capsys):
@@ -44,7 +39,7 @@ def test_info_npz_folder_and_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train:        3 images" in out and "7x9x3" in out and "1 unreadable" in out and "y.png" in out
     assert "no val split" in out
-    assert _run(["data", "info", "folder"]) == 1
+    assert _run(["data", "info", "folder"]) == 2  # a config error: nothing ran
     assert "needs data.root" in capsys.readouterr().err
     assert _run(["data", "info", "npz", "--root", str(tmp_path / "missing.npz")]) == 1
     assert "no such .npz file" in capsys.readouterr().err

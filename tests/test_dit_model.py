@@ -5,8 +5,8 @@ import torch
 
 from twostage import config as configlib
 from twostage.generators.dit.config import DiTModelConfig, DiTRunConfig
-from twostage.generators.dit.model import (DIT_MODELS, LightningDiT, apply_rope, build_dit, ffn_hidden,
-                                           non_embedding_parameters, rope_2d)
+from twostage.generators.dit.model import DIT_MODELS, LightningDiT, build_dit, ffn_hidden
+from twostage.nn.rope import apply_rope, rope_2d_tables
 
 
 def tiny(**kw):
@@ -47,7 +47,7 @@ def test_gradients_reach_every_parameter_once_perturbed():
 
 
 def test_rope_is_relative_and_options():
-    cos, sin = rope_2d((3, 5), 8)
+    cos, sin = rope_2d_tables((3, 5), 8)  # the shared 2D RoPE, without a prefix as the DiT uses it
     q, k = torch.randn(8), torch.randn(8)
 
     def score(i, j):
@@ -58,9 +58,12 @@ def test_rope_is_relative_and_options():
     assert score(0, 7) == pytest.approx(score(5, 12), abs=1e-5)
     assert score(0, 7) != pytest.approx(score(0, 8), abs=1e-3)
     assert torch.allclose(apply_rope(q.expand(1, 15, 8), cos, sin).norm(dim=-1), q.norm().expand(1, 15), atol=1e-5)
-    # (N, T, heads, D) and (N, T, 2, heads, D) broadcast the same tables
+    # (N, T, heads, D) and (N, T, 2, heads, D) broadcast the same tables, as the model's (T, 1, 1, D) buffers
     x = torch.randn(2, 15, 2, 3, 8)
-    assert torch.allclose(apply_rope(x, cos, sin)[:, :, 1], apply_rope(x[:, :, 1], cos, sin))
+    c4, s4 = cos[:, None, None], sin[:, None, None]
+    assert torch.allclose(apply_rope(x, c4, s4)[:, :, 1], apply_rope(x[:, :, 1], cos[:, None], sin[:, None]))
+    model = tiny()
+    assert torch.equal(model.rope_cos, rope_2d_tables((4, 4), 16)[0][:, None, None])  # tiny: width 64, 4 heads
     plain = tiny(rope=False, abs_pos=False)
     assert plain.pos is None and not hasattr(plain, "rope_cos")
     assert plain(torch.randn(2, 6, 4, 4), torch.rand(2), torch.tensor([0, 1])).shape == (2, 6, 4, 4)
@@ -73,7 +76,9 @@ def test_named_sizes():
         xl = DIT_MODELS["XL"](in_channels=32, grid=(16, 16), num_classes=1000, patch_size=1)
         b = DIT_MODELS["B"](in_channels=32, grid=(16, 16), num_classes=1000)
     assert len(xl.blocks) == 28 and xl.width == 1152 and len(b.blocks) == 12 and b.width == 768
-    assert abs(non_embedding_parameters(xl) / 675e6 - 1) < 0.03  # LightningDiT-XL/1: 675M
+    counts = xl.param_counts()
+    assert abs(counts["non_embedding"] / 675e6 - 1) < 0.03  # LightningDiT-XL/1: 675M
+    assert counts["total"] - counts["non_embedding"] == 1001 * 1152  # the label table (+ null class)
     assert isinstance(b, LightningDiT) and b.tokens_grid == (16, 16)
 
 

@@ -1,7 +1,6 @@
 """End to end on CPU: tiny KL-VAE (with the EffNet VF loss) -> latent cache with statistics -> tiny
 LightningDiT through the engine -> samples file, as the study runs the continuous path."""
 
-import argparse
 import json
 
 import numpy as np
@@ -11,12 +10,14 @@ import yaml
 
 from twostage import config as configlib
 from twostage.data.token_cache import CacheDataset
+from twostage.cli import main
+from twostage.engine.run_files import RunLoadError, recorded_kind
 from twostage.generators.dit.config import DiTRunConfig
-from twostage.generators.dit.run import load_dit_run, sample_dit, sample_noise, train_dit
-from twostage.generators.outputs import RunLoadError
+from twostage.generators.dit.run import load_run, sample_noise, sample_run, train_run
+from twostage.tokenizers.base import load_tokenizer
 from twostage.tokenizers.kl.config import KLRunConfig
-from twostage.tokenizers.kl.tokenizer import KLTokenizer, is_kl_run
-from twostage.tokenizers.kl.run import encode_latents, train_kl
+from twostage.tokenizers.run import encode_run
+from twostage.tokenizers.run import train_run as train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def kl_run(tmp_path_factory):
     ]  # fmt: skip
     cfg = configlib.load(KLRunConfig, None, overrides)
     out = tmp / "kl"
-    last = train_kl(cfg, out)
+    last = train_tokenizer(cfg, out)
     assert "autoencoder/vf" in last and "discriminator/d" in last
     return out
 
@@ -43,14 +44,14 @@ def kl_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def caches(kl_run):
     root = kl_run.parent
-    train = encode_latents(kl_run, "train", root / "cache_train", batch_size=5)
-    val = encode_latents(kl_run, "val", root / "cache_val", flip=False)
+    train = encode_run(kl_run, "train", root / "cache_train", batch_size=5)
+    val = encode_run(kl_run, "val", root / "cache_val", flip=False)
     return train, val
 
 
 def test_kl_run_and_cache(kl_run, caches):
-    assert is_kl_run(kl_run) and (kl_run / "samples" / "recon_0000002.png").is_file()
-    tok = KLTokenizer.from_pretrained(kl_run)
+    assert recorded_kind(kl_run) == "kl" and (kl_run / "samples" / "recon_0000002.png").is_file()
+    tok = load_tokenizer(kl_run)
     assert tok.weights_path.name == "ema.safetensors" and tok.grid_size() == (4, 4) and tok.latent_channels == 4
     train, val = caches
     data = CacheDataset(train)
@@ -67,7 +68,7 @@ def test_kl_run_and_cache(kl_run, caches):
     assert torch.allclose(torch.from_numpy(latents[:2, 0]).float(), z, atol=1e-2)  # plain variant, float16
     assert tok.decode(z).shape == (2, 3, 16, 16)
     with pytest.raises(FileExistsError):
-        encode_latents(kl_run, "val", val)
+        encode_run(kl_run, "val", val)
 
 
 def test_dit_train_and_sample(tmp_path, caches):
@@ -77,32 +78,35 @@ def test_dit_train_and_sample(tmp_path, caches):
         "train.num_workers=0", "train.device=cpu", "train.progress=false", "sample.grid_at_checkpoint=3",
         "sample.grid_steps=2", "val.batch_size=2"])  # fmt: skip
     run = tmp_path / "dit"
-    last = train_dit(cfg, train, run, val_cache=val)
+    last = train_run(cfg, train, run, val_cache=val)
     assert {"flow/loss", "flow/mse", "flow/direction", "val/loss"} <= set(last)
-    assert (run / "samples" / "samples_0000003.png").is_file()
+    assert (run / "samples" / "step_0000003.png").is_file()
+    record = json.loads((run / "val" / "step_0000003.json").read_text())
+    assert record["step"] == 3 and record["loss"] == pytest.approx(last["val/loss"]) and record["weights"] == "ema"
     info = json.loads((run / "model.json").read_text())
     assert info["kind"] == "dit" and info["channels"] == 4 and info["latent_mean"] is not None
+    assert info["grid"] == [4, 4] and info["tokens_per_image"] == 16 and info["num_classes"] == 3
+    assert info["non_embedding_parameters"] < info["parameters"] and info["train_flops_per_token"] > 0
     assert yaml.safe_load((run / "config.yaml").read_text())["kind"] == "dit"
 
-    model, loaded = load_dit_run(run)
-    assert loaded["weights"] == "ema" and loaded["step"] == 3 and not model.training
-    out = sample_dit(run, 5, tmp_path / "s.npz", steps=2, sampler="heun", cfg_scale=1.5, batch_size=2, grid=4)
+    model, loaded = load_run(run)
+    assert loaded["weights"] == "ema" and loaded["step"] == 3 and not model.training and len(loaded["checksum"]) == 64
+    out = sample_run(run, 5, tmp_path / "s.npz", steps=2, sampler="heun", cfg_scale=1.5, batch_size=2, grid=4)
     with np.load(out) as f:
         images, labels, protocol = f["images"], f["labels"], json.loads(str(f["protocol"]))
     assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8 and labels.tolist() == [0, 0, 1, 1, 2]
     assert protocol["sampler"] == "flow-heun" and protocol["nfe"] == 4 and protocol["cfg_channels"] == "all"
     assert protocol["timestep_shift"] == 0.3 and out.with_suffix(".png").is_file()
     # a sample does not depend on the batch size
-    again = sample_dit(run, 5, tmp_path / "t.npz", steps=2, sampler="heun", cfg_scale=1.5, batch_size=5, grid=0)
+    again = sample_run(run, 5, tmp_path / "t.npz", steps=2, sampler="heun", cfg_scale=1.5, batch_size=5, grid=0)
     with np.load(again) as f:
         assert np.array_equal(f["images"], images)
     assert torch.equal(sample_noise(range(3, 4), (2, 2), 7)[0], sample_noise(range(0, 5), (2, 2), 7)[3])
 
-    from twostage.generators import dit_commands
-
-    args = argparse.Namespace(run=run, num=2, out=tmp_path / "c.npz", cfg=None, seed=0, batch_size=2,
-                              weights="auto", step=None, tokenizer=None, device="cpu", precision="fp32",
-                              compile=False, grid=0, steps=1)
-    assert dit_commands.cmd_sample(args) == 0 and (tmp_path / "c.npz").is_file()
-    with pytest.raises(RunLoadError, match="not a DiT"):
-        load_dit_run(tmp_path)
+    # through the CLI, with the kind's own options; the run's cfg_scale (1: no guidance) by default
+    assert main(["generator", "sample", str(run), "--num", "2", "--out", str(tmp_path / "c.npz"), "--device", "cpu",
+                 "--precision", "fp32", "--grid", "0", "--steps", "1", "--cfg-interval", "0.2", "1.0"]) == 0
+    protocol = json.loads((tmp_path / "c.json").read_text())["protocol"]
+    assert protocol["steps"] == 1 and protocol["cfg_interval"] == [0.2, 1.0] and protocol["cfg_scale"] == 1.0
+    with pytest.raises(RunLoadError, match="no config.yaml"):
+        load_run(tmp_path)

@@ -1,14 +1,18 @@
 """DiTTask: one flow-training step, normalization, validation loss, checkpoint sample grids."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from twostage import config as configlib
-from twostage.data.token_cache import CacheDataset, CacheMeta, write_cache
+from twostage.data.cache_writer import write_arrays
+from twostage.data.token_cache import CacheDataset, CacheMeta
 from twostage.engine.task import PhaseContext
 from twostage.generators.dit.config import DiTRunConfig
-from twostage.generators.dit.task import DiTTask, LatentSpace, balanced_labels, generate_latents
+from twostage.generators.dit.task import DiTTask, LatentSpace, generate_latents
+from twostage.generators.outputs import balanced_labels
 
 TINY = ["model.size=tiny", "train.device=cpu", "val.batch_size=3", "sample.grid_at_checkpoint=4",
         "sample.grid_steps=2", "sample.cfg_scale=2.0"]
@@ -52,11 +56,11 @@ def test_cache_meta_and_validation_and_grid(tmp_path):
     meta = CacheMeta(kind="latents", grid=(4, 4), num_classes=3, tokenizer_run="run", tokenizer_checksum="abc",
                      split="val", channels=4, latent_mean=[0.0] * 4, latent_std=[1.0] * 4, image_size=16)
     rng = np.random.default_rng(0)
-    write_cache(tmp_path / "val", meta, np.arange(7) % 3, latents=rng.normal(size=(7, 2, 4, 4, 4)))
+    write_arrays(tmp_path / "val", meta, rng.normal(size=(7, 2, 4, 4, 4)), np.arange(7) % 3)
     cache = CacheDataset(tmp_path / "val")
     sp = LatentSpace.from_cache_meta(cache.meta, tmp_path / "val")
     assert sp.grid == (4, 4) and sp.channels == 4 and sp.tokenizer_checksum == "abc"
-    with pytest.raises(ValueError, match="continuous latents"):
+    with pytest.raises(configlib.ConfigError, match="continuous latents"):
         LatentSpace.from_cache_meta(CacheMeta("tokens", (4, 4), 3, "r", "c", "val", codebook_size=8))
 
     decoded = []
@@ -65,16 +69,22 @@ def test_cache_meta_and_validation_and_grid(tmp_path):
         decoded.append(z.shape)
         return torch.tanh(z[:, :3].repeat_interleave(4, -1).repeat_interleave(4, -2))
 
-    task = make(val_dataset=cache, decoder=lambda: decoder)
-    (tmp_path / "run" / "samples").mkdir(parents=True)
-    logs = task.on_checkpoint(7, tmp_path / "run", task.modules)
-    assert {"val/loss", "val/mse", "val/direction"} <= set(logs)
-    assert logs == task.on_checkpoint(7, tmp_path / "run", task.modules)  # fixed noise and times
-    assert (tmp_path / "run" / "samples" / "samples_0000007.png").is_file() and decoded == [(4, 4, 4, 4)] * 2
-    assert task.modules["dit"].training
+    def factory(device):  # draws from the global RNG, as a tokenizer's module init does
+        torch.randn(100)
+        return decoder
 
-    failing = make(decoder=lambda: (_ for _ in ()).throw(FileNotFoundError("no run")))
-    assert failing.on_checkpoint(1, tmp_path / "run", failing.modules) == {}  # warns, keeps training
+    task = make(val_dataset=cache, decoder=factory)
+    logs = task.on_checkpoint(7, tmp_path / "run", task.modules)  # the engine isolates its RNG
+    assert {"val/loss", "val/mse", "val/direction", "compute/train_flops", "compute/tokens_seen"} <= set(logs)
+    assert logs == task.on_checkpoint(7, tmp_path / "run", task.modules)  # fixed noise and times
+    assert (tmp_path / "run" / "samples" / "step_0000007.png").is_file() and decoded == [(4, 4, 4, 4)] * 2
+    assert task.modules["dit"].training
+    record = json.loads((tmp_path / "run" / "val" / "step_0000007.json").read_text())
+    assert record["step"] == 7 and record["loss"] == logs["val/loss"] and record["num_samples"] == 7
+
+    failing = make(decoder=lambda device: (_ for _ in ()).throw(FileNotFoundError("no run")))
+    logs = failing.on_checkpoint(1, tmp_path / "run", failing.modules)  # warns, keeps training
+    assert set(logs) == {"compute/train_flops", "compute/tokens_seen"}
 
 
 def test_generate_latents_and_balanced_labels():

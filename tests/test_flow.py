@@ -1,13 +1,13 @@
-"""Rectified-flow math and ODE samplers (twostage/generators/dit/flow.py, flow_sampling.py)."""
+"""Rectified-flow math and ODE samplers (twostage/generators/dit/flow.py, sampler.py)."""
 
 import math
 
 import pytest
 import torch
 
+from twostage.generators import guidance
 from twostage.generators.dit import flow
-from twostage.generators.dit.sampler import (cfg_combine, evaluations, guidance_active, guided_velocity, solve,
-                                               time_grid)
+from twostage.generators.dit.sampler import evaluations, guidance_active, guided_velocity, solve, time_grid
 
 
 def test_interpolation_ends_and_velocity_target():
@@ -34,6 +34,7 @@ def test_time_samplers():
     assert (u >= 0).all() and (u < 1).all()
     with pytest.raises(ValueError, match="time sampler"):
         flow.sample_time(2, kind="beta")
+    assert set(flow.TIME_SAMPLERS) == {"logit_normal", "uniform"}
 
 
 @pytest.mark.parametrize("shift", [0.3, 1.0, 3.0])
@@ -100,7 +101,10 @@ def test_cfg_changes_every_channel_and_respects_the_interval():
     assert calls[-1] == 4  # one doubled forward pass
     diff = (guided - cond).abs().amax(dim=(0, 2, 3))
     assert (diff > 0).all()  # all 6 channels guided, not just the first 3
-    assert torch.allclose(guided, cfg_combine(cond, x, 2.0))
+    assert torch.allclose(guided, guidance.combine(cond, x, 2.0))  # the AR sampler's rule, on velocities
     assert torch.equal(fn(x, 0.05), cond) and calls[-1] == 2  # noisiest part: no guidance, no doubling
-    assert torch.equal(guided_velocity(model, labels, 10, 1.0)(x, 0.5), cond)
+    assert torch.equal(guided_velocity(model, labels, 10, 1.0)(x, 0.5), cond) and calls[-1] == 2  # 1: no guidance
+    unconditional = guided_velocity(model, labels, 10, 0.0)(x, 0.5)  # 0: the unconditional velocity
+    assert calls[-1] == 4 and torch.equal(unconditional, model(x, None, torch.tensor([10, 10])))
     assert not guidance_active(0.5, 1.0, (0, 1)) and guidance_active(0.1, 1.5, (0.1, 1.0))
+    assert guidance_active(0.5, 0.0, (0, 1))

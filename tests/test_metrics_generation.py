@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from twostage import cli
 from twostage.metrics import commands
 from twostage.metrics.generation import label_sampling, load_samples, to_uint8_nhwc
 
@@ -65,8 +66,8 @@ def test_eval_gen_cli_writes_json_with_protocol(files, capsys):
 
 def test_eval_gen_reports_missing_inception_weights(files, capsys):
     d = files
-    args = _parse(["eval", "gen", str(d / "same.npz"), "--ref", "fashion-mnist:test", "--network", "inception-v3"])
-    assert args.func(args) == 1
+    argv = ["eval", "gen", str(d / "same.npz"), "--ref", "fashion-mnist:test", "--network", "inception-v3"]
+    assert cli.main(argv) == 2  # a config error: nothing was evaluated
     assert "pt_inception-2015-12-05" in capsys.readouterr().err
 
 
@@ -85,15 +86,17 @@ def test_eval_recon_cli_with_a_tiny_tokenizer(files, monkeypatch, tmp_path, caps
     from twostage.data.config import DataConfig
     from twostage.tokenizers.vq.config import VQRunConfig, VQConfig
     from twostage.tokenizers.vq.model import VQModel
-    from twostage.tokenizers.vq.tokenizer import Tokenizer
+    from twostage.tokenizers.vq.tokenizer import VQTokenizer
 
     torch.manual_seed(0)
     cfg = VQRunConfig()
     cfg.model = VQConfig(base_channels=8, channel_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=1,
                          z_channels=8, norm_groups=4, mid_attn=False, codebook_size=32, code_dim=4)
     cfg.data = DataConfig(name="npz", root=str(files / "ref.npz"), image_size=32, val_fraction=0.4, flip=False)
-    tok = Tokenizer(VQModel(cfg.model), cfg, checksum="0" * 64, step=5)
-    monkeypatch.setattr(Tokenizer, "from_pretrained", classmethod(lambda cls, run, **kw: tok))
+    tok = VQTokenizer(VQModel(cfg.model), cfg, checksum="0" * 64, step=5)
+    monkeypatch.setattr(VQTokenizer, "from_pretrained", classmethod(lambda cls, run, **kw: tok))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("kind: vq\n")  # the registry reads the run's kind
     args = _parse(["eval", "recon", str(tmp_path / "run"), "--batch-size", "6", "--device", "cpu"])
     assert args.func(args) == 0
     doc = json.loads((tmp_path / "run" / "eval" / "recon-val-EffNetLite0-step5.json").read_text())

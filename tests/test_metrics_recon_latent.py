@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from twostage.metrics.features import load_feature_network
+from twostage.backbones import load_feature_network
 from twostage.metrics.latent import (
     PositionLoss,
     codebook_usage,

@@ -1,27 +1,40 @@
-"""Sampling math: the CFG formula, top-k / top-p keep exactly the intended tokens, the draw,
-balanced labels; CFG at scale 1 equals conditional sampling; seeds reproduce runs."""
+"""Sampling math: the one CFG rule, top-k / top-p keep exactly the intended tokens, the draw,
+balanced labels; CFG at scale 1 is conditional sampling; seeds reproduce runs."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from twostage.config import ConfigError
+from twostage.generators import guidance
+from twostage.generators.ar.filters import filter_logits, guided_step, sample_logits, top_k_filter, top_p_filter
 from twostage.generators.ar.model import AR_MODELS
 from twostage.generators.ar.sampler import ARSampler
-from twostage.generators.ar.filters import (balanced_labels, cfg_logits, filter_logits, guided_step, sample_logits,
-                                          top_k_filter, top_p_filter)
+from twostage.generators.outputs import balanced_labels
 
 
 def test_cfg_formula():
     cond, uncond = torch.randn(4, 9), torch.randn(4, 9)
     for s in (0.0, 1.0, 1.75, 2.0, 4.0):
-        torch.testing.assert_close(cfg_logits(cond, uncond, s), uncond + s * (cond - uncond))
-    assert torch.equal(cfg_logits(cond, uncond, 1.0), cond)  # exactly, not just closely
-    torch.testing.assert_close(cfg_logits(cond, uncond, 0.0), uncond)  # scale 0: unconditional
+        torch.testing.assert_close(guidance.combine(cond, uncond, s), uncond + s * (cond - uncond))
+    assert torch.equal(guidance.combine(cond, uncond, 1.0), cond)  # exactly, not just closely
+    assert torch.equal(guidance.combine(cond, uncond, 0.0), uncond)  # scale 0: exactly unconditional
     # guided_step reads the doubled batch as [conditional rows; unconditional rows]
     both = torch.cat([cond, uncond])
     got = guided_step(both, None, batch=4, cfg_scale=2.0, temperature=0)
     assert torch.equal(got, (uncond + 2.0 * (cond - uncond)).argmax(-1))
+    assert torch.equal(guided_step(cond, None, batch=4, cfg_scale=2.0, temperature=0), cond.argmax(-1))  # not doubled
+
+
+def test_the_one_guidance_rule():
+    assert guidance.resolve_scale(None, 2.0) == 2.0 and guidance.resolve_scale(0, 2.0) == 0.0  # None: the run's
+    assert guidance.resolve_scale(1, 2.0) == 1.0 and not guidance.active(1.0)
+    assert guidance.active(0.0) and guidance.active(1.5)  # 0 is unconditional sampling: a doubled batch
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="CFG scale"):
+            guidance.resolve_scale(bad, 1.0)
 
 
 def test_top_k_keeps_exactly_the_k_largest():
@@ -82,18 +95,20 @@ def _model(seed=0):
 
 
 def test_cfg_scale_one_equals_conditional_sampling():
-    # A model trained with label dropout 0 never saw the null class; guidance at scale 1 must then
-    # reproduce plain conditional sampling exactly (same seed => same tokens).
+    # A model trained with label dropout 0 never saw the null class; scale 1 must then reproduce plain
+    # conditional sampling exactly (same seed => same tokens), without computing the unconditional half.
     model = _model()
     labels = torch.tensor([0, 1, 2, 3, 0, 1])
-    cond = ARSampler(model, batch_size=3, cfg_scale=None, top_k=20, top_p=0.95)
-    guided = ARSampler(model, batch_size=3, cfg_scale=1.0, top_k=20, top_p=0.95)
-    assert guided.rows == 6 and cond.rows == 3  # the guided sampler really runs the doubled batch
+    cond = ARSampler(model, batch_size=3, top_k=20, top_p=0.95)  # the default scale: 1, no guidance
+    plain = ARSampler(model, batch_size=3, cfg_scale=1.0, top_k=20, top_p=0.95)
+    guided = ARSampler(model, batch_size=3, cfg_scale=3.0, top_k=20, top_p=0.95)
+    assert cond.rows == plain.rows == 3 and guided.rows == 6  # only a guiding scale doubles the batch
     a = cond.sample(labels, seed=11)
-    b = guided.sample(labels, seed=11)
-    assert torch.equal(a, b)
-    c = ARSampler(model, batch_size=3, cfg_scale=3.0, top_k=20, top_p=0.95).sample(labels, seed=11)
-    assert not torch.equal(a, c)  # guidance does change the samples
+    assert torch.equal(a, plain.sample(labels, seed=11))
+    # guidance until step 0 (no step guided) is conditional sampling too, through the doubled batch
+    until0 = ARSampler(model, batch_size=3, cfg_scale=3.0, cfg_until=0, top_k=20, top_p=0.95)
+    assert until0.rows == 6 and torch.equal(a, until0.sample(labels, seed=11))
+    assert not torch.equal(a, guided.sample(labels, seed=11))  # guidance does change the samples
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_how_calls_are_split():

@@ -1,6 +1,5 @@
 """End to end on CPU: train a tiny tokenizer through the engine, load it, encode a cache, reconstruct."""
 
-import argparse
 import hashlib
 import json
 import os
@@ -10,8 +9,9 @@ import pytest
 import torch
 import yaml
 
-from twostage.tokenizers.commands import register
-from twostage.tokenizers.vq.tokenizer import Tokenizer, TokenizerLoadError
+from twostage import cli
+from twostage.engine.run_files import RunLoadError
+from twostage.tokenizers.vq.tokenizer import VQTokenizer
 
 
 # TWOSTAGE_TEST_DEVICE=cuda runs the training part of this test on a GPU (bf16 autocast).
@@ -19,10 +19,7 @@ DEVICE = os.environ.get("TWOSTAGE_TEST_DEVICE", "cpu")
 
 
 def run_cli(*argv) -> int:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["tokenizer", *map(str, argv)])
-    return args.func(args)
+    return cli.main(["tokenizer", *map(str, argv)])
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +55,7 @@ def test_train_writes_a_run(run):
 
 
 def test_from_pretrained_uses_ema_and_checksums_it(run):
-    tok = Tokenizer.from_pretrained(run)
+    tok = VQTokenizer.from_pretrained(run)
     weights = run / "checkpoints" / "step_0000004" / "ema.safetensors"
     assert tok.weights_path == weights and tok.step == 4
     assert tok.checksum == hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -66,14 +63,14 @@ def test_from_pretrained_uses_ema_and_checksums_it(run):
     x = torch.rand(3, 3, 16, 16) * 2 - 1
     ids = tok.encode(x)
     assert ids.shape == (3, 4, 4) and ids.dtype == torch.int64
-    images = tok.decode_indices(ids)
+    images = tok.decode(ids)
     assert images.shape == (3, 3, 16, 16) and images.abs().max() <= 1
     torch.testing.assert_close(tok.reconstruct(x), images)
-    torch.testing.assert_close(tok.decode_indices(ids.flatten(1)), images)
-    raw = Tokenizer.from_pretrained(run, prefer_ema=False, step=2)
+    torch.testing.assert_close(tok.decode(ids.flatten(1)), images)
+    raw = VQTokenizer.from_pretrained(run, weights="raw", step=2)
     assert raw.weights_path.name == "model.safetensors" and raw.step == 2
-    with pytest.raises(TokenizerLoadError, match="step 3"):
-        Tokenizer.from_pretrained(run, step=3)
+    with pytest.raises(RunLoadError, match="step 3"):
+        VQTokenizer.from_pretrained(run, step=3)
 
 
 def test_encode_cache_and_reconstruct(run, tmp_path):
@@ -86,7 +83,7 @@ def test_encode_cache_and_reconstruct(run, tmp_path):
     tokens = np.load(cache / "tokens.npy", mmap_mode="r")
     assert tokens.shape == (3, 2, 16) and tokens.dtype == np.uint16
     meta = read_meta(cache)
-    tok = Tokenizer.from_pretrained(run)
+    tok = VQTokenizer.from_pretrained(run)
     assert meta.grid == (4, 4) and meta.codebook_size == 32 and meta.tokenizer_checksum == tok.checksum
     assert meta.num_classes == 3 and meta.split == "val"
     ds = build_dataset(tok.config.data, "val")

@@ -5,12 +5,13 @@ import torch
 from torch import nn
 
 from twostage.config import ConfigError
-from twostage.tokenizers.discriminator import PatchGAN, adaptive_weight, hinge_d_loss, hinge_g_loss
-from twostage.tokenizers.perceptual import LPIPSVGG, PerceptualLoss
+from twostage.tokenizers.discriminator import PatchGAN, adaptive_weights, hinge_d_loss, hinge_g_loss
+from twostage.backbones.lpips_vgg import LPIPSVGG
+from twostage.tokenizers.perceptual import PerceptualLoss
 
 
 class TinyFeatures(nn.Module):
-    """Stand-in for twostage.metrics FeatureNetwork: feature_maps(images in [-1,1], size)."""
+    """Stand-in for twostage.backbones FeatureNetwork: feature_maps(images in [-1,1], size)."""
 
     def __init__(self):
         super().__init__()
@@ -59,7 +60,7 @@ def test_adaptive_weight_is_grad_norm_ratio():
     w = nn.Parameter(torch.tensor([1.0, 2.0]))
     rec = (3 * w).sum()  # grad (3, 3) -> norm 3*sqrt(2)
     gan = (w * w).sum()  # grad (2, 4) -> norm sqrt(20)
-    got = adaptive_weight(rec, gan, w)
+    got = adaptive_weights(rec, {"gan": (gan, w)})["gan"]
     want = (3 * 2**0.5) / (20**0.5 + 1e-4)
     assert abs(float(got) - want) < 1e-5 and not got.requires_grad
 

@@ -1,11 +1,11 @@
-"""VA-VAE VF loss (twostage/tokenizers/kl/vf_loss.py) and the adaptive weights (kl_task.adaptive_weights)."""
+"""VA-VAE VF loss (twostage/tokenizers/kl/vf_loss.py) and the adaptive weights (discriminator.adaptive_weights)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twostage.tokenizers.kl.task import adaptive_weights
+from twostage.tokenizers.discriminator import adaptive_weights
 from twostage.tokenizers.kl.vf_loss import FoundationFeatures, resample_to, vf_loss
 
 

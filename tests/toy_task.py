@@ -46,15 +46,21 @@ class Net(nn.Module):
         return self.head(feat), feat
 
 
+# The net's optimizer; `run(..., optim={...})` overrides these and puts them into the run's config.
+NET_OPTIM = {"lr": 1e-2, "warmup_steps": 3, "schedule": "cosine", "weight_decay": 0.01}
+
+
 class ToyTask(TaskBase):
-    def __init__(self, dropout: float = 0.2, critic: bool = True, ema: bool = True):
+    def __init__(self, dropout: float = 0.2, critic: bool = True, ema: bool = True,
+                 net_optim: OptimConfig | None = None):
         self.modules = {"net": Net(dropout)}
         if critic:
             self.modules["critic"] = nn.Sequential(nn.Linear(16, 8), nn.SiLU(), nn.Linear(8, 1))
         self._ema = ema
+        self._net_optim = net_optim or OptimConfig(**NET_OPTIM)
 
     def optimizers(self):
-        specs = {"net": OptimSpec(["net"], OptimConfig(lr=1e-2, warmup_steps=3, schedule="cosine", weight_decay=0.01))}
+        specs = {"net": OptimSpec(["net"], self._net_optim)}
         if "critic" in self.modules:
             specs["critic"] = OptimSpec(["critic"], OptimConfig(kind="adam", lr=1e-3, grad_clip=None))
         return specs
@@ -84,12 +90,25 @@ class ToyTask(TaskBase):
 
 
 def run(run_dir: str, steps: int, **train_overrides) -> dict:
+    """Train ToyTask into `run_dir`. Special keys: task={ToyTask kwargs}, task_class=a ToyTask subclass,
+    optim={net OptimConfig overrides} (then the run's config gets an `optim.net` section, as a real
+    config has), resume_changes=True (train's opt-in to resume with changed optimizer settings)."""
     torch.use_deterministic_algorithms(True)
     seed_everything(0)
-    task = ToyTask(**train_overrides.pop("task", {}))
-    cfg = TrainConfig(steps=steps, batch_size=8, log_every=5, ckpt_every=5, keep_checkpoints=3,
-                      num_workers=0, progress=False, ema_decay=0.9, device="cpu", **train_overrides)
-    return train(task, cfg, ToyImages(), Path(run_dir))
+    task_kwargs = dict(train_overrides.pop("task", {}))
+    task_class = train_overrides.pop("task_class", ToyTask)
+    optim = train_overrides.pop("optim", None)
+    extra = {"resume_changes": True} if train_overrides.pop("resume_changes", False) else {}
+    net_optim = None
+    if optim is not None:
+        net_optim = OptimConfig(**{**NET_OPTIM, **optim})
+        task_kwargs["net_optim"] = net_optim
+    task = task_class(**task_kwargs)
+    defaults = dict(batch_size=8, log_every=5, ckpt_every=5, keep_checkpoints=3, num_workers=0, progress=False,
+                    ema_decay=0.9, device="cpu")
+    cfg = TrainConfig(steps=steps, **{**defaults, **train_overrides})
+    full_config = {"train": cfg, "optim": {"net": net_optim}} if net_optim is not None else None
+    return train(task, cfg, ToyImages(), Path(run_dir), full_config=full_config, **extra)
 
 
 if __name__ == "__main__":

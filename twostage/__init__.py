@@ -1,3 +1,16 @@
-"""twostage: stage-1 tokenizers, stage-2 generators and the compression-generation trade-off."""
+"""twostage: stage-1 tokenizers, stage-2 generators and the compression-generation trade-off.
+
+    import twostage as ts
+    cfg = ts.load_config("vq_fmnist_f4")
+    ts.train_tokenizer(cfg, "runs/vq")
+
+The verbs live in twostage/api.py; the kinds they serve are named in twostage/registry.py.
+"""
 
 __version__ = "0.1.0"
+
+from twostage.api import (encode, evaluate_generation, evaluate_reconstruction, load_config, load_generator,  # noqa: E402
+                          load_tokenizer, sample, train_generator, train_tokenizer)
+
+__all__ = ["__version__", "load_config", "train_tokenizer", "encode", "train_generator", "sample", "load_tokenizer",
+           "load_generator", "evaluate_reconstruction", "evaluate_generation"]

@@ -3,7 +3,9 @@
 Every trainable part declares its settings as (nested) dataclasses. This module turns a YAML file plus
 command-line overrides into an instance of such a dataclass and validates it completely before any
 work starts: an unknown key names itself and the closest valid key, a wrong type or an out-of-range
-value names the value and the field. Range and choice constraints live beside the field:
+value (NaN and inf included) names the value and the field. A section given in part keeps the field's
+own default for the keys it leaves out, including values set by a `default_factory`. Range and choice
+constraints live beside the field:
 
     lr: float = field(default=1e-4, metadata=check(gt=0))
     schedule: str = field(default="cosine", metadata=check(choices=("constant", "cosine")))
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -60,7 +63,15 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     for name, f in fields.items():
         if name not in data:
             continue
-        kwargs[name] = _coerce(hints[name], data[name], _join(where, name))
+        value = data[name]
+        if value is None and dataclasses.is_dataclass(hints[name]):
+            value = {}  # an empty YAML section (`optim:`) means its defaults, as an absent one does
+        if isinstance(value, dict) and (default := _default_instance(f)) is not None:
+            # A section given in part starts from the field's own default (e.g. the instance a
+            # default_factory builds with a recipe's values), not from its class's bare defaults. The
+            # merged dict is then complete one level down, so this holds at every depth.
+            value = merge(to_dict(default), value)
+        kwargs[name] = _coerce(hints[name], value, _join(where, name))
     try:
         obj = cls(**kwargs)
     except TypeError as err:  # a required field is missing
@@ -69,14 +80,25 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     return obj
 
 
+def _default_instance(f: dataclasses.Field) -> Any:
+    """The dataclass instance a field defaults to, or None when its default is not a dataclass."""
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = f.default
+    return default if dataclasses.is_dataclass(default) and not isinstance(default, type) else None
+
+
 def validate(obj: Any, where: str = "") -> None:
-    """Check every field's constraints (recursively); raise ConfigError naming the first bad value."""
+    """Check every field's constraints and that its floats are finite (recursively); raise ConfigError
+    naming the first bad value."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         path = _join(where, f.name)
         if dataclasses.is_dataclass(value):
             validate(value, path)
             continue
+        _check_finite(value, path)
         meta = f.metadata
         if not meta or value is None:
             continue
@@ -101,6 +123,18 @@ def validate(obj: Any, where: str = "") -> None:
             post()
         except ConfigError as err:
             raise ConfigError(f"{where + ': ' if where else ''}{err}") from None
+
+
+def _check_finite(value: Any, path: str) -> None:
+    # NaN compares false with every bound, so it would pass any range check; inf passes open ones.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}={value!r} is not a finite number")
+    if isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{path}.{key}")
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

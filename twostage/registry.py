@@ -16,7 +16,7 @@ What a tokenizer kind provides (twostage/tokenizers/base.py documents the interf
 
 What a generator kind provides:
     config      the run config dataclass (`kind` field as above)
-    train       train(cfg, cache, out, val_cache=None) -> last logs
+    train       train_run(cfg, cache, out, val_cache=None, resume_changes=False) -> last logs
     load        load_run(run, device=, weights=, step=) -> (model, info)
     sample      sample_run(run, num, out, **options) -> the samples file
     cache       the cache kind it trains on; a study pairs each tokenizer with the generator of its cache

@@ -10,14 +10,11 @@ Both return an exit code (0 ok, 1 data problem) and print data problems as one c
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Callable
 
-from twostage.config import ConfigError, validate
+from twostage.config import validate
 from twostage.data import fashion_mnist
 from twostage.data.build import describe
 from twostage.data.config import DATASET_NAMES, DataConfig
-from twostage.data.errors import DataError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,11 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="counts per split, image shape, classes, where the files came from")
     _common(info)
     info.add_argument("--scan", action="store_true", help="decode every image of a folder dataset and list unreadable ones")
-    info.set_defaults(func=_guard(cmd_info))
+    info.set_defaults(func=cmd_info)
 
     prep = sub.add_parser("prepare", help="fetch, decode and cache a dataset so training starts at once")
     _common(prep)
-    prep.set_defaults(func=_guard(cmd_prepare))
+    prep.set_defaults(func=cmd_prepare)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -54,23 +51,9 @@ def _config(args: argparse.Namespace) -> DataConfig:
     return cfg
 
 
-def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Print DataError / ConfigError as one message and exit 1, instead of a traceback."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (DataError, ConfigError) as err:
-            print(f"data error: {err}", file=sys.stderr)
-            return 1
-
-    run.__doc__ = fn.__doc__
-    return run
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     """Print what `build_dataset` would give for this dataset."""
-    info = describe(_config(args), scan=getattr(args, "scan", False))
+    info = describe(_config(args), scan=args.scan)
     h, w, c = info.image_shape
     print(f"dataset:      {info.name}")
     print(f"source:       {info.source}")

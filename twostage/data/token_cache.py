@@ -14,15 +14,15 @@ All arrays are memory-mapped, so an ImageNet-size cache costs no RAM and starts 
 
 from __future__ import annotations
 
-from twostage.common.errors import UserError
-
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from twostage.common.errors import UserError
 
 
 class TokenCacheError(UserError, ValueError):
@@ -54,25 +54,8 @@ def token_dtype(codebook_size: int) -> np.dtype:
     return np.dtype(np.uint16) if codebook_size <= 65536 else np.dtype(np.int32)
 
 
-def write_cache(folder: Path, meta: CacheMeta, labels: np.ndarray, *, tokens: np.ndarray | None = None,
-                latents: np.ndarray | None = None) -> None:
-    """Write a cache folder; arrays are validated against `meta` first."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    n = len(labels)
-    if meta.kind == "tokens":
-        if tokens is None or tokens.ndim != 3 or tokens.shape[0] != n or tokens.shape[2] != meta.seq_len:
-            raise TokenCacheError(f"tokens must be (N={n}, V, L={meta.seq_len}); got {None if tokens is None else tokens.shape}")
-        np.save(folder / "tokens.npy", tokens.astype(token_dtype(meta.codebook_size), copy=False))
-    elif meta.kind == "latents":
-        if latents is None or latents.ndim != 5 or latents.shape[0] != n or tuple(latents.shape[3:]) != tuple(meta.grid):
-            raise TokenCacheError(f"latents must be (N={n}, V, C, {meta.grid[0]}, {meta.grid[1]}); got "
-                                  f"{None if latents is None else latents.shape}")
-        np.save(folder / "latents.npy", latents.astype(np.float16, copy=False))
-    else:
-        raise TokenCacheError(f"unknown cache kind {meta.kind!r}; use 'tokens' or 'latents'")
-    np.save(folder / "labels.npy", labels.astype(np.int64, copy=False))
-    (folder / "meta.json").write_text(json.dumps(asdict(meta), indent=2))
+# What each cache kind stores: its array file, and the dtype stage 2 reads an item as.
+ARRAYS = {"tokens": ("tokens.npy", np.int64), "latents": ("latents.npy", np.float32)}
 
 
 def read_meta(folder: Path) -> CacheMeta:
@@ -84,6 +67,8 @@ def read_meta(folder: Path) -> CacheMeta:
         )
     data = json.loads(path.read_text())
     data["grid"] = tuple(data["grid"])
+    if data.get("kind") not in ARRAYS:
+        raise TokenCacheError(f"{path}: unknown cache kind {data.get('kind')!r}; expected one of {list(ARRAYS)}")
     return CacheMeta(**data)
 
 
@@ -98,7 +83,7 @@ class CacheDataset(Dataset):
     def __init__(self, folder: Path, seed: int = 0, random_variant: bool = True):
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
-        name = "tokens.npy" if self.meta.kind == "tokens" else "latents.npy"
+        name, self.item_dtype = ARRAYS[self.meta.kind]
         self.data = np.load(self.folder / name, mmap_mode="r")
         self.labels = np.load(self.folder / "labels.npy", mmap_mode="r")
         if len(self.data) != len(self.labels):
@@ -124,8 +109,4 @@ class CacheDataset(Dataset):
         index, epoch = item if isinstance(item, tuple) else (item, None)
         v = 0 if epoch is None else self.variant(index, epoch)
         x = np.asarray(self.data[index, v])
-        if self.meta.kind == "tokens":
-            out = torch.from_numpy(x.astype(np.int64))
-        else:
-            out = torch.from_numpy(x.astype(np.float32))
-        return out, int(self.labels[index])
+        return torch.from_numpy(x.astype(self.item_dtype)), int(self.labels[index])

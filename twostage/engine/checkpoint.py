@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -109,13 +109,17 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` so that a crash leaves either the old or the new file, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+_write_text_atomic = write_text_atomic
 
 
 def save_checkpoint(
@@ -184,3 +188,44 @@ def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str,
             f"checkpoint {path} cannot be read ({err}). Delete that folder to resume from the one before it."
         ) from err
     return int(meta["step"]), model, state, ema
+
+
+# ---------------------------------------------------------------------------------------------------
+# finiteness (which checkpoint is really "good" after a run went NaN)
+
+
+def has_finite_weights(path: Path, model_keys: set[str] | None = None, ema_keys: set[str] | None = None) -> bool:
+    """Whether every floating tensor of a checkpoint's model.safetensors and ema.safetensors is finite.
+
+    `model_keys` / `ema_keys` limit the check to those keys (e.g. the parameters, so that a buffer that
+    holds -inf on purpose, like an attention mask, does not count). Tensors are read one at a time; an
+    unreadable file counts as not finite (the checkpoint cannot be resumed from either)."""
+    for name, keys in (("model.safetensors", model_keys), ("ema.safetensors", ema_keys)):
+        file = path / name
+        if not file.is_file():
+            if name == "model.safetensors":
+                return False
+            continue
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():
+                    if keys is not None and key not in keys:
+                        continue
+                    t = fh.get_tensor(key)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        return False
+        except (OSError, ValueError, SafetensorError):
+            return False
+    return True
+
+
+def last_finite_checkpoint(
+    folder: Path, model_keys: set[str] | None = None, ema_keys: set[str] | None = None
+) -> tuple[Path | None, list[Path]]:
+    """(the newest checkpoint whose weights are all finite or None, the newer ones that are not)."""
+    bad: list[Path] = []
+    for path in reversed(list_checkpoints(folder)):
+        if has_finite_weights(path, model_keys, ema_keys):
+            return path, bad[::-1]
+        bad.append(path)
+    return None, bad[::-1]

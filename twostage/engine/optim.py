@@ -28,13 +28,16 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
     return groups
 
 
+# optim.kind -> class. Adam's weight decay is coupled (an L2 term); AdamW's is decoupled (arXiv:1711.05101).
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
 def build_optimizer(modules: list[nn.Module], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(modules, cfg.weight_decay)
     if not any(g["params"] for g in groups):
         raise ValueError("an optimizer was given modules without trainable parameters")
-    cls = torch.optim.AdamW if cfg.kind == "adamw" else torch.optim.Adam
+    cls = OPTIMIZERS[cfg.kind]
     fused = cfg.fused and device.type == "cuda"
-    # Plain Adam has coupled (L2) decay; AdamW decoupled. Both accept the per-group weight_decay.
     return cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 

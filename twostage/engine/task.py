@@ -113,3 +113,14 @@ class TaskBase:
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module behind DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(module, "module") and isinstance(module.module, nn.Module):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        else:
+            return module

@@ -8,6 +8,26 @@ backward, clip, step), update the EMA, and every `log_every` steps sync the accu
 host sync in steady state). Resume is automatic and exact: when `run_dir/checkpoints` has a
 checkpoint, modules, EMA, optimizers, schedulers, RNG states, the data position and the task's own
 state are restored and the run continues as if it had never stopped.
+
+Config changes between a run and its resumption (the saved `config.yaml` against the new config):
+
+* `RESUMABLE_CHANGES` (train.steps, train.log_every, ...) are always accepted.
+* `resume_changes=True` (the CLIs' `--resume-with-changes`) also accepts optimizer / schedule changes:
+  every key under a section named `optim` at any depth (optim.lr, optim.ae.betas, ...; lr, betas, eps,
+  weight_decay, warmup_steps, schedule, min_lr_ratio, grad_clip, kind, fused) and `OPT_IN_CHANGES`
+  (train.precision, train.device, train.stop_on_nonfinite, and train.ema_decay from one number to
+  another). The optimizers keep their state (moments, step counts) but take every hyperparameter from
+  the new config, and each schedule is the new config's schedule evaluated at the resumed step.
+* Everything else (model, data, loss, train.seed, train.batch_size, train.grad_accum, switching EMA on
+  or off, ...) is refused: it would not be the same run any more.
+
+Accepted changes are saved to `config.yaml` and appended to `run.json` as
+`"changes": [{"step": N, "changes": {"optim.lr": [old, new], ...}}, ...]` (N: the resumed step).
+
+Every `log_every` / `ckpt_every` step the weights of the trained modules and their EMA copies are checked
+for NaN/inf (one reduction per module on the device, synced together with the logs), so no checkpoint
+with non-finite weights is ever written. Side work at checkpoints (`Task.on_checkpoint`: validation,
+sample grids, ...) runs with the global RNGs forked, so it cannot shift the training random stream.
 """
 
 from __future__ import annotations
@@ -44,10 +64,44 @@ log = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption without breaking exactness.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
                      "train.progress", "train.num_workers", "train.compile"}
+# Keys (besides everything under an `optim` section) accepted only with resume_changes=True: they change
+# how the run continues, but not the model, the data order or the seed.
+OPT_IN_CHANGES = {"train.precision", "train.device", "train.stop_on_nonfinite", "train.ema_decay"}
+RESUME_FLAG = "--resume-with-changes"
 
+
+@contextlib.contextmanager
+def isolated_rng(device: torch.device):
+    """Fork every global RNG (torch CPU, the CUDA `device`, numpy, python) for side work, so nothing a
+    task does at a checkpoint (sampling, validation, loading a decoder) shifts the training stream and
+    a resumed run stays bit-identical to an uninterrupted one."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
 
 class NonFiniteLossError(UserError, RuntimeError):
-    pass
+    """The loss or the weights became NaN/inf; the message names the step and the way back."""
+
+
+def change_kind(key: str, old: Any, new: Any) -> str:
+    """How a resumed run treats a change of the flattened config key `key`: "free" (always accepted),
+    "opt_in" (accepted with resume_changes=True) or "refused"."""
+    if key in RESUMABLE_CHANGES:
+        return "free"
+    if "optim" in key.split(".")[:-1]:
+        return "opt_in"
+    if key in OPT_IN_CHANGES:
+        if key == "train.ema_decay" and (old is None or new is None):
+            return "refused"  # turning EMA on or off changes what the checkpoints hold
+        return "opt_in"
+    return "refused"
 
 
 def seed_everything(seed: int) -> None:
@@ -56,17 +110,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(task: Task, cfg: TrainConfig, dataset, run_dir: Path, full_config: Any = None) -> dict[str, float]:
-    """Train `task` on `dataset` into `run_dir`; returns the last logged values."""
-    return _Trainer(task, cfg, dataset, Path(run_dir), full_config).run()
+def train(task: Task, cfg: TrainConfig, dataset, run_dir: Path, full_config: Any = None,
+          resume_changes: bool = False) -> dict[str, float]:
+    """Train `task` on `dataset` into `run_dir`; returns the last logged values.
+
+    `resume_changes`: resume a run whose saved config differs from `full_config` in optimizer /
+    schedule settings (see the module docstring for exactly which keys); without it such a resume is
+    refused with a message naming the changed keys."""
+    return _Trainer(task, cfg, dataset, Path(run_dir), full_config, resume_changes).run()
 
 
 class _Trainer:
-    def __init__(self, task: Task, cfg: TrainConfig, dataset, run_dir: Path, full_config: Any):
+    def __init__(self, task: Task, cfg: TrainConfig, dataset, run_dir: Path, full_config: Any,
+                 resume_changes: bool = False):
         from twostage.data.loader import ResumableLoader
 
         configlib.validate(cfg, "train")
         self.task, self.cfg, self.run_dir = task, cfg, run_dir
+        self.resume_changes = resume_changes
+        self.changes: dict[str, list[Any]] = {}  # accepted config changes: key -> [old, new]
+        self._warned_nonfinite = False
         self.world: World = init_world()
         self.device = resolve_device(cfg.device, self.world)
         per_rank, rest = divmod(cfg.batch_size, self.world.size * cfg.grad_accum)
@@ -117,33 +180,66 @@ class _Trainer:
             for name, m in self.task.modules.items()
         }
 
-    def _prepare_run_dir(self) -> None:
+    def _check_config(self) -> None:
+        """Compare the run folder's saved config with the new one; refuse what cannot be resumed and
+        keep the accepted differences in self.changes (written to run.json once the resume worked)."""
         saved = self.run_dir / "config.yaml"
-        if saved.is_file() and self.world.is_main:
+        if not (saved.is_file() and self.world.is_main):
+            return
+        import yaml
+
+        old = _flatten(yaml.safe_load(saved.read_text()) or {})
+        new = _flatten(self.full_config)
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        kinds = {k: change_kind(k, old.get(k), new.get(k)) for k in changed}
+        refused = [k for k in changed if kinds[k] == "refused"]
+        opt_in = [k for k in changed if kinds[k] == "opt_in"]
+
+        def details(keys: list[str]) -> str:
+            text = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:8])
+            return text + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+        if refused:
+            others = [k for k in changed if k not in refused]
+            also = f"; also changed: {details(others)}" if others else ""
+            raise configlib.ConfigError(
+                f"{self.run_dir} holds a run with a different config ({details(refused)}{also}). "
+                f"{'This setting changes' if len(refused) == 1 else 'These settings change'} the model, the data, "
+                f"the seed or what a checkpoint holds, so the run cannot continue with "
+                f"{'it' if len(refused) == 1 else 'them'}: resume with the same config, or train into a new --out "
+                "folder."
+            )
+        if opt_in and not self.resume_changes:
+            raise configlib.ConfigError(
+                f"{self.run_dir} holds a run with a different config ({details(changed)}). Only optimizer / "
+                f"schedule settings changed: re-run with {RESUME_FLAG} (resume_changes=True in Python) to continue "
+                "this run from its latest checkpoint with them (recorded in run.json), or resume with the same "
+                "config, or train into a new --out folder."
+            )
+        self.changes = {k: [old.get(k), new.get(k)] for k in changed}
+
+    def _write_run_files(self) -> None:
+        """config.yaml (the config being run), run.json (environment + history of accepted changes)."""
+        if self.world.is_main:
             import yaml
 
-            old = _flatten(yaml.safe_load(saved.read_text()) or {})
-            new = _flatten(self.full_config)
-            changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-            if changed:
-                details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
-                raise configlib.ConfigError(
-                    f"{self.run_dir} holds a run with a different config ({details}). "
-                    "Resume with the same config, or train into a new --out folder."
-                )
-        if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "samples").mkdir(exist_ok=True)
-            import yaml
-
-            saved.write_text(yaml.safe_dump(self.full_config, sort_keys=False))
+            ckpt.write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.full_config, sort_keys=False))
             params = {n: sum(p.numel() for p in m.parameters()) for n, m in self.task.modules.items()}
-            meta = {
+            meta: dict[str, Any] = {
                 "twostage": twostage.__version__, "torch": torch.__version__, "python": platform.python_version(),
                 "device": str(self.device), "device_name": _device_name(self.device), "world_size": self.world.size,
                 "precision": "bf16" if self.autocast_dtype else "fp32", "parameters": params,
             }
-            (self.run_dir / "run.json").write_text(json.dumps(meta, indent=2))
+            history = _read_changes(self.run_dir / "run.json")
+            if self.changes:
+                history.append({"step": self.step, "changes": self.changes})
+                log.info("resumed at step %d with config changes: %s", self.step,
+                         ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in self.changes.items()))
+            if history:
+                meta["changes"] = history
+            ckpt.write_text_atomic(self.run_dir / "run.json", json.dumps(meta, indent=2, default=str))
         barrier(self.world)
 
     # -- checkpoints ---------------------------------------------------------------------------------
@@ -196,9 +292,9 @@ class _Trainer:
                 raise ckpt.CheckpointError(f"{path} has no EMA weights but train.ema_decay is set")
             ckpt.load_module_tensors(self.ema.modules, {k: v.to(self.device) for k, v in ema.items()})
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
+            opt.load_state_dict(_with_hyperparameters(state["optimizers"][name], opt))
         for name, sched in self.schedulers.items():
-            sched.load_state_dict(state["schedulers"][name])
+            _load_schedule(sched, state["schedulers"][name])
         if state["world_size"] != self.world.size:
             log.warning("resuming a %d-process run with %d processes: the data order will differ",
                         state["world_size"], self.world.size)
@@ -272,23 +368,79 @@ class _Trainer:
                 module.requires_grad_(True)
         return first_bad
 
+    def _checked_weights(self) -> list[tuple[str, list[torch.Tensor]]]:
+        """(name, parameters) of every trained module and of every EMA copy ("ema:<name>")."""
+        trained = {m for spec in self.specs.values() for m in spec.modules}
+        groups = [(n, [p.detach() for p in m.parameters()]) for n, m in self.task.modules.items() if n in trained]
+        if self.ema:
+            groups += [(f"ema:{n}", [p.detach() for p in m.parameters()]) for n, m in self.ema.modules.items()]
+        return [(n, ps) for n, ps in groups if ps]
+
+    def _nonfinite_weight_flags(self, groups: list[tuple[str, list[torch.Tensor]]]) -> list[torch.Tensor]:
+        """One device scalar per group, 1.0 when any of its weights is NaN/inf: a fused L1 norm per dtype
+        (a sum, so a NaN or inf always reaches it; it overflows only for weights no run survives), and
+        no host sync."""
+        flags = []
+        for _, params in groups:
+            by_kind: dict[tuple, list[torch.Tensor]] = {}
+            for p in params:
+                by_kind.setdefault((p.device, p.dtype), []).append(p)
+            norms = [torch.stack(_abs_sums(ts)).float().to(self.device) for ts in by_kind.values()]
+            flags.append((~torch.isfinite(torch.cat(norms)).all()).to(torch.float64))
+        return flags
+
     def _check_finite(self, first_bad: torch.Tensor) -> None:
-        bad = int(first_bad.item())
+        """Stop (on every rank) when the loss since the last check or any weight is NaN/inf. The one host
+        sync happens at log/checkpoint steps only, before a checkpoint is written."""
+        groups = self._checked_weights()
+        packed = torch.stack([first_bad.to(device=self.device, dtype=torch.float64).reshape(()),
+                              *self._nonfinite_weight_flags(groups)])
         if self.world.distributed:  # every rank must stop together
-            flag = torch.tensor([bad], device=self.device, dtype=torch.float64)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            bad = int(flag.item())
-        if bad >= 0 and self.cfg.stop_on_nonfinite:
-            last = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
-            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
-            raise NonFiniteLossError(
-                f"the loss became non-finite (NaN/inf) at step {bad}; training stopped and {where}. "
-                "Lower the learning rate or raise the warmup, then resume from that checkpoint."
-            )
+            dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        values = packed.tolist()
+        bad_step, bad_weights = int(values[0]), [n for (n, _), v in zip(groups, values[1:]) if v > 0]
+        if bad_step < 0 and not bad_weights:
+            return
+        if not self.cfg.stop_on_nonfinite:
+            if not self._warned_nonfinite and self.world.is_main:
+                log.warning("non-finite loss or weights by step %d; training on (train.stop_on_nonfinite=false)",
+                            self.step)
+            self._warned_nonfinite = True
+            return
+        raise NonFiniteLossError(self._nonfinite_message(bad_step, bad_weights))
+
+    def _nonfinite_message(self, bad_step: int, bad_weights: list[str]) -> str:
+        if bad_step >= 0:
+            what = f"the loss became non-finite (NaN/inf) at step {bad_step}"
+        else:
+            what = (f"the weights of {', '.join(bad_weights)} became non-finite (NaN/inf) by step {self.step} "
+                    "while the loss still looked finite")
+        trained = {m for spec in self.specs.values() for m in spec.modules}
+        model_keys = {f"{n}.{k}" for n, m in self.task.modules.items() if n in trained for k, _ in m.named_parameters()}
+        ema_keys = ({f"{n}.{k}" for n, m in self.ema.modules.items() for k, _ in m.named_parameters()}
+                    if self.ema else None)
+        good, bad = ckpt.last_finite_checkpoint(self.run_dir / "checkpoints", model_keys, ema_keys)
+        if good is not None:
+            where = f"the last good checkpoint (finite weights) is {good}"
+            if bad:
+                where += (f"; delete the newer {', '.join(p.name for p in bad)} first (non-finite or unreadable "
+                          "weights), so that the run resumes from it")
+        else:
+            where = "no checkpoint with finite weights was written before it"
+        flat = _flatten(self.full_config)
+        lr_keys = [k for k in flat if k.split(".")[-1] == "lr" and "optim" in k.split(".")[:-1]]
+        lower = (f"lower the learning rate ({', '.join(f'{k}={flat[k]!r}' for k in lr_keys[:4])})" if lr_keys
+                 else "lower the learning rate")
+        then = (f"it resumes from {good.name} with the new optimizer settings" if good is not None
+                else "the run starts over in this folder (or train into a new --out folder)")
+        return (f"{what}; training stopped at step {self.step} without saving, and {where}. To continue, {lower} "
+                f"(or raise the warmup, or set a gradient clip) and re-run the same command with {RESUME_FLAG} "
+                f"(resume_changes=True in Python): {then}.")
 
     def run(self) -> dict[str, float]:
-        self._prepare_run_dir()
+        self._check_config()
         self._resume()
+        self._write_run_files()
         cfg, accum = self.cfg, self.cfg.grad_accum
         images_per_step = cfg.batch_size
         sums: dict[str, torch.Tensor] = {}
@@ -309,8 +461,11 @@ class _Trainer:
             window_steps += 1
             if bar is not None:
                 bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self._check_finite(first_bad)
+            do_log = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            do_ckpt = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
+            if do_log or do_ckpt:
+                self._check_finite(first_bad)  # before anything is logged or saved
+            if do_log:
                 keys = sorted(sums)
                 values = mean_across_ranks(torch.stack([sums[k] for k in keys]), self.world).tolist() if keys else []
                 elapsed = time.perf_counter() - window_start - paused
@@ -325,18 +480,18 @@ class _Trainer:
                                     | {"img/s": f"{last['perf/images_per_s']:.0f}"})
                 sums, counts = {}, {}
                 window_start, window_steps, paused = time.perf_counter(), 0, 0.0
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+            if do_ckpt:
                 pause_start = time.perf_counter()
-                self._check_finite(first_bad)
                 self._save()
                 if self.world.is_main:
                     models = {n: (self.ema.modules.get(n) if self.ema else None) or m for n, m in self.task.modules.items()}
-                    extra = self.task.on_checkpoint(self.step, self.run_dir, models)
-                    for module in self.task.modules.values():
-                        module.train()
-                    if extra:
-                        self.log.write(self.step, {k: float(v) for k, v in extra.items()})
-                        last.update({k: float(v) for k, v in extra.items()})
+                    with isolated_rng(self.device):  # side work must not draw from the training RNG
+                        extra = self.task.on_checkpoint(self.step, self.run_dir, models)
+                        for module in self.task.modules.values():
+                            module.train()
+                        if extra:
+                            self.log.write(self.step, {k: float(v) for k, v in extra.items()})
+                            last.update({k: float(v) for k, v in extra.items()})
                 barrier(self.world)
                 paused += time.perf_counter() - pause_start  # checkpoint time is not training throughput
         if bar is not None:
@@ -358,6 +513,53 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine()
+
+
+def _abs_sums(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """sum |x| of each tensor (NaN/inf when it holds one): one fused kernel where torch has it."""
+    foreach_norm = getattr(torch, "_foreach_norm", None)
+    if foreach_norm is not None:
+        try:
+            return list(foreach_norm(tensors, ord=1))
+        except (RuntimeError, TypeError):  # no foreach support for these tensors: per tensor below
+            pass
+    return [torch.linalg.vector_norm(t, ord=1) for t in tensors]
+
+
+def _with_hyperparameters(saved: dict[str, Any], opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """A saved optimizer state whose param groups take every hyperparameter (lr, betas, eps, weight decay,
+    flags) from `opt`, the optimizer built from the config being run; the per-parameter state (moments,
+    step counts) is the saved one. For an unchanged config the two agree."""
+    fresh = opt.state_dict()["param_groups"]
+    if len(saved["param_groups"]) != len(fresh):
+        raise ckpt.CheckpointError(
+            f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter groups, the new one "
+            f"{len(fresh)}: the trained modules changed, so this run cannot be resumed"
+        )
+    groups = [{**old, **{k: v for k, v in new.items() if k not in ("params", "param_names")}}
+              for old, new in zip(saved["param_groups"], fresh)]
+    return {**saved, "param_groups": groups}
+
+
+def _load_schedule(sched: torch.optim.lr_scheduler.LambdaLR, saved: dict[str, Any]) -> None:
+    """Restore a schedule's position (last_epoch) but keep the base learning rates and the lambdas of the
+    config being run, and set each group's lr to that schedule at the restored position."""
+    base_lrs = list(sched.base_lrs)
+    sched.load_state_dict(saved)
+    sched.base_lrs = base_lrs
+    lrs = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, base_lrs)]
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = list(lrs)
+
+
+def _read_changes(path: Path) -> list[dict[str, Any]]:
+    """The list of config changes a run.json already records (empty when there is none)."""
+    try:
+        changes = json.loads(path.read_text()).get("changes", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return changes if isinstance(changes, list) else []
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""What every generator writes: sample files, preview grids, and the tokenizer it decodes with.
+"""What every generator writes: sample files, preview grids, with balanced labels, decoded by its tokenizer.
 
 Samples file (read by `twostage eval gen`, twostage/metrics/generation.py):
 
@@ -8,29 +8,38 @@ Samples file (read by `twostage eval gen`, twostage/metrics/generation.py):
                protocol JSON string: sampler, steps, cfg scale / interval, seed, precision, labels
     FILE.json  {"protocol": ..., "run": ..., "timing": ...}  (the same record, readable)
     FILE.png   a grid of the first samples
+
+Images come from the stage-1 tokenizer that made the generator's training cache, loaded through the
+kind-independent `twostage.tokenizers.base.load_tokenizer`; its `decode` takes what the generator
+produces (token ids (N, h, w) or latents (N, d, h, w)) and returns images in [-1, 1].
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
 
-class RunLoadError(RuntimeError):
-    """A generator run folder that cannot be sampled from (missing files, no checkpoint, mismatch)."""
+Decoder = Callable[[torch.Tensor], torch.Tensor]  # generator output -> images (N, C, H, W) in [-1, 1]
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float [-1, 1] (N, C, H, W) -> uint8 (N, H, W, 3); one channel is repeated to three."""
-    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    return x.permute(0, 2, 3, 1).numpy()
+def balanced_labels(n: int, num_classes: int) -> np.ndarray:
+    """n class labels with equal counts per class, grouped by class: [0, 0, .., 1, 1, ..].
+
+    Generation metrics compare against a class-balanced reference set, so samples are drawn with
+    balanced labels rather than at random. When n is not a multiple of num_classes the first
+    n % num_classes classes get one more.
+    """
+    if n < 0 or num_classes <= 0:
+        raise ValueError(f"need n >= 0 and num_classes > 0, got {n}, {num_classes}")
+    return np.sort(np.arange(n, dtype=np.int64) % num_classes, kind="stable")
 
 
 def save_image_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: int | None = None) -> Path:
@@ -39,7 +48,7 @@ def save_image_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: int | N
 
     if isinstance(images, np.ndarray):  # uint8 NHWC -> float NCHW, exactly invertible
         images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return save_grid(images, path, nrow)
+    return save_grid(images.float().cpu(), path, nrow)
 
 
 def save_samples(path: Path, images: np.ndarray, labels: np.ndarray, protocol: dict[str, Any],
@@ -61,9 +70,48 @@ def save_samples(path: Path, images: np.ndarray, labels: np.ndarray, protocol: d
     return path
 
 
-def load_tokenizer(run: str | Path, device: torch.device | str = "cpu"):
-    """The stage-1 tokenizer that decodes a generator's tokens (imported lazily: the tokenizer
-    package is only needed when images are wanted)."""
-    from twostage.tokenizers.vq.tokenizer import Tokenizer
+def load_decoder(tokenizer_run: str | Path, device: torch.device | str, expected_checksum: str = "") -> Any:
+    """The tokenizer of `tokenizer_run` (any kind), warning when its weights are not those that made
+    the generator's training cache (`expected_checksum`, from model.json).
 
-    return Tokenizer.from_pretrained(run, device=device)
+    Imported lazily: the tokenizer package is only needed when images are wanted.
+    """
+    from twostage.tokenizers.base import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_run, device=device)
+    checksum = getattr(tok, "checksum", "")
+    if checksum and expected_checksum and checksum != expected_checksum:
+        log.warning("the tokenizer's weights (sha256 %s) differ from those that made the training cache (%s)",
+                    checksum[:12], expected_checksum[:12])
+    return tok
+
+
+class LazyDecoder:
+    """The decoder of checkpoint sample grids, made on the first checkpoint that draws one.
+
+    `factory(device)` returns a Decoder (default: the cache's tokenizer's `decode`). A failure (no
+    tokenizer run at that path, another machine) warns once and turns grids off: a missing tokenizer
+    must not stop training.
+    """
+
+    def __init__(self, factory: Callable[[torch.device], Decoder | None]):
+        self.factory = factory
+        self._decoder: Decoder | None = None
+        self._tried = False
+
+    @classmethod
+    def from_tokenizer_run(cls, tokenizer_run: str, checksum: str = "") -> LazyDecoder:
+        """The `decode` of the tokenizer run that made the cache (none when the cache names no run)."""
+        return cls(lambda device: load_decoder(tokenizer_run, device, checksum).decode if tokenizer_run else None)
+
+    def __call__(self, device: torch.device) -> Decoder | None:
+        if not self._tried:
+            self._tried = True
+            try:
+                self._decoder = self.factory(device)
+            except Exception as err:  # noqa: BLE001 - any failure only costs the grids
+                log.warning("no sample grids at checkpoints: cannot load the cache's tokenizer (%s)", err)
+        return self._decoder
+
+
+__all__ = ["Decoder", "balanced_labels", "save_image_grid", "save_samples", "load_decoder", "LazyDecoder"]

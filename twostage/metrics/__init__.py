@@ -2,9 +2,10 @@
 DINOv2 from user-given weights files). Every result carries its protocol (`protocol.Protocol`), and
 metric names derive from the feature network: only Inception-v3 gives "FID".
 
-    features.py         FeatureNetwork interface, EffNet-Lite0, load_feature_network, extract_features
-    inception.py        FID Inception-v3 (pytorch-fid state dict / TorchScript file)
-    dinov2.py           DINOv2 ViT from official or timm checkpoints
+The networks themselves live one layer down, in twostage/backbones/ (`load_feature_network`); this
+package only measures with them.
+
+    extraction.py       extract_features: any image source -> batched float64 features
     frechet.py          Fréchet distance (float64) and feature statistics
     inception_score.py  IS-style score (10 splits)
     precision_recall.py improved precision / recall (k = 3)
@@ -12,10 +13,12 @@ metric names derive from the feature network: only Inception-v3 gives "FID".
     generation.py       evaluate_generation (samples .npz vs reference)
     reconstruction.py   evaluate_reconstruction (rFD, PSNR, SSIM, perceptual distance)
     latent.py           codebook usage / perplexity, per-position CE, latent uniformity
+    unbiased.py         FD extrapolated to N = inf, KID, bootstrap spread of FD
     protocol.py         Protocol record, metric names, JSON results
+    evaluate.py         evaluate a tokenizer run folder / a samples file, written as JSON records
     commands.py         `twostage eval gen|recon|stats`
     degradation.py      Fashion-MNIST train/test + degradation sanity study
 
-Submodules are imported lazily (`from twostage.metrics.features import ...`) so importing the
+Submodules are imported lazily (`from twostage.metrics.frechet import ...`) so importing the
 package costs nothing.
 """

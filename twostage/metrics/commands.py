@@ -16,15 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import shlex
-import sys
 from pathlib import Path
-from typing import Callable
 
-import torch
-
-log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,8 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--pr-k", type=int, default=3, help="k of improved precision/recall")
     g.add_argument("--is-splits", type=int, default=10)
     g.add_argument("--cache-dir", help="reference statistics cache (default $TWOSTAGE_CACHE/reference_stats)")
+    g.add_argument("--ref-max-images", type=int,
+                   help="reference statistics over its first N images only (numbers then compare only at that N)")
     _common(g)
-    g.set_defaults(func=_guard(cmd_gen))
+    g.set_defaults(func=cmd_gen)
 
     r = sub.add_parser("recon", help="rFD (val reconstructions vs val), PSNR, SSIM, perceptual distance, usage")
     r.add_argument("run", help="tokenizer run folder (config.yaml + checkpoints/)")
@@ -55,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="continuous (KL) runs: latent uniformity (VA-VAE Table 6: t-SNE + KDE) of N latent vectors, "
                         "one random position per image; 0 skips it (the paper uses 10000; t-SNE time grows ~N log N)")
     _common(r)
-    r.set_defaults(func=_guard(cmd_recon))
+    r.set_defaults(func=cmd_recon)
 
     s = sub.add_parser("stats", help="compute and cache the statistics of a reference split")
     s.add_argument("ref", help="fashion-mnist:test, folder:PATH[:val], npz:PATH[:val]")
@@ -65,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--cache-dir")
     _common(s, out=False)
     s.add_argument("--out", help="also write the statistics to this .npz (usable as --ref)")
-    s.set_defaults(func=_guard(cmd_stats))
+    s.set_defaults(func=cmd_stats)
 
 
 def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
@@ -79,29 +74,6 @@ def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
         p.add_argument("--out", help="result JSON path (default: next to the input)")
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Known failure kinds become one message and exit code 1, not a traceback."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (FileNotFoundError, ValueError, ImportError) as err:
-            print(f"eval error: {err}", file=sys.stderr)
-            return 1
-
-    return run
-
-
-def _command_line() -> str:
-    return "twostage " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
 def _print(metrics: dict[str, float], proto: dict, path: Path) -> None:
     width = max(len(k) for k in metrics)
     for k, v in metrics.items():
@@ -113,86 +85,37 @@ def _print(metrics: dict[str, float], proto: dict, path: Path) -> None:
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
-    from twostage.metrics.features import load_feature_network
-    from twostage.metrics.generation import evaluate_generation, load_samples
-    from twostage.metrics.protocol import write_result
+    from twostage import api
 
-    samples = load_samples(args.samples)
-    net = load_feature_network(args.network, args.weights)
-    metrics, proto = evaluate_generation(samples, args.ref, net, batch_size=args.batch_size,
-                                         device=_device(args.device), precision=args.precision,
-                                         resize=args.resize, cache_dir=args.cache_dir, is_splits=args.is_splits,
-                                         pr_k=args.pr_k)
-    out = Path(args.out) if args.out else Path(args.samples).with_suffix(f".eval-{net.name}.json")
-    write_result(out, metrics, proto, _command_line())
-    _print(metrics, proto.to_dict(), out)
+    result = api.evaluate_generation(args.samples, args.ref, network=args.network, weights=args.weights,
+                                     batch_size=args.batch_size, device=args.device, precision=args.precision,
+                                     resize=args.resize, cache_dir=args.cache_dir, is_splits=args.is_splits,
+                                     pr_k=args.pr_k, reference_max_images=args.ref_max_images, out=args.out)
+    _print(result["metrics"], result["protocol"], result["path"])
     return 0
 
 
 def cmd_recon(args: argparse.Namespace) -> int:
-    from twostage.data.build import build_dataset
-    from twostage.data.datasets import SubsetDataset
-    from twostage.metrics.features import load_feature_network
-    from twostage.metrics.latent import codebook_usage
-    from twostage.metrics.protocol import write_result
-    from twostage.metrics.reconstruction import evaluate_reconstruction
+    from twostage import api
 
-    from twostage.tokenizers.kl.tokenizer import KLTokenizer, is_kl_run
-    from twostage.tokenizers.vq.tokenizer import Tokenizer
-
-    device = _device(args.device)
-    kl = is_kl_run(args.run)
-    tok = (KLTokenizer if kl else Tokenizer).from_pretrained(args.run, device=device, step=args.step)
-    dataset = build_dataset(tok.config.data, args.split)  # int keys: never augmented
-    if args.max_images is not None and args.max_images < len(dataset):
-        import numpy as np
-
-        dataset = SubsetDataset(dataset, np.arange(args.max_images))
-    indices: list[torch.Tensor] = []
-    latents: list[torch.Tensor] = []
-
-    def reconstruct(x: torch.Tensor) -> torch.Tensor:
-        if kl:  # the posterior mean, decoded; kept for the latent-uniformity numbers
-            z = tok.encode(x)
-            latents.append(z.cpu())
-            return tok.decode(z)
-        # one forward gives both the reconstruction and the codes (for usage / perplexity)
-        out = tok.model(tok._input(x))
-        indices.append(out.quant.indices.cpu())
-        return out.recon.float().clamp(-1, 1)
-
-    net = load_feature_network(args.network, args.weights)
-    metrics, proto = evaluate_reconstruction(
-        reconstruct, dataset, net, batch_size=args.batch_size, device=device, precision=args.precision,
-        perceptual=not args.no_perceptual,
-        reference=f"{tok.config.data.name}:{args.split} reconstructions vs the same images "
-                  f"({tok.config.data.image_size}px, {tok.config.data.resize})",
-        protocol={"tokenizer_run": str(args.run), "tokenizer_step": tok.step, "tokenizer_checksum": tok.checksum},
-    )
-    if indices:
-        usage = codebook_usage(torch.cat([i.flatten() for i in indices]), tok.codebook_size)
-        metrics["codebook_usage"], metrics["codebook_perplexity"] = usage["usage"], usage["perplexity"]
-    if latents and args.uniformity_vectors > 0:
-        from twostage.metrics.latent import latent_uniformity
-
-        uni = latent_uniformity(torch.cat(latents), num=args.uniformity_vectors)
-        metrics.update({f"latent_uniformity_{k}": v for k, v in uni.items() if k not in ("num_vectors", "runs")})
-        metrics["latent_uniformity_vectors"] = int(uni["num_vectors"])
-    step = f"step{tok.step}" if tok.step is not None else "latest"
-    out = Path(args.out) if args.out else Path(args.run) / "eval" / f"recon-{args.split}-{net.name}-{step}.json"
-    write_result(out, metrics, proto, _command_line())
-    _print(metrics, proto.to_dict(), out)
+    result = api.evaluate_reconstruction(args.run, split=args.split, step=args.step, max_images=args.max_images,
+                                         network=args.network, weights=args.weights, batch_size=args.batch_size,
+                                         device=args.device, precision=args.precision,
+                                         perceptual=not args.no_perceptual,
+                                         uniformity_vectors=args.uniformity_vectors, out=args.out)
+    _print(result["metrics"], result["protocol"], result["path"])
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from twostage.metrics.features import load_feature_network
+    from twostage.backbones import load_feature_network
+    from twostage.common.device import resolve_device
     from twostage.metrics.reference import reference_stats
 
     net = load_feature_network(args.network, args.weights)
-    stats, path = reference_stats(args.ref, net.to(_device(args.device)), args.image_size, resize=args.resize,
+    stats, path = reference_stats(args.ref, net.to(resolve_device(args.device)), args.image_size, resize=args.resize,
                                   max_images=args.max_images, batch_size=args.batch_size,
-                                  device=_device(args.device), precision=args.precision, cache_dir=args.cache_dir)
+                                  device=resolve_device(args.device), precision=args.precision, cache_dir=args.cache_dir)
     if args.out:
         path = stats.save(args.out)
     print(json.dumps(stats.protocol, indent=2))

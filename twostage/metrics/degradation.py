@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from twostage.metrics.features import extract_features, load_feature_network
+from twostage.backbones import load_feature_network
+from twostage.metrics.extraction import extract_features
 from twostage.metrics.frechet import feature_stats, frechet_distance
 from twostage.metrics.precision_recall import precision_recall
 from twostage.metrics.protocol import Protocol, device_description, metric_name

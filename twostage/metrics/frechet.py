@@ -2,6 +2,8 @@
 
     FD = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr( (S1 S2)^{1/2} )
 
+(Heusel et al. 2017, arXiv:1706.08500: the Fréchet / 2-Wasserstein distance of two Gaussians.)
+
 Everything is float64: with 2048-d features, float32 covariances lose the small eigenvalues that the
 trace term depends on, and FD differences between good models are often < 1.
 

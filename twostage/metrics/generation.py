@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from twostage.metrics.features import FeatureNetwork, extract_features
+from twostage.backbones.base import FeatureNetwork
+from twostage.metrics.extraction import extract_features
 from twostage.metrics.frechet import feature_stats, frechet_distance
 from twostage.metrics.inception_score import inception_score
 from twostage.metrics.precision_recall import precision_recall
@@ -130,16 +131,18 @@ def evaluate_generation(
     cache_dir: str | Path | None = None,
     is_splits: int = 10,
     pr_k: int = 3,
+    reference_max_images: int | None = None,
 ) -> tuple[dict[str, float], Protocol]:
-    """All generation metrics of `samples` vs `reference` (e.g. "fashion-mnist:test")."""
+    """All generation metrics of `samples` vs `reference` (e.g. "fashion-mnist:test"; statistics over
+    its first `reference_max_images` images when given, cached like the full set)."""
     if not isinstance(samples, Samples):
         samples = Samples(to_uint8_nhwc(samples), None, {})
     n, h, w, _ = samples.images.shape
     if h != w:
         raise ValueError(f"samples are {h}x{w}; reference statistics are built for square images")
     net = net.to(device)
-    ref, ref_path = reference_stats(reference, net, h, resize=resize, batch_size=batch_size, device=device,
-                                    precision=precision, cache_dir=cache_dir)
+    ref, ref_path = reference_stats(reference, net, h, resize=resize, max_images=reference_max_images,
+                                    batch_size=batch_size, device=device, precision=precision, cache_dir=cache_dir)
     feats = extract_features(net, samples.images, batch_size, device, precision)
     metrics = generation_metrics(feats, ref, net.name, is_splits, pr_k, device)
     given = {**samples.protocol, **(protocol or {})}

@@ -1,9 +1,12 @@
 """Inception-Score-style score: exp E_x KL(p(y|x) || p(y)), averaged over splits.
 
+(Salimans et al. 2016, arXiv:1606.03498, section 4.)
+
 With Inception-v3 logits this is the Inception Score (IS); with any other classifier it is
 "IS-<network>" (e.g. IS-EffNetLite0 over 1000 ImageNet classes) and not comparable to IS.
 Conventions (ADM evaluator / StyleGAN): 10 splits of consecutive samples, p(y) per split,
-mean and std over splits; for Inception-v3 the logits omit the output bias (see inception.py).
+mean and std over splits; for Inception-v3 the logits omit the output bias
+(see twostage/backbones/inception.py).
 Bounds: 1 (every sample gets the same prediction) .. K (confident predictions, classes uniform).
 """
 

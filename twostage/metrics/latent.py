@@ -6,12 +6,12 @@
 - Per-position cross-entropy: stage-2 validation loss as a function of the token position (CRT's
   claim is that it is lower at *every* position); `PositionLoss` accumulates sums and counts over
   batches so it works on any number of batches and ranks (sum the `state()` tensors across ranks).
-- Latent uniformity (VA-VAE Table 6): one random latent vector per image (channels standardized by
-  their dataset mean/std), t-SNE to 2D, Gaussian KDE density d at each embedded point; report the
-  std of d, its coefficient of variation (std/mean: scale-free, so comparable across embeddings),
-  the Gini coefficient of d and the normalized entropy -sum p log p / log N with p = d / sum d.
-  More uniform (lower std/Gini, entropy closer to 1) went with better gFID. t-SNE is stochastic:
-  `runs` averages several seeds (the paper averages 10).
+- Latent uniformity (VA-VAE, Yao et al. 2025, arXiv:2501.01423, Table 6): one random latent vector
+  per image (channels standardized by their dataset mean/std), t-SNE to 2D, Gaussian KDE density d
+  at each embedded point; report the std of d, its coefficient of variation (std/mean: scale-free,
+  so comparable across embeddings), the Gini coefficient of d and the normalized entropy
+  -sum p log p / log N with p = d / sum d. More uniform (lower std/Gini, entropy closer to 1) went
+  with better gFID. t-SNE is stochastic: `runs` averages several seeds (the paper averages 10).
 """
 
 from __future__ import annotations

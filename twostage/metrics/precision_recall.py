@@ -1,4 +1,4 @@
-"""Improved precision and recall (Kynkäänniemi et al., 2019), k = 3.
+"""Improved precision and recall (Kynkäänniemi et al. 2019, arXiv:1904.06991), k = 3.
 
 Each real feature gets a ball whose radius is the distance to its k-th nearest *other* real feature;
 the real manifold is the union of those balls. Precision = fraction of generated features inside

@@ -1,6 +1,6 @@
 """The protocol record attached to every metric result, and metric names derived from the network.
 
-A number without its protocol is not comparable (METHODS section 9): FID-50k vs FID-10k, random vs
+A number without its protocol is not comparable (docs/methods.md §8 "Protocol record"; sample-count bias: §9): FID-50k vs FID-10k, random vs
 balanced labels, 250 vs 50 sampler steps, bf16 vs fp32 features, reconstructions against the
 validation set vs against the generation reference batch all move the number. So every result
 carries a `Protocol`, and metric names say which network produced them: only Inception-v3 features

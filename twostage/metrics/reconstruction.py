@@ -1,26 +1,27 @@
 """Reconstruction metrics of a tokenizer: rFD, PSNR, SSIM and an LPIPS-style perceptual distance.
 
-rFD compares the reconstructions of the validation split with *that same split* (METHODS section 9:
+rFD compares the reconstructions of the validation split with *that same split* (docs/methods.md §8 "Reconstruction"; LlamaGen arXiv:2406.06525:
 against the generation reference batch instead, LlamaGen's 2.19 becomes 4.28).
 Reconstructions are clamped to [-1, 1] and quantized to uint8 before any metric, exactly as if
 they had been saved as PNGs, so the numbers do not depend on whether a pipeline saves images.
-PSNR (per image, then averaged; data range 1 on [0,1] images) and SSIM (Gaussian window 11,
-sigma 1.5, K=(0.01, 0.03), per channel then averaged: torchmetrics, matching scikit-image's
-`structural_similarity(gaussian_weights=True, use_sample_covariance=False)`).
-The perceptual distance "PD-<net>" is LPIPS-shaped (channel-unit-normalized feature maps, squared
-difference summed over channels, spatial mean, sum over layers) but without LPIPS's learned
-per-channel weights, on the metric feature network; it is not LPIPS and is named so.
+PSNR (per image, then averaged; data range 1 on [0,1] images) and SSIM (Wang et al. 2004, IEEE TIP
+13(4); Gaussian window 11, sigma 1.5, K=(0.01, 0.03), per channel then averaged: torchmetrics,
+matching scikit-image's `structural_similarity(gaussian_weights=True, use_sample_covariance=False)`).
+The perceptual distance "PD-<net>" is LPIPS-shaped (Zhang et al. 2018, arXiv:1801.03924, eq. 1:
+channel-unit-normalized feature maps, squared difference summed over channels, spatial mean, sum
+over layers) but without LPIPS's learned per-channel weights, on the metric feature network; it is
+not LPIPS and is named so.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Protocol as TypingProtocol
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from twostage.metrics.features import FeatureNetwork, load_feature_network
+from twostage.backbones import load_feature_network
+from twostage.backbones.base import FeatureNetwork
 from twostage.metrics.frechet import feature_stats, frechet_distance
 from twostage.metrics.protocol import Protocol, device_description, metric_name
 

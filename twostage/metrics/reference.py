@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from twostage.metrics.features import FeatureNetwork, extract_features
+from twostage.backbones.base import FeatureNetwork
+from twostage.metrics.extraction import extract_features
 from twostage.metrics.frechet import FeatureStats, feature_stats
 
 log = logging.getLogger(__name__)

@@ -1,14 +1,22 @@
-"""2D rotary position embedding for raster-ordered token grids, with unrotated prefix tokens.
+"""2D rotary position embedding (RoPE, arXiv 2104.09864) over raster-ordered token grids.
+
+The one RoPE of the package: the AR generator (a class prefix token), the LightningDiT (no prefix)
+and the CRT predictor of the VQ tokenizer (its start token as the prefix) all use it.
 
 Each attention head of width D is split in two halves: dims [0, D/2) are rotated by the token's row,
-dims [D/2, D) by its column (METHODS section 4). Within a half of width D/2 = 2F, dim j pairs with
-dim j + F (j < F) and the pair is rotated by the angle pos * freq_j, freq_j = base ** (-j / F) (the
-same frequency ladder as LlamaGen's 2D RoPE). Prefix tokens (the class token) get angle 0, i.e. the
-identity, so they carry no position.
+dims [D/2, D) by its column. Within a half of width D/2 = 2F, dim j pairs with dim j + F (j < F) and
+the pair is rotated by the angle pos * freq_j, freq_j = base ** (-j / F): the frequency ladder of
+LlamaGen's 2D RoPE (arXiv 2406.06525). Prefix tokens get angle 0, i.e. the identity, so they carry no
+position. Attention scores between rotated queries and keys then depend only on the 2D offset.
 
-The tables are precomputed once per (prefix, grid) as cos / sin of shape (prefix + h*w, D), already
-laid out per dim, so applying them is one fused multiply-add that torch.compile turns into a single
-kernel together with the q/k split.
+The tables are precomputed once per (prefix, grid) as cos / sin of shape (prefix + h*w, D), laid out
+per dim, so applying them is one multiply-add (one fused kernel under torch.compile).
+
+Layout: apply the rotation in the token-major layout the qkv projection produces, (B, T, ..., heads,
+D), before transposing to (B, heads, T, D) for attention: reads and writes stay contiguous in forward
+and backward (after a permute, the DiT measured RoPE's backward ~5x slower). The pairing itself costs
+little: on an H200, forward + backward of (256, 256, 2, 12, 64) bf16 q/k took 4.3 ms eager with this
+pairing against 3.8 ms with "rotate half" pairs, and the same 0.8 ms for both compiled.
 """
 
 from __future__ import annotations
@@ -31,9 +39,13 @@ def grid_positions(grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     return idx // w, idx % w
 
 
-def rope_2d_tables(grid: tuple[int, int], head_dim: int, prefix: int = 1, base: float = 10000.0,
+def rope_2d_tables(grid: tuple[int, int], head_dim: int, prefix: int = 0, base: float = 10000.0,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables (prefix + h*w, head_dim) float32; the first `prefix` rows are the identity."""
+    """cos, sin tables (prefix + h*w, head_dim) float32; the first `prefix` rows are the identity.
+
+    Angles are computed in float64: float32 positions times the fastest frequency lose the low bits
+    that distinguish far positions.
+    """
     freqs = rope_frequencies(head_dim, base)
     rows, cols = grid_positions(grid)
     row_angles = rows[:, None].double() * freqs  # (h*w, F)
@@ -52,10 +64,13 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., T, heads, D) by tables cos / sin broadcastable to (T, 1, D).
+    """Rotate x (..., D) by tables cos / sin broadcastable to x (e.g. (T, 1, D) for (B, T, heads, D)).
 
     Computed in float32 (bf16 angles lose the low bits that distinguish far positions) and returned in
     x's dtype.
     """
     xf = x.float()
     return (xf * cos + rotate_pairs(xf) * sin).to(x.dtype)
+
+
+__all__ = ["rope_frequencies", "grid_positions", "rope_2d_tables", "rotate_pairs", "apply_rope"]

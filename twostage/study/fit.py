@@ -1,4 +1,4 @@
-"""Fit the compute law L(C) = L_min + exp(lambda) * C^alpha (METHODS section 5) to one tokenizer's runs.
+"""Fit the compute law L(C) = L_min + exp(lambda) * C^alpha (CRT arXiv:2412.16326; docs/methods.md (5.4), intervals §9) to one tokenizer's runs.
 
 The fit is least squares on log L, i.e. on relative errors: the runs of a sweep span decades of
 compute and the reducible part L - L_min shrinks by orders of magnitude, so absolute errors would let

@@ -24,6 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from twostage import config as configlib
 from twostage.study.spec import ResolvedGenerator, ResolvedTokenizer, StudySpec
@@ -96,6 +97,22 @@ def tokenizer_id(tok: ResolvedTokenizer) -> str:
     return configlib.config_hash(tok.config)
 
 
+def _without_seed(config: Any) -> dict:
+    data = configlib.to_dict(config)
+    data["train"] = {k: v for k, v in data["train"].items() if k != "seed"}
+    return data
+
+
+def tokenizer_cell(tok: ResolvedTokenizer) -> str:
+    """The tokenizer's point on the study grid, the same for all its seeds (replicates share it)."""
+    return configlib.config_hash(_without_seed(tok.config))
+
+
+def generator_cell(gen: ResolvedGenerator) -> str:
+    """The generator run's point on the grid (tokenizer cell, size, budget, ...), the same for all seeds."""
+    return configlib.config_hash({"generator": _without_seed(gen.config), "tokenizer": tokenizer_cell(gen.tokenizer)})
+
+
 def cache_settings(spec: StudySpec) -> dict:
     return {"train_limit": spec.tokenizer.encode_train_limit, "val_limit": spec.tokenizer.encode_val_limit,
             "flip": True}
@@ -122,14 +139,21 @@ class Paths:
     def generator_run(self, gid: str) -> Path:
         return self.root / "generators" / gid
 
-    def samples(self, gid: str) -> Path:
-        return self.generator_run(gid) / "samples.npz"
+    def samples(self, gid: str, suffix: str = "") -> Path:
+        return self.generator_run(gid) / f"samples{suffix}.npz"
 
-    def gen_json(self, gid: str) -> Path:
-        return self.generator_run(gid) / "eval" / "gen.json"
+    def gen_json(self, gid: str, suffix: str = "") -> Path:
+        return self.generator_run(gid) / "eval" / f"gen{suffix}.json"
+
 
     def reference(self, rid: str) -> Path:
         return self.root / "reference" / f"{rid}.npz"
+
+
+def eval_suffix(spec: StudySpec, seed: int) -> str:
+    """File / stage suffix of an evaluation seed: none for the first (a one-seed study keeps the plain
+    names), "_s<seed>" for the others."""
+    return "" if seed == spec.seeds.eval[0] else f"_s{seed}"
 
 
 def _network_args(spec: StudySpec) -> list[str]:
@@ -176,19 +200,21 @@ def generator_job(spec: StudySpec, gen: ResolvedGenerator, paths: Paths, ref: Jo
     train = ["generator", "train", gen.preset, *gen.overrides, "--tokens", str(paths.cache(tid, "train")),
              "--val-tokens", str(paths.cache(tid, "val")), "--out", str(run)]
     s = spec.sample
-    sample = ["generator", "sample", str(run), "--num", str(s.num), "--seed", str(s.seed),
-              "--batch-size", str(s.batch_size), "--out", str(paths.samples(gid))]
-    if gen.spec.cfg is not None:
-        sample += ["--cfg", str(gen.spec.cfg)]
-    if gen.spec.sample_steps is not None:
-        sample += ["--steps", str(gen.spec.sample_steps)]
     reference = str(paths.reference(ref.id.removeprefix("ref-"))) if ref is not None else spec.eval.reference
-    evaluate = ["eval", "gen", str(paths.samples(gid)), "--ref", reference, *_network_args(spec),
-                "--out", str(paths.gen_json(gid))]
+    stages = [Stage("train", train)]
+    for seed in spec.seeds.eval:  # one samples file and one evaluation per sampling seed
+        suffix = eval_suffix(spec, seed)
+        sample = ["generator", "sample", str(run), "--num", str(s.num), "--seed", str(seed),
+                  "--batch-size", str(s.batch_size), "--out", str(paths.samples(gid, suffix))]
+        if gen.spec.cfg is not None:
+            sample += ["--cfg", str(gen.spec.cfg)]
+        if gen.spec.sample_steps is not None:
+            sample += ["--steps", str(gen.spec.sample_steps)]
+        evaluate = ["eval", "gen", str(paths.samples(gid, suffix)), "--ref", reference, *_network_args(spec),
+                    "--out", str(paths.gen_json(gid, suffix))]
+        stages += [Stage(f"sample{suffix}", sample), Stage(f"eval{suffix}", evaluate)]
     deps = [f"tok-{tid}", *([ref.id] if ref is not None else [])]
-    return Job(f"gen-{gid}", "generator", run,
-               [Stage("train", train), Stage("sample", sample), Stage("eval", evaluate)], deps=deps,
-               label=f"{gen.tokenizer.label} / {gen.label}")
+    return Job(f"gen-{gid}", "generator", run, stages, deps=deps, label=f"{gen.tokenizer.label} / {gen.label}")
 
 
 @dataclass
@@ -230,5 +256,5 @@ def build_plan(spec: StudySpec, root: Path) -> Plan:
     return Plan(paths.root, jobs, toks, gens, gen_jobs, tok_jobs)
 
 
-__all__ = ["Stage", "Job", "Plan", "Paths", "build_plan", "tokenizer_id", "generator_id", "fingerprint",
-           "read_marker", "write_marker", "clear_markers_after", "job_done"]
+__all__ = ["Stage", "Job", "Plan", "Paths", "build_plan", "eval_suffix", "tokenizer_id", "generator_id", "fingerprint",
+           "read_marker", "write_marker", "clear_markers_after", "job_done", "tokenizer_cell", "generator_cell"]

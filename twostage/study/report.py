@@ -35,7 +35,7 @@ from twostage.study.frontier import (best_per_budget, finite, lower_envelope, op
 log = logging.getLogger(__name__)
 
 REQUIRED = ("run_id", "tokenizer_id", "compute")
-# Protocol fields that must agree for numbers to be comparable (METHODS section 9).
+# Protocol fields that must agree for numbers to be comparable (docs/methods.md §8 "Protocol record").
 COMPARABILITY = ("num_samples", "label_sampling", "feature_network", "feature_checksum", "feature_input_size",
                  "feature_preprocessing", "reference", "reference_stats", "quantization")
 SAMPLING = ("sampler", "steps", "cfg_scale", "cfg_interval", "temperature", "top_k", "top_p", "precision")

@@ -3,8 +3,8 @@
     spec = load_spec("twostage/presets/study_demo.yaml")        # typed, validated; unknown keys name the closest
     plan = build_plan(spec)                            # every job's resolved config, checked before work
 
-A study multiplies three axes: tokenizers x generator sizes (of the tokenizer's kind: AR for VQ,
-LightningDiT for KL) x budgets (generator train.steps). Each tokenizer entry is a preset plus
+A study multiplies three axes: tokenizers x generator sizes (of the generator kind that trains on the
+tokenizer's cache, twostage/registry.py: AR for VQ, LightningDiT for KL) x budgets (generator train.steps). Each tokenizer entry is a preset plus
 overrides (`vq_fmnist_f4` with `model.codebook_size=256 crt.enabled=true`, `kl_fmnist_f4d8` with
 `model.spec=f4d4 vf.enabled=false`). Overrides are applied in this order, later ones winning:
 preset <- `data` <- `tokenizer.overrides` (shared) <- the entry's own overrides <- train.steps.
@@ -29,13 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from twostage import config as configlib
+from twostage import registry
 from twostage.config import ConfigError, check
-
-# tokenizer kind -> the generator kind that trains on its cache
-GENERATOR_FOR = {"vq": "ar", "kl": "dit"}
 
 
 @dataclass
@@ -68,21 +65,37 @@ class GeneratorSpec:
     preset: str
     sizes: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
-    cfg: float | None = field(default=None, metadata=check(ge=0))  # CFG scale (None: the preset's)
-    sample_steps: int | None = field(default=None, metadata=check(gt=0))  # DiT sampler steps (None: preset's)
-
-
-@dataclass
-class GeneratorsSpec:
-    ar: GeneratorSpec | None = None
-    dit: GeneratorSpec | None = None
+    cfg: float | None = field(default=None, metadata=check(ge=0))  # CFG scale (None: the preset's; 1: none)
+    # Sampler steps (None: the preset's), for kinds whose sampler takes steps (a flow's ODE steps).
+    sample_steps: int | None = field(default=None, metadata=check(gt=0))
 
 
 @dataclass
 class SampleSettings:
     num: int = field(default=10000, metadata=check(gt=0))  # samples per generator for eval gen
     batch_size: int = field(default=64, metadata=check(gt=0))
-    seed: int = 0
+
+
+@dataclass
+class SeedSettings:
+    """Replicates: three separate sources of variance (docs/methods.md §9), each its own list.
+
+    tokenizer  train.seed of every tokenizer (each seed is a separate tokenizer run and cache)
+    generator  train.seed of every generator run (runs of one seed on two tokenizers are paired)
+    eval       sampling seeds: each generator run draws and scores one samples file per seed
+    """
+
+    tokenizer: list[int] = field(default_factory=lambda: [0])
+    generator: list[int] = field(default_factory=lambda: [0])
+    eval: list[int] = field(default_factory=lambda: [0])
+
+    def check(self) -> None:
+        for name in ("tokenizer", "generator", "eval"):
+            values = getattr(self, name)
+            if not values:
+                raise ConfigError(f"seeds.{name}: list at least one seed")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"seeds.{name}={values!r} lists a seed twice")
 
 
 @dataclass
@@ -102,10 +115,11 @@ class EvalSettings:
 class StudySpec:
     name: str
     tokenizers: list[TokenizerSpec]
-    generators: GeneratorsSpec
+    generators: dict[str, GeneratorSpec]  # generator kind (twostage/registry.py) -> its spec
     budgets: list[int]
     data: dict[str, Any] = field(default_factory=dict)  # data-section keys for every tokenizer
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
+    seeds: SeedSettings = field(default_factory=SeedSettings)
     sample: SampleSettings = field(default_factory=SampleSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
@@ -116,15 +130,16 @@ class StudySpec:
             raise ConfigError(f"budgets={self.budgets!r}: give one or more positive generator train.steps")
         if len(set(self.budgets)) != len(self.budgets):
             raise ConfigError(f"budgets={self.budgets!r} lists a budget twice")
-        for kind in ("ar", "dit"):
-            g = getattr(self.generators, kind)
-            if g is not None and not g.sizes:
-                raise ConfigError(f"generators.{kind}.sizes: list at least one model size")
-            if g is not None and len(set(g.sizes)) != len(g.sizes):
-                raise ConfigError(f"generators.{kind}.sizes={g.sizes!r} lists a size twice")
-        if self.generators.ar is not None and self.generators.ar.sample_steps is not None:
-            raise ConfigError("generators.ar.sample_steps: an AR generator samples one token per step; "
-                              "sample_steps is the DiT sampler's")
+        for kind, g in self.generators.items():
+            where = f"generators.{kind}"
+            registry.generator_kind(kind, where)
+            if not g.sizes:
+                raise ConfigError(f"{where}.sizes: list at least one model size")
+            if len(set(g.sizes)) != len(g.sizes):
+                raise ConfigError(f"{where}.sizes={g.sizes!r} lists a size twice")
+            if g.sample_steps is not None and "steps" not in registry.generator_kind(kind).options:
+                raise ConfigError(f"{where}.sample_steps: a {kind} generator's sampler takes no steps option "
+                                  "(an AR generator samples one token per step)")
 
 
 def load_spec(source: str | Path | dict, overrides: list[str] = ()) -> StudySpec:
@@ -138,12 +153,13 @@ def load_spec(source: str | Path | dict, overrides: list[str] = ()) -> StudySpec
 
 @dataclass
 class ResolvedTokenizer:
-    index: int
-    kind: str  # vq | kl
+    index: int  # the entry in spec.tokenizers: one "cell" of the tokenizer axis, whatever the seed
+    kind: str  # a tokenizer kind of twostage/registry.py
     preset: str
     overrides: list[str]  # everything after the preset, as `tokenizer train` takes them
-    config: Any  # VQRunConfig | KLRunConfig
+    config: Any  # the kind's run config
     label: str
+    seed: int = 0  # train.seed
 
     @property
     def downsample(self) -> int:
@@ -158,54 +174,18 @@ class ResolvedTokenizer:
 @dataclass
 class ResolvedGenerator:
     tokenizer: ResolvedTokenizer
-    kind: str  # ar | dit
+    kind: str  # a generator kind of twostage/registry.py
     preset: str
     size: str
     budget: int
     overrides: list[str]  # everything after the preset, as `generator train` takes them
-    config: Any  # ARRunConfig | DiTRunConfig
+    config: Any  # the kind's run config
     spec: GeneratorSpec
+    seed: int = 0  # train.seed
 
     @property
     def label(self) -> str:
         return f"{self.kind} {self.size} {self.budget} steps"
-
-
-def _kind(preset: str, overrides: list[str], default: str) -> str:
-    """The top-level `kind` of a preset (an override kind=... wins), read before choosing the class."""
-    data = yaml.safe_load(configlib.resolve_preset(preset).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{preset}: a config file must hold a mapping of sections")
-    return str(configlib.parse_overrides(list(overrides)).get("kind", data.get("kind", default)))
-
-
-def _tokenizer_class(kind: str, where: str):
-    if kind == "vq":
-        from twostage.tokenizers.vq.config import VQRunConfig
-
-        return VQRunConfig
-    if kind == "kl":
-        from twostage.tokenizers.kl.config import KLRunConfig
-
-        return KLRunConfig
-    raise ConfigError(f"{where}: kind={kind!r} is not a tokenizer kind; choose one of {sorted(GENERATOR_FOR)}")
-
-
-def _generator_class(kind: str):
-    if kind == "ar":
-        from twostage.generators.ar.config import ARRunConfig
-
-        return ARRunConfig
-    from twostage.generators.dit.config import DiTRunConfig
-
-    return DiTRunConfig
-
-
-def default_label(kind: str, cfg: Any) -> str:
-    f = cfg.model.downsample_factor
-    if kind == "vq":
-        return f"vq f{f} K{cfg.model.codebook_size}" + (" +CRT" if cfg.crt.enabled else "")
-    return f"kl f{f}d{cfg.model.latent_channels}" + (" +VF" if cfg.vf.enabled else "")
 
 
 def _data_overrides(data: dict[str, Any]) -> list[str]:
@@ -213,50 +193,49 @@ def _data_overrides(data: dict[str, Any]) -> list[str]:
     return [f"data.{k}={json.dumps(v)}" for k, v in data.items()]
 
 
-def resolve_tokenizer(spec: StudySpec, index: int) -> ResolvedTokenizer:
+def resolve_tokenizer(spec: StudySpec, index: int, seed: int = 0) -> ResolvedTokenizer:
     t = spec.tokenizers[index]
-    where = f"tokenizers[{index}] ({t.preset})"
+    where = f"tokenizers[{index}] ({t.preset}) with train.seed={seed}"
     overrides = [*_data_overrides(spec.data), *spec.tokenizer.overrides, *t.overrides,
-                 f"train.steps={spec.tokenizer.steps}"]
-    kind = _kind(t.preset, overrides, "vq")
-    cls = _tokenizer_class(kind, where)
+                 f"train.steps={spec.tokenizer.steps}", f"train.seed={seed}"]
     try:
-        cfg = configlib.load(cls, t.preset, overrides)
+        kind, cfg = registry.load_config("tokenizer", t.preset, overrides)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
-    if getattr(spec.generators, GENERATOR_FOR[kind]) is None:
-        raise ConfigError(f"{where} is a {kind} tokenizer but the study has no generators.{GENERATOR_FOR[kind]} "
+    gen = registry.generator_for(kind)
+    if gen.name not in spec.generators:
+        raise ConfigError(f"{where} is a {kind.name} tokenizer but the study has no generators.{gen.name} "
                           "section to train on its cache")
-    return ResolvedTokenizer(index, kind, t.preset, overrides, cfg, t.label or default_label(kind, cfg))
+    return ResolvedTokenizer(index, kind.name, t.preset, overrides, cfg, t.label or cfg.label(), seed)
 
 
-def resolve_generator(spec: StudySpec, tok: ResolvedTokenizer, size: str, budget: int) -> ResolvedGenerator:
-    kind = GENERATOR_FOR[tok.kind]
-    g: GeneratorSpec = getattr(spec.generators, kind)
-    overrides = [*g.overrides, f"model.size={size}", f"train.steps={budget}"]
-    where = f"generators.{kind} ({g.preset}, size {size}, {budget} steps)"
-    found = _kind(g.preset, overrides, "ar")
+def resolve_generator(spec: StudySpec, tok: ResolvedTokenizer, size: str, budget: int,
+                      seed: int = 0) -> ResolvedGenerator:
+    kind = registry.generator_for(tok.kind).name
+    g = spec.generators[kind]
+    overrides = [*g.overrides, f"model.size={size}", f"train.steps={budget}", f"train.seed={seed}"]
+    where = f"generators.{kind} ({g.preset}, size {size}, {budget} steps) with train.seed={seed}"
+    found = registry.source_kind("generator", g.preset, overrides)
     if found != kind:
         raise ConfigError(f"{where}: the preset's kind is {found!r}, but a {tok.kind} tokenizer needs a {kind} generator")
     try:
-        cfg = configlib.load(_generator_class(kind), g.preset, overrides)
+        _, cfg = registry.load_config("generator", g.preset, overrides)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
-    return ResolvedGenerator(tok, kind, g.preset, size, budget, overrides, cfg, g)
+    return ResolvedGenerator(tok, kind, g.preset, size, budget, overrides, cfg, g, seed)
 
 
 def resolve_grid(spec: StudySpec) -> tuple[list[ResolvedTokenizer], list[ResolvedGenerator]]:
     """Every tokenizer and generator config of the study, loaded and validated (nothing runs yet)."""
-    toks = [resolve_tokenizer(spec, i) for i in range(len(spec.tokenizers))]
+    toks = [resolve_tokenizer(spec, i, s) for i in range(len(spec.tokenizers)) for s in spec.seeds.tokenizer]
     gens = []
     for tok in toks:
-        g: GeneratorSpec = getattr(spec.generators, GENERATOR_FOR[tok.kind])
+        g = spec.generators[registry.generator_for(tok.kind).name]
         for size in g.sizes:
             for budget in spec.budgets:
-                gens.append(resolve_generator(spec, tok, size, budget))
+                gens += [resolve_generator(spec, tok, size, budget, s) for s in spec.seeds.generator]
     return toks, gens
 
 
-__all__ = ["StudySpec", "TokenizerSpec", "TokenizerSettings", "GeneratorSpec", "GeneratorsSpec", "SampleSettings",
-           "EvalSettings", "ResolvedTokenizer", "ResolvedGenerator", "load_spec", "resolve_grid", "default_label",
-           "GENERATOR_FOR"]
+__all__ = ["StudySpec", "TokenizerSpec", "TokenizerSettings", "GeneratorSpec", "SampleSettings", "EvalSettings",
+           "SeedSettings", "ResolvedTokenizer", "ResolvedGenerator", "load_spec", "resolve_grid"]

@@ -20,11 +20,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from twostage.study import flops as flopslib
-from twostage.study.jobs import Job, Plan, job_done, read_marker, tokenizer_id
+from twostage.study.jobs import (Job, Paths, Plan, eval_suffix, generator_cell, job_done, read_marker, tokenizer_cell,
+                                 tokenizer_id)
 from twostage.study.spec import ResolvedGenerator, StudySpec
 
 SCHEMA = pa.schema([
     ("study", pa.string()), ("run_id", pa.string()), ("tokenizer_id", pa.string()),
+    # replicates: runs of one cell differ only in their seeds (tokenizer / generator train.seed, sampling)
+    ("tokenizer_cell", pa.string()), ("generator_cell", pa.string()), ("tokenizer_seed", pa.int64()),
+    ("generator_seed", pa.int64()), ("eval_seed", pa.int64()),
     ("tokenizer_label", pa.string()), ("generator_label", pa.string()),
     ("tokenizer_kind", pa.string()), ("downsample", pa.int64()), ("tokens_per_image", pa.int64()),
     ("codebook_size", pa.int64()), ("latent_channels", pa.int64()), ("crt", pa.bool_()), ("vf", pa.bool_()),
@@ -69,22 +73,14 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _val_loss(gen: ResolvedGenerator, run: Path) -> tuple[float | None, list[float] | None]:
-    """The validation loss at the run's last step (AR: and per position)."""
-    steps = gen.config.train.steps
-    if gen.kind == "ar":
-        path = run / "val" / f"step_{steps:07d}.json"
-        if path.is_file():
-            record = _json(path)
-            return float(record["loss"]), [float(v) for v in record["per_position"]]
+    """The validation loss at the run's last step, and per token position when the kind records it
+    (every generator kind writes RUN/val/step_XXXXXXX.json)."""
+    path = run / "val" / f"step_{gen.config.train.steps:07d}.json"
+    if not path.is_file():
         return None, None
-    loss = None
-    metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("step") == steps and "val/loss" in record:
-                loss = float(record["val/loss"])
-    return loss, None
+    record = _json(path)
+    per_position = record.get("per_position")
+    return float(record["loss"]), [float(v) for v in per_position] if per_position else None
 
 
 def _tokenizer_columns(gen: ResolvedGenerator, plan: Plan) -> dict[str, Any]:
@@ -100,11 +96,10 @@ def _tokenizer_columns(gen: ResolvedGenerator, plan: Plan) -> dict[str, Any]:
         recon = _json(recon_path)
     m = recon.get("metrics", {})
     return {
-        "tokenizer_id": tid, "tokenizer_label": tok.label, "tokenizer_kind": tok.kind,
+        "tokenizer_id": tid, "tokenizer_cell": tokenizer_cell(tok), "tokenizer_seed": tok.seed,
+        "tokenizer_label": tok.label, "tokenizer_kind": tok.kind,
         "downsample": tok.downsample, "tokens_per_image": tokens,
-        "codebook_size": int(cfg.model.codebook_size) if tok.kind == "vq" else None,
-        "latent_channels": int(cfg.model.latent_channels) if tok.kind == "kl" else None,
-        "crt": bool(tok.kind == "vq" and cfg.crt.enabled), "vf": bool(tok.kind == "kl" and cfg.vf.enabled),
+        **cfg.study_columns(),
         "rfd": _metric(m, ("rFD", "rFID"))[1], "psnr": m.get("PSNR"), "ssim": m.get("SSIM"),
         "codebook_usage": m.get("codebook_usage"),
         # continuous tokenizers (VA-VAE Table 6: lower Gini / higher entropy = more uniform latents)
@@ -116,50 +111,56 @@ def _tokenizer_columns(gen: ResolvedGenerator, plan: Plan) -> dict[str, Any]:
 
 
 def _generator_columns(gen: ResolvedGenerator, job: Job, plan: Plan, tokens_per_image: int) -> dict[str, Any]:
+    """Columns of one generator run (model, compute, validation loss), shared by its evaluation rows."""
     run = job.folder
-    info = _json(run / "model.json")
-    if gen.kind == "ar":
-        params = int(info["parameters"]["non_embedding"])
-        per_token = flopslib.ar_flops_from_model_json(info)
-    else:
-        params = int(info["non_embedding_parameters"])
-        # per latent position (model.json's grid is the tokenizer's), whatever the patch size
-        per_token = flopslib.dit_flops_from_model_json(info, gen.config.model.mlp_ratio)
+    info = _json(run / "model.json")  # uniform keys for every generator kind
     batch = int(gen.config.train.batch_size)
+    per_token = float(info["train_flops_per_token"])  # per token of the tokenizer's grid
     tokens_seen, compute = flopslib.training_compute(per_token, gen.config.train.steps, batch, tokens_per_image)
     val_loss, per_position = _val_loss(gen, run)
-    evaluation = _json(run / "eval" / "gen.json")
-    m = evaluation["metrics"]
-    gfd_name, gfd = _metric(m, ("FD", "FID"))
-    samples = run / "samples.npz"
-    grid = samples.with_suffix(".png")
     device = _json(run / "run.json").get("device_name") if (run / "run.json").is_file() else None
     return {
-        "run_id": job.id.removeprefix("gen-"), "generator_label": gen.label, "generator_kind": gen.kind,
-        "generator_size": gen.size, "train_steps": int(gen.config.train.steps), "batch_size": batch,
-        "params": params, "tokens_seen": tokens_seen, "flops_per_token": per_token, "compute": compute,
-        "val_loss": val_loss, "val_loss_per_position": per_position,
-        "gfd": gfd, "gfd_name": gfd_name, "is_score": _metric(m, ("IS",))[1],
+        "run_id": job.id.removeprefix("gen-"), "generator_cell": generator_cell(gen), "generator_seed": gen.seed,
+        "generator_label": gen.label, "generator_kind": gen.kind, "generator_size": gen.size,
+        "train_steps": int(gen.config.train.steps), "batch_size": batch,
+        "params": int(info["non_embedding_parameters"]), "tokens_seen": tokens_seen, "flops_per_token": per_token,
+        "compute": compute, "val_loss": val_loss, "val_loss_per_position": per_position,
+        "generator_run": _rel(run, plan.root), "device": device,
+    }
+
+
+def _evaluation_columns(spec: StudySpec, job: Job, plan: Plan, seed: int) -> dict[str, Any]:
+    """Columns of one evaluation (one sampling seed) of a generator run."""
+    paths = Paths(plan.root)
+    gid = job.id.removeprefix("gen-")
+    suffix = eval_suffix(spec, seed)
+    evaluation = _json(paths.gen_json(gid, suffix))
+    m = evaluation["metrics"]
+    gfd_name, gfd = _metric(m, ("FD", "FID"))
+    samples = paths.samples(gid, suffix)
+    grid = samples.with_suffix(".png")
+    return {
+        "eval_seed": seed, "gfd": gfd, "gfd_name": gfd_name, "is_score": _metric(m, ("IS",))[1],
         "precision": _metric(m, ("Precision",))[1], "recall": _metric(m, ("Recall",))[1],
         "gen_protocol": json.dumps(evaluation.get("protocol", {})),
-        "generator_run": _rel(run, plan.root), "samples_npz": _rel(samples, plan.root),
-        "grid_png": _rel(grid, plan.root) if grid.is_file() else None, "device": device,
+        "samples_npz": _rel(samples, plan.root), "grid_png": _rel(grid, plan.root) if grid.is_file() else None,
     }
 
 
 def collect_rows(spec: StudySpec, plan: Plan) -> list[dict[str, Any]]:
-    """One row per finished generator job of the plan, in grid order (tokenizer, size, budget)."""
+    """One row per evaluation (sampling seed) of every finished generator job, in grid order
+    (tokenizer, tokenizer seed, size, budget, generator seed, evaluation seed)."""
     rows = []
     tok_jobs = {j.id: j for j in plan.tokenizer_jobs}
     for gen, job in zip(plan.generators, plan.generator_jobs):
         if not job_done(job, plan.root):
             continue
         tok_job = tok_jobs[f"tok-{tokenizer_id(gen.tokenizer)}"]
-        row = {"study": spec.name, **_tokenizer_columns(gen, plan)}
-        row.update(_generator_columns(gen, job, plan, row["tokens_per_image"]))
-        row["wall_s_tokenizer"] = _wall(tok_job, plan.root)
-        row["wall_s_generator"] = _wall(job, plan.root)
-        rows.append(row)
+        run = {"study": spec.name, **_tokenizer_columns(gen, plan)}
+        run.update(_generator_columns(gen, job, plan, run["tokens_per_image"]))
+        run["wall_s_tokenizer"] = _wall(tok_job, plan.root)
+        run["wall_s_generator"] = _wall(job, plan.root)
+        rows += [{**run, **_evaluation_columns(spec, job, plan, seed)} for seed in spec.seeds.eval]
     return rows
 
 

@@ -1,19 +1,15 @@
-"""Stage-1 tokenizers. VQ (LlamaGen VQ-16 family, optional CRT regularizer):
+"""Stage-1 tokenizers: one subpackage per kind (vq/, kl/), named in twostage/registry.py.
 
-    from twostage.tokenizers import Tokenizer
-    tok = Tokenizer.from_pretrained("runs/vq_f8")     # a `twostage tokenizer train` run folder
-    ids = tok.encode(images)                          # (N, h, w); images float [-1, 1] (N, C, H, W)
-    images = tok.decode_indices(ids)
+    from twostage.tokenizers import load_tokenizer
+    tok = load_tokenizer("runs/vq_f8")        # any kind's `twostage tokenizer train` run folder
+    codes = tok.encode(images)                # images float [-1, 1] (N, C, H, W)
+    images = tok.decode(codes)
 
-Training: `VQTokenizerTask(VQRunConfig)` through twostage.engine.trainer.train, or the CLI
-(`twostage tokenizer train | encode | reconstruct`, see twostage/tokenizers/commands.py).
+Shared by the kinds: the inference base class (base.py), the training Task base (autoencoder_task.py),
+the conv trunk (conv.py), the PatchGAN and adaptive weights (discriminator.py), the perceptual loss
+(perceptual.py), config sections (config.py), and training / encoding runs (run.py).
 """
 
-from twostage.tokenizers.vq.config import CRTConfig, VQRunConfig, VQConfig
-from twostage.tokenizers.config import LossConfig
-from twostage.tokenizers.vq.model import VQModel
-from twostage.tokenizers.vq.tokenizer import Tokenizer, TokenizerLoadError
-from twostage.tokenizers.vq.task import VQTokenizerTask
+from twostage.tokenizers.base import CacheLayout, Tokenizer, load_tokenizer
 
-__all__ = ["CRTConfig", "LossConfig", "Tokenizer", "TokenizerLoadError", "VQRunConfig", "VQConfig", "VQModel",
-           "VQTokenizerTask"]
+__all__ = ["CacheLayout", "Tokenizer", "load_tokenizer"]

@@ -13,14 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "group":
-        return nn.GroupNorm(min(32, channels), channels)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"discriminator norm {kind!r}: choose batch, group or none")
+# The discriminator's normalization layers (taming's PatchGAN uses BatchNorm).
+NORMS = {
+    "batch": nn.BatchNorm2d,
+    "group": lambda channels: nn.GroupNorm(min(32, channels), channels),
+    "none": lambda channels: nn.Identity(),
+}
+
+
+def _norm(name: str, channels: int) -> nn.Module:
+    if name not in NORMS:
+        raise ValueError(f"discriminator norm {name!r}: choose one of {list(NORMS)}")
+    return NORMS[name](channels)
 
 
 class PatchGAN(nn.Module):
@@ -73,10 +77,22 @@ D_LOSSES = {"hinge": hinge_d_loss, "non-saturating": non_saturating_d_loss}
 G_LOSSES = {"hinge": hinge_g_loss, "non-saturating": non_saturating_g_loss}
 
 
-def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
-                    max_weight: float = 1e4) -> torch.Tensor:
-    """||d rec / d W|| / (||d gan / d W|| + 1e-4), clamped and detached (a tensor: no host sync)."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    weight = rec_grad.float().norm() / (gan_grad.float().norm() + 1e-4)
-    return weight.clamp(0.0, max_weight).detach()
+def adaptive_weights(rec_loss: torch.Tensor, terms: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     max_weight: dict[str, float] | float = 1e4) -> dict[str, torch.Tensor]:
+    """Adaptive loss weights (taming VQGAN, arXiv:2012.09841 eq. 7; VA-VAE's VF loss, arXiv:2501.01423):
+
+        w_name = clamp(||d rec / d W|| / (||d term / d W|| + 1e-4), 0, max)   for terms {name: (term, W)}
+
+    so each term's gradient at layer W is scaled to the reconstruction's. The reconstruction's
+    gradients at all the layers come from one autograd call; weights are detached device tensors
+    (no host sync).
+    """
+    layers = list({id(w): w for _, w in terms.values()}.values())
+    rec_grads = torch.autograd.grad(rec_loss, layers, retain_graph=True)
+    rec_norm = {id(w): g.float().norm() for w, g in zip(layers, rec_grads)}
+    out = {}
+    for name, (loss, layer) in terms.items():
+        grad = torch.autograd.grad(loss, layer, retain_graph=True)[0]
+        cap = max_weight[name] if isinstance(max_weight, dict) else max_weight
+        out[name] = (rec_norm[id(layer)] / (grad.float().norm() + 1e-4)).clamp(0.0, cap).detach()
+    return out

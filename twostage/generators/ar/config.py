@@ -2,7 +2,7 @@
 
     cfg = twostage.config.load(ARRunConfig, "ar_fmnist_tiny", ["model.size=mini", "train.steps=2000"])
 
-The AR defaults are the LlamaGen GPT recipe (METHODS section 4). Everything that depends on the
+The AR defaults are the LlamaGen GPT recipe (arXiv 2406.06525). Everything that depends on the
 token cache (codebook size, number of classes, grid) is read from the cache when training starts and
 recorded in the run's model.json, so one preset serves caches of any tokenizer.
 """
@@ -15,7 +15,7 @@ from twostage.config import ConfigError, check
 from twostage.engine.config import TrainConfig
 from twostage.engine.task import OptimConfig
 
-# (layers, width, heads). B..3B are the published LlamaGen GPT shapes (METHODS section 4); the small
+# (layers, width, heads). B..3B are the published LlamaGen GPT shapes (arXiv 2406.06525); the small
 # ones are for tests and small data (Fashion-MNIST tokens) and follow the same head width of 32-64.
 AR_SHAPES: dict[str, tuple[int, int, int]] = {
     "tiny": (2, 64, 4),
@@ -80,6 +80,7 @@ class ValConfig:
 class SampleConfig:
     """Defaults of `generator sample` and of the sample grid written at each checkpoint."""
 
+    # Classifier-free guidance scale (twostage/generators/guidance.py): 1 = none, 0 = unconditional.
     cfg_scale: float = field(default=2.0, metadata=check(ge=0))
     # Sampling step after which CFG stops (None: guide every step).
     cfg_until: int | None = field(default=None, metadata=check(ge=0))

@@ -3,25 +3,17 @@
 Everything here works on (B, V) tensors with static shapes and no host synchronization, so it can
 sit inside a compiled, CUDA-graphed decoding step.
 
-Order of operations per step (LlamaGen's): classifier-free guidance on the logits, temperature,
-top-k, top-p, then a categorical draw. The draw uses the Gumbel-max identity
-argmax(l - log E), E ~ Exp(1), which samples softmax(l) exactly; the noise E is drawn outside the
-step from an explicit generator so that a seed reproduces a run.
+Order of operations per step (LlamaGen's, arXiv 2406.06525): classifier-free guidance on the
+logits (twostage/generators/guidance.py), temperature, top-k, top-p, then a categorical draw. The draw
+uses the Gumbel-max identity argmax(l - log E), E ~ Exp(1), which samples softmax(l) exactly; the
+noise E is drawn outside the step from an explicit generator so that a seed reproduces a run.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-
-def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """l = l_u + s * (l_c - l_u), written as l_c + (s - 1) * (l_c - l_u).
-
-    The two forms are equal in exact arithmetic; the second gives exactly l_c at s = 1, so guidance
-    with scale 1 samples exactly what conditional sampling does.
-    """
-    return cond + (scale - 1.0) * (cond - uncond)
+from twostage.generators.guidance import combine
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -60,11 +52,6 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     return top_p_filter(top_k_filter(logits, top_k), top_p)
 
 
-def draw_noise(batch: int, vocab: int, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
-    """Exp(1) noise (batch, vocab) float32 for one Gumbel-max draw."""
-    return torch.empty(batch, vocab, device=device, dtype=torch.float32).exponential_(generator=generator)
-
-
 def sample_logits(logits: torch.Tensor, noise: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
     """One token per row (int64) from filtered logits: argmax(l - log E) samples softmax(l);
     temperature 0 (or no noise) takes the argmax."""
@@ -73,25 +60,20 @@ def sample_logits(logits: torch.Tensor, noise: torch.Tensor | None, temperature:
     return (logits.float() - noise.log()).argmax(-1)
 
 
-def guided_step(logits: torch.Tensor, noise: torch.Tensor | None, *, batch: int, cfg_scale: float | None,
+def guided_step(logits: torch.Tensor, noise: torch.Tensor | None, *, batch: int, cfg_scale: float,
                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Next tokens (batch,) from the logits of a (possibly CFG-doubled) batch.
+    """Next tokens (batch,) from the logits of the sampler's rows.
 
-    logits is (batch, V) without guidance, or (2 * batch, V) with the conditional half first and the
-    unconditional half second, combined with scale `cfg_scale`.
+    logits is (batch, V) for an unguided step, or (2 * batch, V) with the conditional half first and
+    the unconditional half second, combined at `cfg_scale` by the one guidance rule
+    (twostage/generators/guidance.py). Which of the two it is is a static shape, so a compiled step
+    specializes on it without a host synchronization.
     """
     logits = logits.float()
-    if cfg_scale is not None:
-        logits = cfg_logits(logits[:batch], logits[batch:], cfg_scale)
+    if logits.shape[0] != batch:
+        logits = combine(logits[:batch], logits[batch:], cfg_scale)
     logits = filter_logits(logits, temperature, top_k, top_p)
     return sample_logits(logits, noise, temperature)
 
 
-def balanced_labels(n: int, num_classes: int) -> np.ndarray:
-    """n class labels with equal counts per class (METHODS 9), grouped by class: [0,0,..,1,1,..].
-
-    When n is not a multiple of num_classes the first n % num_classes classes get one more.
-    """
-    if n < 0 or num_classes <= 0:
-        raise ValueError(f"need n >= 0 and num_classes > 0, got {n}, {num_classes}")
-    return np.sort(np.arange(n, dtype=np.int64) % num_classes, kind="stable")
+__all__ = ["top_k_filter", "top_p_filter", "filter_logits", "sample_logits", "guided_step"]

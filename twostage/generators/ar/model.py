@@ -1,15 +1,16 @@
-"""Class-conditional Llama-style autoregressive transformer over VQ codes (LlamaGen GPT, METHODS 4).
+"""Class-conditional Llama-style autoregressive transformer over VQ codes (LlamaGen GPT, arXiv 2406.06525).
 
     model = AR_MODELS["B"](vocab_size=16384, num_classes=1000, grid=(16, 16))
     logits = model(tokens, labels)                  # (B, N, V): [class, z_0..z_{N-2}] -> z_0..z_{N-1}
     ce = model(tokens, labels, per_token_loss=True)  # (B, N) float32 cross-entropy
 
 Blocks are pre-norm (RMSNorm) with fused-qkv attention through scaled_dot_product_attention (flash
-attention on GPUs), 2D RoPE on the token grid (the class prefix unrotated) and a SwiGLU feed-forward
-whose gate and up projections are one matrix. The label embedding has num_classes + 1 rows: the
-last is the null class of classifier-free guidance (label dropout happens in the training task).
+attention on GPUs), 2D RoPE on the token grid (twostage/nn/rope.py; the class prefix unrotated) and a
+SwiGLU feed-forward whose gate and up projections are one matrix (twostage/nn/layers.py). The label
+embedding has num_classes + 1 rows: the last is the null class of classifier-free guidance (arXiv
+2207.12598; label dropout happens in the training task).
 
-Decoding (see ar_sample.py) uses the same modules with a static KV cache: `setup_caches`, then
+Decoding (sampler.py) uses the same modules with a static KV cache: `setup_caches`, then
 `prefill(labels)` for the class prefix and `decode(tokens, pos, kv_positions)` for one token a step.
 """
 
@@ -24,35 +25,10 @@ from torch import nn
 
 from twostage.generators.ar.config import AR_SHAPES, ARModelConfig
 from twostage.generators.ar.kv_cache import KVCache
+from twostage.nn.layers import RMSNorm, SwiGLU
 from twostage.nn.rope import apply_rope, rope_2d_tables
 
 PREFIX = 1  # one class token
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, width: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in float32: the bf16 mean of squares is too coarse for the residual stream.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight.to(x.dtype)
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, width: int, hidden: int, dropout: float):
-        super().__init__()
-        self.hidden = hidden
-        self.gate_up = nn.Linear(width, 2 * hidden, bias=False)  # w1 and w3 as one matmul
-        self.down = nn.Linear(hidden, width, bias=False)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.drop(self.down(F.silu(gate) * up))
 
 
 class Attention(nn.Module):
@@ -91,7 +67,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(width, cfg.norm_eps)
         self.attn = Attention(width, heads, cfg.attn_dropout, cfg.resid_dropout)
         self.ffn_norm = RMSNorm(width, cfg.norm_eps)
-        self.ffn = SwiGLU(width, cfg.ffn_hidden, cfg.ffn_dropout)
+        self.ffn = SwiGLU(width, cfg.ffn_hidden, bias=False, dropout=cfg.ffn_dropout)
 
     def forward(self, x, cos, sin, cache_pos=None, kv_valid=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache_pos, kv_valid)
@@ -210,17 +186,37 @@ class ARTransformer(nn.Module):
         return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
     def flops_per_token(self) -> dict[str, float]:
-        """Training and forward FLOPs per token.
-
-        train = 6 * N + 12 * layers * width * T, forward = 2 * N + 4 * layers * width * T, where N is
-        the non-embedding parameter count (every matmul weight, the output head included; embedding
-        lookups do no arithmetic) and T the sequence length (attention scores and weighted sum,
-        counted for the full T x T square as in PaLM's MFU convention, not halved for causality).
-        """
-        n = self.param_counts()["non_embedding"]
+        """Training and forward FLOPs per token (`forward_flops_per_token`; training = 3 x forward)."""
         layers, width, _ = self.cfg.shape
-        attn = layers * width * self.seq_len
-        return {"train": 6.0 * n + 12.0 * attn, "forward": 2.0 * n + 4.0 * attn}
+        forward = forward_flops_per_token(layers, width, self.cfg.ffn_hidden, self.vocab_size, self.seq_len)
+        return {"train": 3.0 * forward, "forward": forward}
+
+    def architecture(self) -> dict:
+        """The AR kind's own keys of model.json (twostage/generators/runs.py has the shared ones)."""
+        layers, width, heads = self.cfg.shape
+        return {"size": self.cfg.size, "layers": layers, "width": width, "heads": heads,
+                "ffn_hidden": self.cfg.ffn_hidden, "vocab_size": self.vocab_size, "seq_len": self.seq_len,
+                "flops_formula": "train = 6*N_matmul + 12*layers*width*seq_len per token"}
+
+
+def forward_flops_per_token(layers: int, width: int, ffn_hidden: int, vocab_size: int, seq_len: int) -> float:
+    """Matmul FLOPs of one token's forward pass (2 per multiply-add; twostage/study/flops.py's convention).
+
+    Per layer: qkv 6 w^2, output 2 w^2, SwiGLU gate+up 4 w h and down 2 h w, attention scores and
+    the weighted sum 4 T w (the full T x T square, as in PaLM's MFU accounting, not halved for the
+    causal mask); then the head 2 w V. That is 2 N + 4 L w T with N the matmul parameters
+    (`matmul_parameters`), so training = 6 N + 12 L w T: the classic 6 N D plus the attention term.
+    Embedding lookups and norms do no matmuls and are left out.
+    """
+    w, h = width, ffn_hidden
+    per_layer = 8 * w * w + 6 * w * h + 4 * seq_len * w
+    return float(layers * per_layer + 2 * w * vocab_size)
+
+
+def matmul_parameters(layers: int, width: int, ffn_hidden: int, vocab_size: int) -> int:
+    """Parameters of the model's matmuls (N of 6 N D): blocks and output head, no embeddings or norms."""
+    w, h = width, ffn_hidden
+    return layers * (4 * w * w + 3 * w * h) + w * vocab_size
 
 
 def build_ar(size: str, vocab_size: int, num_classes: int, grid: tuple[int, int], **overrides) -> ARTransformer:
@@ -232,19 +228,4 @@ def build_ar(size: str, vocab_size: int, num_classes: int, grid: tuple[int, int]
 AR_MODELS: dict[str, Callable[..., ARTransformer]] = {name: functools.partial(build_ar, name) for name in AR_SHAPES}
 
 
-def describe(model: ARTransformer, tokens_per_step: int | None = None) -> dict:
-    """The numbers recorded in a run's model.json."""
-    layers, width, heads = model.cfg.shape
-    flops = model.flops_per_token()
-    out = {
-        "kind": "ar", "size": model.cfg.size, "layers": layers, "width": width, "heads": heads,
-        "ffn_hidden": model.cfg.ffn_hidden, "vocab_size": model.vocab_size, "num_classes": model.num_classes,
-        "grid": list(model.grid), "seq_len": model.seq_len, "parameters": model.param_counts(),
-        "flops_per_token_train": flops["train"], "flops_per_token_forward": flops["forward"],
-        "flops_formula": "train = 6*N_non_embedding + 12*layers*width*seq_len per token",
-    }
-    if tokens_per_step is not None:
-        out["tokens_per_step"] = tokens_per_step
-        out["flops_per_step_train"] = flops["train"] * tokens_per_step
-    return out
-
+__all__ = ["PREFIX", "ARTransformer", "AR_MODELS", "build_ar", "forward_flops_per_token", "matmul_parameters"]

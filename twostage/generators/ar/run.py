@@ -1,12 +1,15 @@
-"""A trained AR run as a sampler: load its weights, draw N images, write the samples file.
+"""AR runs end to end: train on a token cache, load a run, sample N images to a samples file.
 
-    model, info = load_ar_run("runs/ar_B", device="cuda")
-    sample_ar_run("runs/ar_B", num=50_000, out="samples/ar_B_cfg2.npz", cfg_scale=2.0)
+    train_run(cfg, "caches/f8_train", "runs/ar_B", val_cache="caches/f8_val")
+    model, info = load_run("runs/ar_B", device="cuda")
+    sample_run("runs/ar_B", num=50_000, out="samples/ar_B_cfg2.npz", cfg_scale=2.0)
+
+The kind's entry points named in twostage/registry.py, with the same signatures as the DiT kind's.
+Run folder and samples file as for every generator (twostage/generators/runs.py, outputs.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,90 +18,91 @@ from typing import Any
 import numpy as np
 import torch
 
-from twostage import config as configlib
-from twostage.engine import checkpoint as ckpt
+from twostage.common.device import resolve_device
+from twostage.common.images import to_uint8
+from twostage.data.token_cache import CacheDataset
+from twostage.generators import runs
+from twostage.generators.ar.config import ARRunConfig
 from twostage.generators.ar.model import ARTransformer
 from twostage.generators.ar.sampler import ARSampler
-from twostage.generators.ar.task import MODULE
-from twostage.generators.ar.config import ARRunConfig
-from twostage.generators.outputs import RunLoadError, load_tokenizer, save_samples, to_uint8
-from twostage.generators.ar.filters import balanced_labels
+from twostage.generators.ar.task import MODULE, ARTask, check_token_cache
+from twostage.generators.guidance import resolve_scale
+from twostage.generators.outputs import balanced_labels, load_decoder, save_samples
 
 log = logging.getLogger(__name__)
 
+KIND = "ar"
+ARCH_KEYS = ("layers", "width", "heads", "vocab_size", "num_classes", "grid")
 
-def load_ar_run(run_dir: str | Path, *, device: str | torch.device = "cpu", weights: str = "auto",
-                step: int | None = None) -> tuple[ARTransformer, dict[str, Any]]:
-    """The run's model (eval mode, fp32) and its model.json record (+ "weights", "step", "config").
+
+def train_run(cfg: ARRunConfig, cache: str | Path, out: str | Path, *,
+              val_cache: str | Path | None = None, resume_changes: bool = False) -> dict[str, float]:
+    """Train (or resume) an AR generator on a token cache into `out`; returns the last logs."""
+    from twostage.engine.trainer import seed_everything, train
+
+    cache, out = Path(cache), Path(out)
+    data = CacheDataset(cache, seed=cfg.train.seed)
+    check_token_cache(data.meta, cache)
+    val = None
+    if val_cache is not None:
+        val = CacheDataset(Path(val_cache), random_variant=False)
+        check_token_cache(val.meta, Path(val_cache))
+        runs.check_val_cache(data.meta, val.meta, val_cache, ("grid", "codebook_size", "num_classes",
+                                                             "tokenizer_checksum"))
+    seed_everything(cfg.train.seed)  # module init depends on it
+    task = ARTask(cfg, data.meta, val_data=val)
+    info = runs.model_record(KIND, task.model, data.meta, batch_size=cfg.train.batch_size, train_cache=cache,
+                             val_cache=val_cache, train_samples=len(data))
+    runs.write_model(out, info, ARCH_KEYS)
+    log.info("AR %s: %.1fM parameters (%.1fM non-embedding), %.3g training FLOPs per step", cfg.model.size,
+             info["parameters"] / 1e6, info["non_embedding_parameters"] / 1e6, info["train_flops_per_step"])
+    return train(task, cfg.train, data, out, full_config=cfg, resume_changes=resume_changes)
+
+
+def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", weights: str = "auto",
+             step: int | None = None) -> tuple[ARTransformer, dict[str, Any]]:
+    """The run's model (eval mode, fp32) and its model.json record plus "config", "weights" (ema |
+    raw), "step" and "checksum" (twostage/generators/runs.py: load_generator_run).
 
     weights: "ema" (fail if absent), "raw", or "auto" (EMA when the checkpoint has it).
     """
-    run_dir = Path(run_dir)
-    for name in ("config.yaml", "model.json"):
-        if not (run_dir / name).is_file():
-            raise RunLoadError(f"{run_dir} is not an AR generator run (no {name}); train one with "
-                               "`twostage generator train CONFIG --tokens CACHE --out RUN`")
-    cfg = configlib.load(ARRunConfig, run_dir / "config.yaml")
-    info = json.loads((run_dir / "model.json").read_text())
-    folder = run_dir / "checkpoints"
-    path = folder / f"step_{step:07d}" if step is not None else ckpt.latest_checkpoint(folder)
-    if path is None or not (path / "model.safetensors").is_file():
-        raise RunLoadError(f"{run_dir} has no checkpoint{'' if step is None else f' at step {step}'}")
-    from safetensors.torch import load_file
+    def build(cfg: ARRunConfig, info: dict[str, Any]) -> ARTransformer:
+        return ARTransformer(cfg.model, info["vocab_size"], info["num_classes"], tuple(info["grid"]))
 
-    if weights not in ("auto", "ema", "raw"):
-        raise ValueError(f"weights must be auto, ema or raw; got {weights!r}")
-    file = path / "ema.safetensors"
-    if weights == "ema" and not file.is_file():
-        raise RunLoadError(f"{path} has no EMA weights (the run trained without train.ema_decay); use --weights raw")
-    if weights == "raw" or not file.is_file():
-        file = path / "model.safetensors"
-    prefix = f"{MODULE}."
-    state = {k[len(prefix):].replace("_orig_mod.", ""): v for k, v in load_file(str(file)).items() if k.startswith(prefix)}
-    model = ARTransformer(cfg.model, info["vocab_size"], info["num_classes"], tuple(info["grid"]))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise RunLoadError(f"{file} does not match the model in {run_dir}/config.yaml: {err}") from None
-    info = {**info, "weights": file.stem, "step": int(ckpt.STEP_DIR.match(path.name).group(1)), "config": cfg}
-    return model.to(device).eval(), info
+    return runs.load_generator_run(run_dir, KIND, ARRunConfig, MODULE, build, device=device, weights=weights,
+                                   step=step)
 
 
-def sample_ar_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: float | None = None,
-                  cfg_until: int | None = None, temperature: float | None = None, top_k: int | None = None,
-                  top_p: float | None = None, seed: int = 0, batch_size: int = 64, weights: str = "auto",
-                  step: int | None = None, tokenizer: str | Path | None = None, device: str = "auto",
-                  precision: str = "bf16", compile: bool = False, grid: int = 64, decoder: Any = None,
-                  tokens_only: bool = False) -> Path:
-    """Sample `num` images with balanced labels and write OUT.npz / .json / .png.
+def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: float | None = None, seed: int = 0,
+               batch_size: int = 64, weights: str = "auto", step: int | None = None,
+               tokenizer: str | Path | None = None, device: str | torch.device = "auto", precision: str = "bf16",
+               compile: bool = False, grid: int = 64, cfg_until: int | None = None,
+               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+               tokens_only: bool | None = None) -> Path:
+    """Sample `num` images with balanced labels and write OUT.npz / .json / .png; returns the .npz path.
 
-    Settings left None come from the run's `sample:` config. precision bf16 casts the weights and
-    the KV cache to bf16 (CUDA only; fp32 elsewhere). `decoder` replaces the tokenizer (an object
-    with decode_indices(indices (N, h, w)) -> float images (N, C, H, W) in [-1, 1]); with
-    tokens_only no images are decoded (the npz then holds tokens and labels only).
+    Settings left None come from the run's `sample:` config; cfg_scale follows the one guidance rule
+    (twostage/generators/guidance.py: 1 = none, 0 = unconditional). precision bf16 casts the weights
+    and the KV cache to bf16 (CUDA only; fp32 elsewhere). `tokenizer` replaces the run that made the
+    training cache for decoding; with tokens_only no images are decoded (the npz then holds tokens and
+    labels only).
     """
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    model, info = load_ar_run(run_dir, device=dev, weights=weights, step=step)
+    dev = resolve_device(device)
+    model, info = load_run(run_dir, device=dev, weights=weights, step=step)
     s = info["config"].sample
     settings = {
-        "cfg_scale": s.cfg_scale if cfg_scale is None else cfg_scale,
-        "cfg_until": s.cfg_until if cfg_until is None else cfg_until,
-        "temperature": s.temperature if temperature is None else temperature,
-        "top_k": s.top_k if top_k is None else top_k,
-        "top_p": s.top_p if top_p is None else top_p,
+        "cfg_scale": resolve_scale(cfg_scale, s.cfg_scale),
+        "cfg_until": s.cfg_until if cfg_until is None else int(cfg_until),
+        "temperature": s.temperature if temperature is None else float(temperature),
+        "top_k": s.top_k if top_k is None else int(top_k),
+        "top_p": s.top_p if top_p is None else float(top_p),
     }
-    use_bf16 = precision == "bf16" and dev.type == "cuda"
+    use_bf16 = runs.sampling_precision(precision, dev)
     if use_bf16:
         model = model.to(torch.bfloat16)
-    if decoder is None and not tokens_only:
-        decoder = load_tokenizer(tokenizer or info["tokenizer_run"], dev)
-        checksum = getattr(decoder, "checksum", None)
-        if checksum and info.get("tokenizer_checksum") and checksum != info["tokenizer_checksum"]:
-            log.warning("the tokenizer's weights (sha256 %s) differ from those that made the training cache (%s)",
-                        checksum[:12], info["tokenizer_checksum"][:12])
-    # Scale 1 is conditional sampling: skip the doubled batch (same tokens, half the work).
-    guided = {**settings, "cfg_scale": 0.0 if settings["cfg_scale"] == 1.0 else settings["cfg_scale"]}
-    sampler = ARSampler(model, batch_size=min(batch_size, max(num, 1)), compile=compile, **guided)
+    tok = None if tokens_only else load_decoder(tokenizer or info["tokenizer_run"], dev,
+                                                info.get("tokenizer_checksum", ""))
+    sampler = ARSampler(model, batch_size=min(batch_size, max(num, 1)), compile=compile, **settings)
     labels = balanced_labels(num, model.num_classes)
     start = time.perf_counter()
     token_chunks, image_chunks = [], []
@@ -108,9 +112,9 @@ def sample_ar_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: 
         part = labels[i : i + chunk]
         tokens = sampler.sample(torch.from_numpy(part), seed=seed, first_batch=i // sampler.batch)
         token_chunks.append(tokens.cpu().numpy())
-        if decoder is not None:
+        if tok is not None:
             for j in range(0, len(tokens), sampler.batch):
-                image_chunks.append(to_uint8(decoder.decode_indices(tokens[j : j + sampler.batch])))
+                image_chunks.append(to_uint8(tok.decode(tokens[j : j + sampler.batch])))
         log.info("sampled %d / %d", min(num, i + chunk), num)
     sampler.release()
     if dev.type == "cuda":
@@ -129,4 +133,7 @@ def sample_ar_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: 
     extra = {"run": str(Path(run_dir).resolve()), "tokenizer_run": str(tokenizer or info.get("tokenizer_run")),
              "seconds": elapsed, "images_per_s": num / max(elapsed, 1e-9), "device": str(dev)}
     return save_samples(Path(out), images, labels, protocol, tokens=tokens, extra=extra,
-                        grid=grid if decoder is not None else 0)
+                        grid=grid if tok is not None else 0)
+
+
+__all__ = ["KIND", "train_run", "load_run", "sample_run"]

@@ -3,15 +3,15 @@
     sampler = ARSampler(model, batch_size=64, cfg_scale=2.0, compile=True)
     tokens = sampler.sample(labels, seed=0)         # (N, h, w) int64 on the model's device
 
-Per batch: the class prefix is prefilled (conditional rows first, the null class second when CFG is
-on, so the batch is doubled), then one token per step. A step is one function (embed, all blocks
-against the cache, head, CFG, temperature / top-k / top-p, Gumbel-max draw). On a GPU it is
-compiled (fused kernels) and captured as a CUDA graph per cache-bucket length that reads the
-position from a device tensor, writes the token into the output buffer and advances the position
-itself: a step then costs the host one noise launch and one graph replay, with no host sync and no
-per-kernel launch cost. (torch.compile's own "reduce-overhead" graphs were measured slower: their
-per-call guard and input checks cost ~0.5 ms of host time per step, more than the step itself at
-batch 64.)
+Per batch: the class prefix is prefilled (conditional rows first, the null class second when
+guidance is on, i.e. cfg_scale != 1, so the batch is doubled), then one token per step. A step is
+one function (embed, all blocks against the cache, head, CFG, temperature / top-k / top-p,
+Gumbel-max draw). On a GPU it is compiled (fused kernels) and captured as a CUDA graph per
+cache-bucket length that reads the position from a device tensor, writes the token into the output
+buffer and advances the position itself: a step then costs the host one noise launch and one graph
+replay, with no host sync and no per-kernel launch cost. (torch.compile's own "reduce-overhead"
+graphs were measured slower: their per-call guard and input checks cost ~0.5 ms of host time per
+step, more than the step itself at batch 64.)
 
 Shapes are static: the last batch is padded, the cache is allocated once at its final size, and each
 step reads the cache prefix of its bucket length (kv_cache.py).
@@ -27,9 +27,11 @@ import logging
 import torch
 import torch._dynamo
 
-from twostage.generators.ar.model import PREFIX, ARTransformer
-from twostage.generators.ar.kv_cache import bucket_length
+from twostage.config import ConfigError
+from twostage.generators import guidance
 from twostage.generators.ar.filters import guided_step
+from twostage.generators.ar.kv_cache import bucket_length
+from twostage.generators.ar.model import PREFIX, ARTransformer
 
 log = logging.getLogger(__name__)
 
@@ -41,27 +43,29 @@ def _raise_recompile_limit(n: int) -> None:
 
 
 class ARSampler:
-    def __init__(self, model: ARTransformer, *, batch_size: int = 64, cfg_scale: float | None = 2.0,
+    def __init__(self, model: ARTransformer, *, batch_size: int = 64, cfg_scale: float = 1.0,
                  cfg_until: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  kv_bucket: int = 32, compile: bool = False, compile_mode: str = "default",
                  cuda_graphs: bool | None = None, dtype: torch.dtype | None = None):
-        """cfg_scale None or <= 0 samples without guidance (no doubled batch); 1 runs the doubled
-        batch and equals conditional sampling. cfg_until: steps 0..cfg_until-1 are guided (step 0
-        draws z_0), later ones use the conditional logits only. compile_mode is torch.compile's
-        (default, max-autotune-no-cudagraphs). cuda_graphs (default: on CUDA devices) captures the
-        steps. dtype: the cache dtype (default: the model's)."""
+        """cfg_scale follows the one guidance rule (twostage/generators/guidance.py): 1 samples the
+        conditional model alone (no doubled batch), any other s runs the doubled batch and draws from
+        uncond + s (cond - uncond) (s = 0: unconditional). cfg_until: steps 0..cfg_until-1 are guided
+        (step 0 draws z_0), later ones use the conditional logits only. compile_mode is
+        torch.compile's (default, max-autotune-no-cudagraphs). cuda_graphs (default: on CUDA devices)
+        captures the steps. dtype: the cache dtype (default: the model's)."""
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+            raise ConfigError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
         self.model = model.eval()
         self.batch = batch_size
-        self.cfg_scale = cfg_scale if cfg_scale and cfg_scale > 0 else None
+        self.cfg_scale = guidance.check_scale(cfg_scale)
+        self.guided = guidance.active(self.cfg_scale)  # the batch is doubled: [conditional; null class]
         self.cfg_until = cfg_until
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.kv_bucket = kv_bucket
         self.dtype = dtype
-        self.rows = 2 * batch_size if self.cfg_scale is not None else batch_size
+        self.rows = 2 * batch_size if self.guided else batch_size
         self.compiled = compile
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._step = self._decode_step
@@ -79,17 +83,17 @@ class ARSampler:
         return self.model.head.weight.device
 
     def _guided(self, step: int) -> bool:
-        return self.cfg_scale is not None and (self.cfg_until is None or step < self.cfg_until)
+        return self.guided and (self.cfg_until is None or step < self.cfg_until)
 
     def _next(self, logits: torch.Tensor, noise: torch.Tensor | None, guided: bool) -> torch.Tensor:
-        if self.cfg_scale is not None and not guided:
-            logits = logits[: self.batch]  # CFG switched off: conditional rows only
-        return guided_step(logits, noise, batch=self.batch, cfg_scale=self.cfg_scale if guided else None,
-                           temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        if not guided:
+            logits = logits[: self.batch]  # no guidance, or CFG switched off: conditional rows only
+        return guided_step(logits, noise, batch=self.batch, cfg_scale=self.cfg_scale, temperature=self.temperature,
+                           top_k=self.top_k, top_p=self.top_p)
 
     def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_positions: torch.Tensor,
                      noise: torch.Tensor | None, guided: bool, record: bool = False):
-        fed = torch.cat([tokens, tokens]) if self.cfg_scale is not None else tokens
+        fed = torch.cat([tokens, tokens]) if self.guided else tokens
         logits = self.model.decode(fed, pos, kv_positions)
         nxt = self._next(logits, noise, guided)
         return nxt, (logits[: self.batch].float() if record else None)
@@ -158,7 +162,7 @@ class ARSampler:
             return None if noise_buf is None else noise_buf.exponential_(generator=gen)
 
         fed_labels = labels
-        if self.cfg_scale is not None:
+        if self.guided:
             fed_labels = torch.cat([labels, torch.full_like(labels, model.null_class)])
         first = model.prefill(fed_labels)
         st["out"][0] = self._next(first, noise(), self._guided(0))

@@ -2,7 +2,7 @@
 
     cfg = twostage.config.load(DiTRunConfig, "dit_fmnist", ["model.size=B", "model.patch_size=2"])
 
-Defaults are LightningDiT's (METHODS section 7): rectified flow with logit-normal times and the
+Defaults are LightningDiT's (arXiv 2501.01423): rectified flow with logit-normal times and the
 velocity-direction loss, AdamW lr 2e-4 betas (0.9, 0.95) no weight decay, EMA 0.9999, label dropout
 0.1, Euler sampling with timestep shift 0.3 and a CFG interval. As with the AR generator, everything
 that depends on the cache (latent channels, grid, classes, latent statistics) is read from the cache
@@ -67,7 +67,7 @@ class DiTModelConfig:
 class FlowConfig:
     """Rectified-flow training objective (time convention: twostage/generators/dit/flow.py)."""
 
-    time_sampling: str = field(default="logit_normal", metadata=check(choices=TIME_SAMPLERS))
+    time_sampling: str = field(default="logit_normal", metadata=check(choices=tuple(TIME_SAMPLERS)))
     logit_mean: float = 0.0
     logit_std: float = field(default=1.0, metadata=check(gt=0))
     direction_weight: float = field(default=1.0, metadata=check(ge=0))  # velocity-direction loss; 0 = MSE only
@@ -79,10 +79,11 @@ class FlowConfig:
 class DiTSampleConfig:
     """Defaults of `generator sample` and of the sample grid written at each checkpoint."""
 
-    sampler: str = field(default="euler", metadata=check(choices=SAMPLERS))
+    sampler: str = field(default="euler", metadata=check(choices=tuple(SAMPLERS)))
     steps: int = field(default=250, metadata=check(gt=0))
     shift: float = field(default=0.3, metadata=check(gt=0))  # timestep shift s (data-side convention)
-    cfg_scale: float = field(default=1.0, metadata=check(ge=0))  # 1 = no guidance
+    # Classifier-free guidance scale (twostage/generators/guidance.py): 1 = none, 0 = unconditional.
+    cfg_scale: float = field(default=1.0, metadata=check(ge=0))
     # Guidance only for t in [start, end] (t = 1 is data): off for the noisiest part of the path.
     cfg_interval_start: float = field(default=0.1, metadata=check(ge=0, le=1))
     cfg_interval_end: float = field(default=1.0, metadata=check(ge=0, le=1))

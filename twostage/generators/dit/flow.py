@@ -1,4 +1,4 @@
-"""Rectified-flow math of the continuous generator (LightningDiT, METHODS section 7).
+"""Rectified-flow math of the continuous generator (rectified flow arXiv 2209.03003, LightningDiT 2501.01423).
 
 TIME CONVENTION (the only place it is defined; everything in twostage uses it):
 
@@ -18,13 +18,14 @@ functions are elementwise tensor code without host synchronization.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 NOISE_T = 0.0
 DATA_T = 1.0
 
-TIME_SAMPLERS = ("logit_normal", "uniform")
 
 
 def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -43,19 +44,28 @@ def velocity_target(x1: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return x1 - noise
 
 
+def _logit_normal(n: int, mean: float, std: float, device, generator) -> torch.Tensor:
+    """t = sigmoid(m + s * n), n ~ N(0, 1) (SD3 / LightningDiT): concentrates training on intermediate
+    times, where the velocity is hardest to predict."""
+    z = torch.randn(n, device=device, generator=generator)
+    return torch.sigmoid(mean + std * z)
+
+
+def _uniform(n: int, mean: float, std: float, device, generator) -> torch.Tensor:
+    """t ~ U(0, 1) (plain rectified flow)."""
+    return torch.rand(n, device=device, generator=generator)
+
+
+# name -> sampler(n, mean, std, device, generator) of training times; `flow.time_sampling` picks one.
+TIME_SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"logit_normal": _logit_normal, "uniform": _uniform}
+
+
 def sample_time(n: int, *, kind: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
                 device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
-    """Training times (n,) float32 in (0, 1).
-
-    logit_normal: t = sigmoid(m + s * n), n ~ N(0, 1) (SD3 / LightningDiT): concentrates training on
-    intermediate times, where the velocity is hardest to predict. uniform: t ~ U(0, 1).
-    """
-    if kind == "logit_normal":
-        z = torch.randn(n, device=device, generator=generator)
-        return torch.sigmoid(mean + std * z)
-    if kind == "uniform":
-        return torch.rand(n, device=device, generator=generator)
-    raise ValueError(f"time sampler {kind!r}: choose one of {list(TIME_SAMPLERS)}")
+    """Training times (n,) float32 in (0, 1) from the TIME_SAMPLERS entry `kind`."""
+    if kind not in TIME_SAMPLERS:
+        raise ValueError(f"time sampler {kind!r}: choose one of {list(TIME_SAMPLERS)}")
+    return TIME_SAMPLERS[kind](n, mean, std, device, generator)
 
 
 def shift_time(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:

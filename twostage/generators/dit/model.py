@@ -1,4 +1,4 @@
-"""LightningDiT: a class-conditional diffusion transformer that predicts flow velocities (METHODS 7).
+"""LightningDiT (arXiv 2501.01423): a class-conditional diffusion transformer that predicts flow velocities.
 
     model = DIT_MODELS["B"](in_channels=32, grid=(16, 16), num_classes=1000, patch_size=1)
     v = model(x_t, t, labels)          # x_t (N, C, H, W), t (N,) in [0, 1] (1 = data), labels (N,)
@@ -7,11 +7,12 @@ Architecture: patchify (a linear map of p x p patches) + fixed 2D sin-cos positi
 AdaLN-modulated final norm -> linear -> unpatchify. Each block is pre-norm with RMSNorm, modulated by
 AdaLN-Zero (shift / scale / gate from the conditioning c = emb(t) + emb(label), gates and the output
 layer zero-initialized so every block starts as the identity and the network predicts v = 0), fused-qkv
-attention through scaled_dot_product_attention with 2D RoPE and optional QK-norm, and a SwiGLU
-feed-forward (hidden 2/3 of 4 x width). The label table has num_classes + 1 rows; the last is the null
-class of classifier-free guidance (label dropout happens in the training task).
+attention through scaled_dot_product_attention with 2D RoPE (twostage/nn/rope.py, over the patch grid)
+and optional QK-norm, and a SwiGLU feed-forward (hidden 2/3 of 4 x width; twostage/nn/layers.py). The
+label table has num_classes + 1 rows; the last is the null class of classifier-free guidance (label
+dropout happens in the training task).
 
-The norms carry no affine weight: the AdaLN (1 + scale) already is a per-sample channel gain, so a
+The block norms carry no affine weight: the AdaLN (1 + scale) already is a per-sample channel gain, so a
 learned one would be redundant. Norms and RoPE compute in float32 and return the input dtype, so the
 model is bf16-autocast friendly; nothing synchronizes with the host, so it compiles to one graph.
 """
@@ -26,46 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from twostage.generators.dit.config import DIT_SHAPES, DiTModelConfig
+from twostage.nn.layers import RMSNorm, SwiGLU, rms_norm
+from twostage.nn.rope import apply_rope, rope_2d_tables
 
 TIME_SCALE = 1000.0  # t in [0, 1] -> [0, 1000] before the sinusoids, so their frequencies span t's range
 
 
 # -- positions ------------------------------------------------------------------------------------------
-
-
-def rope_2d(grid: tuple[int, int], head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables (h*w, head_dim) float32 for 2D RoPE over a raster-ordered grid.
-
-    Dim j pairs with dim j + D/2 ("rotate half" layout: the rotation is one concat, cheap and
-    coalesced). Of the D/2 pairs, the first D/4 turn by row * base ** (-k / F), the other D/4 by
-    column * base ** (-k / F), k < F = D/4: half of each head encodes rows, half columns.
-    """
-    if head_dim % 4:
-        raise ValueError(f"2D RoPE needs a head width divisible by 4, got {head_dim}")
-    f = head_dim // 4
-    freqs = base ** (-torch.arange(f, dtype=torch.float64) / f)
-    h, w = grid
-    idx = torch.arange(h * w)
-    rows, cols = (idx // w).double()[:, None] * freqs, (idx % w).double()[:, None] * freqs
-    angles = torch.cat([rows, cols, rows, cols], dim=-1)
-    return angles.cos().float(), angles.sin().float()
-
-
-def _rotate(x: torch.Tensor) -> torch.Tensor:
-    """[a, b] (halves of the last dim) -> [-b, a]."""
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (N, T, ..., D) rotated by (T, D) tables, in float32, returned in x's dtype.
-
-    Applied in the token-major layout that the qkv projection produces (before any transpose for
-    attention), so reads and writes stay contiguous in forward and backward.
-    """
-    shape = (cos.shape[0],) + (1,) * (x.ndim - 3) + (cos.shape[1],)
-    xf = x.float()
-    return (xf * cos.view(shape) + _rotate(xf) * sin.view(shape)).to(x.dtype)
 
 
 def sincos_2d(grid: tuple[int, int], width: int) -> torch.Tensor:
@@ -79,22 +47,6 @@ def sincos_2d(grid: tuple[int, int], width: int) -> torch.Tensor:
 
 
 # -- layers ---------------------------------------------------------------------------------------------
-
-
-def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    # float32 statistics: the bf16 mean of squares is too coarse for the residual stream.
-    out = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-    return out if weight is None else out * weight.to(x.dtype)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, width: int, eps: float, affine: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(width)) if affine else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.eps, self.weight)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -126,23 +78,12 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, t, width))
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.gate_up = nn.Linear(width, 2 * hidden)  # both input projections in one matmul
-        self.down = nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
 class DiTBlock(nn.Module):
     def __init__(self, width: int, heads: int, hidden: int, qk_norm: bool, eps: float):
         super().__init__()
         self.eps = eps
         self.attn = Attention(width, heads, qk_norm, eps)
-        self.mlp = SwiGLU(width, hidden)
+        self.mlp = SwiGLU(width, hidden, bias=True)
         self.ada = nn.Linear(width, 6 * width)  # AdaLN-Zero: shift/scale/gate for attention and MLP
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope) -> torch.Tensor:
@@ -183,11 +124,12 @@ class LightningDiT(nn.Module):
         self.in_channels, self.grid, self.num_classes, self.patch = in_channels, (h, w), num_classes, p
         self.tokens_grid = (h // p, w // p)
         self.width, self.eps = width, cfg.norm_eps
+        self.ffn_hidden = ffn_hidden(width, cfg.mlp_ratio)
         self.patch_embed = nn.Linear(in_channels * p * p, width)
         self.t_embed = TimestepEmbedder(width)
         self.y_embed = nn.Embedding(num_classes + 1, width)  # last row: null class
         self.blocks = nn.ModuleList(
-            DiTBlock(width, heads, ffn_hidden(width, cfg.mlp_ratio), cfg.qk_norm, cfg.norm_eps) for _ in range(layers)
+            DiTBlock(width, heads, self.ffn_hidden, cfg.qk_norm, cfg.norm_eps) for _ in range(layers)
         )
         self.final_ada = nn.Linear(width, 2 * width)
         self.final = nn.Linear(width, in_channels * p * p)
@@ -196,9 +138,10 @@ class LightningDiT(nn.Module):
         else:
             self.pos = None
         if cfg.rope:
-            cos, sin = rope_2d(self.tokens_grid, width // heads, cfg.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            # (T, 1, 1, D): broadcast over the stacked q / k and the heads of the token-major (b, t, 2, heads, D)
+            cos, sin = rope_2d_tables(self.tokens_grid, width // heads, prefix=0, base=cfg.rope_base)
+            self.register_buffer("rope_cos", cos[:, None, None], persistent=False)
+            self.register_buffer("rope_sin", sin[:, None, None], persistent=False)
         self.reset_parameters()
 
     @property
@@ -245,6 +188,50 @@ class LightningDiT(nn.Module):
         shift, scale = self.final_ada(c).unsqueeze(1).chunk(2, dim=-1)
         return self.unpatchify(self.final(modulate(rms_norm(h, self.eps), shift, scale)))
 
+    # -- accounting -----------------------------------------------------------------------------------
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters in total and without the label table (the one lookup; every other weight acts
+        per token or per sample in every forward)."""
+        total = sum(p.numel() for p in self.parameters())
+        embedding = self.y_embed.weight.numel()
+        return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+    def flops_per_token(self) -> dict[str, float]:
+        """Forward and training (3 x forward) FLOPs per *latent position* (h*w per image, the
+        tokenizer's grid), whatever the patch size: C = flops * steps * batch * h*w holds for any p."""
+        layers, width, _ = self.cfg.shape
+        per_image = forward_flops_per_image(layers, width, self.ffn_hidden, self.in_channels, self.patch,
+                                            self.grid, self.t_embed.freq_dim)
+        forward = per_image / (self.grid[0] * self.grid[1])
+        return {"train": 3.0 * forward, "forward": forward, "train_per_image": 3.0 * per_image}
+
+    def architecture(self) -> dict:
+        """The DiT kind's own keys of model.json (twostage/generators/runs.py has the shared ones)."""
+        layers, width, heads = self.cfg.shape
+        return {"size": self.cfg.size, "layers": layers, "width": width, "heads": heads,
+                "ffn_hidden": self.ffn_hidden, "patch_size": self.patch, "patch_grid": list(self.tokens_grid),
+                "channels": self.in_channels}
+
+
+def forward_flops_per_image(layers: int, width: int, ffn_hidden: int, in_channels: int, patch_size: int,
+                            grid: tuple[int, int], time_freq_dim: int = 256) -> float:
+    """Matmul FLOPs of one image's forward pass (one network evaluation; twostage/study/flops.py's convention).
+
+    With T = (h/p)(w/p) tokens of P = in_channels * p^2 inputs each:
+        per token:  4 P w (patch embedding + output layer) + L * (8 w^2 + 6 w h + 4 T w)
+        per image:  2 * time_freq_dim * w + 2 w^2 (timestep MLP) + 12 L w^2 (AdaLN of each block)
+                    + 4 w^2 (final AdaLN)
+    The per-image terms act once on the conditioning vector, not per token (so the 6 N D rule, which
+    counts them per token, overstates a DiT's compute).
+    """
+    w, h, p = width, ffn_hidden, patch_size
+    tokens = (grid[0] // p) * (grid[1] // p)
+    inputs = in_channels * p * p
+    per_token = 4 * inputs * w + layers * (8 * w * w + 6 * w * h + 4 * tokens * w)
+    per_image = 2 * time_freq_dim * w + 2 * w * w + 12 * layers * w * w + 4 * w * w
+    return float(tokens * per_token + per_image)
+
 
 def build_dit(size: str = "B", *, in_channels: int, grid: tuple[int, int], num_classes: int,
               **overrides) -> LightningDiT:
@@ -256,10 +243,5 @@ def build_dit(size: str = "B", *, in_channels: int, grid: tuple[int, int], num_c
 DIT_MODELS = {name: functools.partial(build_dit, name) for name in DIT_SHAPES}
 
 
-def non_embedding_parameters(model: LightningDiT) -> int:
-    """Parameters that act per token or per sample in every forward (all but the label table)."""
-    return sum(p.numel() for p in model.parameters()) - model.y_embed.weight.numel()
-
-
-__all__ = ["LightningDiT", "DIT_MODELS", "build_dit", "rope_2d", "apply_rope", "sincos_2d", "ffn_hidden",
-           "non_embedding_parameters", "TIME_SCALE"]
+__all__ = ["LightningDiT", "DIT_MODELS", "build_dit", "sincos_2d", "ffn_hidden", "forward_flops_per_image",
+           "TIME_SCALE"]

@@ -4,11 +4,12 @@ Time runs from NOISE_T = 0 to DATA_T = 1 (the convention of twostage/generators/
 takes a velocity function `fn(x, t) -> v` where `t` is a Python float: the grid lives on the host,
 so deciding whether guidance is on at a step costs no device synchronization.
 
-Classifier-free guidance (`guided_velocity`) combines the conditional and unconditional velocity on
-**every latent channel**: v = v_u + s (v_c - v_u). (DiT / SiT / LightningDiT guide only the first 3
+Classifier-free guidance (`guided_velocity`, the one rule of twostage/generators/guidance.py)
+combines the conditional and unconditional velocity on **every latent channel**: v = v_u + s (v_c - v_u). (DiT / SiT / LightningDiT guide only the first 3
 channels, a leftover of 4-channel SD-VAE latents that inflates their best guidance scale.) Guidance
-is applied only for t in [cfg_interval_start, cfg_interval_end]; outside it the conditional
-velocity alone is used, which also halves the cost of those steps.
+is applied only for t in [cfg_interval_start, cfg_interval_end] (LightningDiT, arXiv 2501.01423);
+outside it, and everywhere at scale 1, the conditional velocity alone is used, which also halves the
+cost of those steps.
 
 Accuracy: Euler is first order (error O(h)), Heun second order (O(h^2), two evaluations per step).
 """
@@ -19,10 +20,10 @@ from typing import Callable
 
 import torch
 
+from twostage.generators import guidance
 from twostage.generators.dit.flow import DATA_T, NOISE_T, shift_time
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
-SAMPLERS = ("euler", "heun")
 
 
 def time_grid(steps: int, shift: float = 1.0) -> list[float]:
@@ -48,28 +49,26 @@ def heun(fn: VelocityFn, x: torch.Tensor, times: list[float]) -> torch.Tensor:
     return x
 
 
+# name -> integrator(fn, x, times); `sample.sampler` picks one.
+SAMPLERS: dict[str, Callable[[VelocityFn, torch.Tensor, list[float]], torch.Tensor]] = {"euler": euler, "heun": heun}
+EVALUATIONS_PER_STEP = {"euler": 1, "heun": 2}
+
+
 def solve(fn: VelocityFn, x0: torch.Tensor, steps: int, method: str = "euler", shift: float = 1.0) -> torch.Tensor:
     """Integrate from x0 (noise, at NOISE_T) to DATA_T."""
-    times = time_grid(steps, shift)
-    if method == "euler":
-        return euler(fn, x0, times)
-    if method == "heun":
-        return heun(fn, x0, times)
-    raise ValueError(f"sampler {method!r}: choose one of {list(SAMPLERS)}")
+    if method not in SAMPLERS:
+        raise ValueError(f"sampler {method!r}: choose one of {list(SAMPLERS)}")
+    return SAMPLERS[method](fn, x0, time_grid(steps, shift))
 
 
 def evaluations(steps: int, method: str) -> int:
     """Network evaluations (forward passes of a batch, not counting CFG doubling)."""
-    return steps * (2 if method == "heun" else 1)
-
-
-def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """v_u + s (v_c - v_u) on every channel, written as v_c + (s - 1)(v_c - v_u) so s = 1 is exactly v_c."""
-    return cond + (scale - 1.0) * (cond - uncond)
+    return steps * EVALUATIONS_PER_STEP[method]
 
 
 def guidance_active(t: float, scale: float, interval: tuple[float, float]) -> bool:
-    return scale != 1.0 and interval[0] <= t <= interval[1]
+    """Whether the step at time t runs the doubled batch: a guiding scale and t inside the interval."""
+    return guidance.active(scale) and interval[0] <= t <= interval[1]
 
 
 def guided_velocity(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -88,10 +87,10 @@ def guided_velocity(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], 
         tt = torch.full((2 * n,), t, device=x.device)
         out = model(torch.cat([x, x]), tt, doubled).float()
         cond, uncond = out.chunk(2)
-        return cfg_combine(cond, uncond, cfg_scale)
+        return guidance.combine(cond, uncond, cfg_scale)
 
     return fn
 
 
-__all__ = ["VelocityFn", "SAMPLERS", "time_grid", "euler", "heun", "solve", "evaluations", "cfg_combine",
-           "guidance_active", "guided_velocity"]
+__all__ = ["VelocityFn", "SAMPLERS", "time_grid", "euler", "heun", "solve", "evaluations", "guidance_active",
+           "guided_velocity"]

@@ -2,39 +2,40 @@
 
 One phase per step ("flow", optimizer "dit"): normalize the cached latents per channel, replace labels by
 the null class with probability `label_dropout`, draw t (logit-normal) and noise, and regress the
-velocity x_1 - eps at x_t (MSE + velocity-direction loss; time convention in flow.py). The EMA copy of
-"dit" is what checkpoints sample from.
+velocity x_1 - eps at x_t (MSE + velocity-direction loss, LightningDiT arXiv 2501.01423; time
+convention in flow.py). The EMA copy of "dit" is what checkpoints sample from.
 
-At each checkpoint: a validation flow loss with fixed noise and times (comparable across runs and
-steps), and a grid of samples decoded by the cache's tokenizer when one is available.
+At each checkpoint (the engine forks the RNG around it, so the training RNG stream is untouched): a validation
+flow loss with fixed noise and times (comparable across runs and steps) logged and written to
+RUN/val/step_XXXXXXX.json, the training compute so far, and a grid of samples decoded by the cache's
+tokenizer when one is available.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
+from twostage.config import ConfigError
 from twostage.engine.task import OptimSpec, Phase, PhaseContext, TaskBase
+from twostage.generators import runs
 from twostage.generators.dit.config import DiTRunConfig
-from twostage.generators.dit.model import LightningDiT
 from twostage.generators.dit.flow import flow_losses, interpolate, sample_time, velocity_target
+from twostage.generators.dit.model import LightningDiT
 from twostage.generators.dit.sampler import guided_velocity, solve
+from twostage.generators.outputs import Decoder, LazyDecoder, balanced_labels, save_image_grid
 
-log = logging.getLogger(__name__)
-
-Decoder = Callable[[torch.Tensor], torch.Tensor]  # de-normalized latents -> images in [-1, 1]
+MODULE = "dit"  # key prefix of the model's weights in checkpoints
 
 
 @dataclass
 class LatentSpace:
-    """What a DiT run knows about its latents (from the cache; saved as the run's model.json)."""
+    """What a DiT run knows about its latents (from the cache; recorded in the run's model.json)."""
 
     channels: int
     grid: tuple[int, int]
@@ -44,17 +45,22 @@ class LatentSpace:
     image_size: int | None = None
     tokenizer_run: str = ""
     tokenizer_checksum: str = ""
-    cache: str = ""
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_cache_meta(cls, meta, cache: str | Path = "") -> LatentSpace:
         if meta.kind != "latents":
-            raise ValueError(f"{cache or 'the cache'} holds {meta.kind}, not continuous latents: the DiT needs a "
-                             "cache written by a KL tokenizer (twostage.tokenizers.kl.run.encode_latents)")
+            raise ConfigError(f"{cache or 'the cache'} holds {meta.kind}, not continuous latents: the DiT needs a "
+                              "cache written by a KL tokenizer (`twostage tokenizer encode` of a kl run)")
         return cls(channels=int(meta.channels), grid=tuple(meta.grid), num_classes=int(meta.num_classes),
                    latent_mean=meta.latent_mean, latent_std=meta.latent_std, image_size=meta.image_size,
-                   tokenizer_run=meta.tokenizer_run, tokenizer_checksum=meta.tokenizer_checksum, cache=str(cache))
+                   tokenizer_run=meta.tokenizer_run, tokenizer_checksum=meta.tokenizer_checksum)
+
+    @classmethod
+    def from_model_json(cls, info: Mapping[str, Any]) -> LatentSpace:
+        return cls(channels=int(info["channels"]), grid=tuple(info["grid"]), num_classes=int(info["num_classes"]),
+                   latent_mean=info.get("latent_mean"), latent_std=info.get("latent_std"),
+                   image_size=info.get("image_size"), tokenizer_run=info.get("tokenizer_run", ""),
+                   tokenizer_checksum=info.get("tokenizer_checksum", ""))
 
     def stats(self, device: torch.device, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) shaped (1, C, 1, 1); zeros / ones when not normalizing or when the cache has none."""
@@ -70,11 +76,6 @@ def build_model(cfg: DiTRunConfig, space: LatentSpace) -> LightningDiT:
     return LightningDiT(cfg.model, space.channels, space.grid, space.num_classes)
 
 
-def balanced_labels(n: int, num_classes: int) -> np.ndarray:
-    """n labels with equal counts per class (METHODS 9), grouped by class; the first n % K get one more."""
-    return np.sort(np.arange(n, dtype=np.int64) % max(1, num_classes), kind="stable")
-
-
 @torch.no_grad()
 def generate_latents(model: nn.Module, labels: torch.Tensor, *, steps: int, sampler: str = "euler",
                      shift: float = 1.0, cfg_scale: float = 1.0, interval: tuple[float, float] = (0.0, 1.0),
@@ -82,8 +83,9 @@ def generate_latents(model: nn.Module, labels: torch.Tensor, *, steps: int, samp
                      precision: str = "fp32", null_label: int | None = None) -> torch.Tensor:
     """Normalized latents (N, C, h, w) float32 integrated from noise (at t = 0) to data (t = 1).
 
-    The noise is `noise` when given, else drawn from `generator`. `model` may be a compiled wrapper;
-    then pass `noise` and `null_label` (the wrapper need not expose the model's attributes).
+    cfg_scale follows the one guidance rule (twostage/generators/guidance.py; 1 = none). The noise is
+    `noise` when given, else drawn from `generator`. `model` may be a compiled wrapper; then pass
+    `noise` and `null_label` (the wrapper need not expose the model's attributes).
     """
     device = labels.device
     if noise is None:
@@ -99,26 +101,30 @@ def generate_latents(model: nn.Module, labels: torch.Tensor, *, steps: int, samp
 
 class DiTTask(TaskBase):
     def __init__(self, cfg: DiTRunConfig, space: LatentSpace, *, val_dataset=None,
-                 decoder: Callable[[], Decoder | None] | None = None) -> None:
-        """`decoder` is a factory, called at the first checkpoint, returning a latent decoder or None."""
+                 decoder: Callable[[torch.device], Decoder | None] | None = None) -> None:
+        """`decoder(device)` makes the checkpoint-grid decoder (de-normalized latents -> images in
+        [-1, 1]) at the first checkpoint; default: the cache's tokenizer."""
         self.cfg, self.space = cfg, space
-        self.modules: dict[str, nn.Module] = {"dit": build_model(cfg, space)}
+        self.model = build_model(cfg, space)
+        self.modules: dict[str, nn.Module] = {MODULE: self.model}
         self.val_dataset = val_dataset
-        self._decoder_factory = decoder
-        self._decoder: Decoder | None = None
-        self._decoder_tried = False
+        self.decoder = (LazyDecoder.from_tokenizer_run(space.tokenizer_run, space.tokenizer_checksum)
+                        if decoder is None else LazyDecoder(decoder))
+        tokens = space.grid[0] * space.grid[1]
+        self.tokens_per_step = tokens * cfg.train.batch_size
+        self.flops_per_step = self.model.flops_per_token()["train"] * self.tokens_per_step
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- Task protocol --------------------------------------------------------------------------------
 
     def optimizers(self) -> dict[str, OptimSpec]:
-        return {"dit": OptimSpec(["dit"], self.cfg.optim)}
+        return {MODULE: OptimSpec([MODULE], self.cfg.optim)}
 
     def phases(self) -> list[Phase]:
-        return [Phase("flow", ["dit"], self.flow_loss)]
+        return [Phase("flow", [MODULE], self.flow_loss)]
 
     def ema_modules(self) -> list[str]:
-        return ["dit"]
+        return [MODULE]
 
     # -- training -------------------------------------------------------------------------------------
 
@@ -145,18 +151,19 @@ class DiTTask(TaskBase):
         x1 = self.normalize(latents.to(ctx.device, non_blocking=True))
         labels = labels.to(ctx.device, non_blocking=True).long()
         n = x1.shape[0]
-        if self.cfg.label_dropout > 0:
+        if self.cfg.label_dropout > 0:  # classifier-free guidance: learn the unconditional model on the null class
             drop = torch.rand(n, device=ctx.device) < self.cfg.label_dropout
             labels = torch.where(drop, torch.full_like(labels, self.space.num_classes), labels)
         f = self.cfg.flow
         t = sample_time(n, kind=f.time_sampling, mean=f.logit_mean, std=f.logit_std, device=ctx.device)
-        return self._losses(ctx.models["dit"], x1, labels, t, torch.randn_like(x1))
+        return self._losses(ctx.models[MODULE], x1, labels, t, torch.randn_like(x1))
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def validation_loss(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        """Mean flow loss over the validation cache with noise and times fixed by val.seed."""
+        """Mean flow loss terms ({"loss", "mse", "direction"}) over the validation cache, with noise and
+        times fixed by val.seed (their own generator: the global RNG is not touched)."""
         v = self.cfg.val
         n = len(self.val_dataset) if v.max_samples is None else min(v.max_samples, len(self.val_dataset))
         f = self.cfg.flow
@@ -173,41 +180,38 @@ class DiTTask(TaskBase):
             for key, value in {"loss": loss, **logs}.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * len(items)
             count += len(items)
-        return {f"val/{k}": s / max(count, 1) for k, s in totals.items()}
-
-    def decoder(self) -> Decoder | None:
-        if not self._decoder_tried:
-            self._decoder_tried = True
-            if self._decoder_factory is not None:
-                try:
-                    self._decoder = self._decoder_factory()
-                except Exception as err:  # a missing tokenizer must not stop training
-                    log.warning("no sample grids at checkpoints: cannot load the cache's tokenizer (%s)", err)
-        return self._decoder
+        return {**{k: s / max(count, 1) for k, s in totals.items()}, "num_samples": count}
 
     def on_checkpoint(self, step: int, run_dir: Any, ema: Mapping[str, nn.Module]) -> dict[str, float]:
-        model = ema["dit"]
+        model = ema[MODULE]
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        logs: dict[str, float] = {}
+        logs = runs.compute_logs(step, self.flops_per_step, self.tokens_per_step)
         try:
             if self.val_dataset is not None and len(self.val_dataset):
-                logs.update(self.validation_loss(model, device))
-            s = self.cfg.sample
-            if s.grid_at_checkpoint > 0 and (decode := self.decoder()) is not None:
-                from twostage.common.images import save_grid
-
-                labels = torch.from_numpy(balanced_labels(s.grid_at_checkpoint, self.space.num_classes)).to(device)
-                g = torch.Generator(device=device).manual_seed(0)
-                z = generate_latents(model, labels, steps=s.grid_steps, sampler=s.sampler, shift=s.shift,
-                                     cfg_scale=s.cfg_scale, interval=(s.cfg_interval_start, s.cfg_interval_end),
-                                     generator=g)
-                images = decode(self.denormalize(z))
-                save_grid(images.float().cpu(), Path(run_dir) / "samples" / f"samples_{step:07d}.png")
+                result = self.validation_loss(model, device)
+                weights = "ema" if self.cfg.train.ema_decay else "raw"
+                runs.write_val_record(run_dir, step, {**result, "weights": weights,
+                                                      "train_flops": logs["compute/train_flops"],
+                                                      "tokens_seen": logs["compute/tokens_seen"]})
+                logs.update({f"val/{k}": v for k, v in result.items() if k != "num_samples"})
+            if self.cfg.sample.grid_at_checkpoint > 0:
+                self._sample_grid(model, step, Path(run_dir), device)
         finally:
             model.train(was_training)
         return logs
 
+    def _sample_grid(self, model: nn.Module, step: int, run_dir: Path, device: torch.device) -> None:
+        decode = self.decoder(device)
+        if decode is None:
+            return
+        s = self.cfg.sample
+        labels = torch.from_numpy(balanced_labels(s.grid_at_checkpoint, self.space.num_classes)).to(device)
+        g = torch.Generator(device=device).manual_seed(0)
+        z = generate_latents(model, labels, steps=s.grid_steps, sampler=s.sampler, shift=s.shift,
+                             cfg_scale=s.cfg_scale, interval=(s.cfg_interval_start, s.cfg_interval_end), generator=g)
+        save_image_grid(decode(self.denormalize(z)), runs.grid_path(run_dir, step))
 
-__all__ = ["DiTTask", "LatentSpace", "build_model", "generate_latents", "balanced_labels"]
+
+__all__ = ["MODULE", "DiTTask", "LatentSpace", "build_model", "generate_latents"]

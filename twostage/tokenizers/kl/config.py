@@ -2,7 +2,7 @@
 
     cfg = twostage.config.load(KLRunConfig, "kl_fmnist_f4d8", ["model.spec=f4d16", "vf.enabled=false"])
 
-Defaults are the LDM KL-VAE / VA-VAE recipe (METHODS section 6): ch 128, multipliers (1,1,2,2,4) for
+Defaults are the LDM KL-VAE / VA-VAE recipe (LDM arXiv:2112.10752, VA-VAE arXiv:2501.01423; docs/methods.md §6, (6.2)-(6.3)): ch 128, multipliers (1,1,2,2,4) for
 f16, 2 ResBlocks, attention at the lowest resolution; L1 + LPIPS with a learned log-variance, KL weight
 1e-6, PatchGAN hinge with adaptive weight x 0.5; VF loss with margins 0.5 / 0.25 and adaptive weight
 x 0.1 at the encoder's last layer; Adam betas (0.5, 0.9), lr 1e-4 **not scaled with batch**.
@@ -97,7 +97,7 @@ class KLLossConfig(LossConfig):
 
 @dataclass
 class VFConfig:
-    """VA-VAE's vision-foundation alignment loss (METHODS section 6)."""
+    """VA-VAE's vision-foundation alignment loss (arXiv:2501.01423; docs/methods.md (6.4)-(6.6))."""
 
     enabled: bool = True
     # The frozen feature network, behind the evaluation feature networks' interface. effnet-lite0 is
@@ -139,7 +139,6 @@ class KLAdamConfig(OptimConfig):
 
 @dataclass
 class KLOptimConfig:
-    # Defaults live in the KLAdamConfig class (not in factories) so a partly overridden section keeps them.
     ae: KLAdamConfig = field(default_factory=KLAdamConfig)
     disc: KLAdamConfig = field(default_factory=KLAdamConfig)
 
@@ -158,6 +157,14 @@ class KLRunConfig:
     @property
     def image_size(self) -> int:
         return self.data.image_size
+
+    def label(self) -> str:
+        """A short name for tables and figures, e.g. "kl f4d16 +VF"."""
+        return f"kl f{self.model.downsample_factor}d{self.model.latent_channels}" + (" +VF" if self.vf.enabled else "")
+
+    def study_columns(self) -> dict:
+        """What a study's results table records about this tokenizer beyond its kind and grid."""
+        return {"codebook_size": None, "latent_channels": self.model.latent_channels, "crt": False, "vf": self.vf.enabled}
 
     def check(self) -> None:
         size, f = self.image_size, self.model.downsample_factor

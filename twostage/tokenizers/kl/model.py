@@ -1,4 +1,4 @@
-"""KL-regularized autoencoder (LDM KL-VAE; VA-VAE's tokenizer), METHODS section 6.
+"""KL-regularized autoencoder (LDM KL-VAE; VA-VAE's tokenizer), LDM arXiv:2112.10752, VA-VAE arXiv:2501.01423; docs/methods.md §6, (6.1).
 
     model = KLModel(cfg.model)        # spec "f16d32": 256 px -> 16 x 16 x 32 latents
     out = model(x)                    # out.recon, out.posterior, out.latent (the sampled z)

@@ -1,4 +1,4 @@
-"""VA-VAE's vision-foundation (VF) alignment loss (METHODS section 6).
+"""VA-VAE's vision-foundation (VF) alignment loss (VA-VAE arXiv:2501.01423; docs/methods.md (6.4)-(6.6)).
 
 A frozen feature network gives patch features f on the latent grid; a trainable 1x1 convolution
 without bias projects the latent, z' = W z, to the feature width. With ^ meaning l2-normalized over
@@ -13,7 +13,7 @@ latent away from what reconstruction needs. The distance matrix is taken on z' a
 (option: on z itself). The adaptive weight that scales L_vf lives in kl_task.py.
 
 `FoundationFeatures` adapts any network with the evaluation feature networks' interface
-(`feature_maps(images in [-1, 1], size) -> list[(N, C, h, w)]`, twostage/metrics/features.py) to the
+(`feature_maps(images in [-1, 1], size) -> list[(N, C, h, w)]`, twostage/backbones/base.py) to the
 latent grid: it picks one map (default for EfficientNet-Lite0: the stride-16 map, index 3, 112
 channels, the deepest one that is not coarser than an f16 latent; for DINOv2 and others: the last map),
 feeds images at grid x stride pixels so that the map lands on the grid (DINOv2/14 on a 16x16 grid:
@@ -95,8 +95,8 @@ class FoundationFeatures(nn.Module):
 
 
 def build_foundation(network: str = "effnet-lite0", weights=None, **kw) -> FoundationFeatures:
-    """effnet-lite0 (offline default) or dinov2 (local weights), via the metrics feature-network loader."""
-    from twostage.metrics.features import load_feature_network
+    """effnet-lite0 (offline default) or dinov2 (local weights), via twostage.backbones.load_feature_network."""
+    from twostage.backbones import load_feature_network
 
     return FoundationFeatures(load_feature_network(network, None if weights is None else str(weights)), **kw)
 

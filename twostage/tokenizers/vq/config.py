@@ -2,7 +2,7 @@
 
     cfg = twostage.config.load(VQRunConfig, "vq_fmnist_f8", ["model.codebook_size=4096"])
 
-Defaults are the LlamaGen VQ-16 recipe (METHODS section 2) and the CRT paper's settings (section 3);
+Defaults are the LlamaGen VQ-16 recipe (LlamaGen arXiv:2406.06525; docs/methods.md §2) and the CRT paper's settings (arXiv:2412.16326; docs/methods.md §3);
 every open choice of the CRT method is an option here with the documented default.
 """
 
@@ -52,7 +52,7 @@ class VQConfig:
 
 @dataclass
 class CRTConfig:
-    """Causal regularizer (METHODS section 3)."""
+    """Causal regularizer (CRT, arXiv:2412.16326; docs/methods.md (3.1)-(3.2) and the §3 table of open choices)."""
 
     enabled: bool = False
     weight: float = field(default=4.0, metadata=check(ge=0))
@@ -103,6 +103,14 @@ class VQRunConfig:
     @property
     def image_size(self) -> int:
         return self.data.image_size
+
+    def label(self) -> str:
+        """A short name for tables and figures, e.g. "vq f4 K1024 +CRT"."""
+        return f"vq f{self.model.downsample_factor} K{self.model.codebook_size}" + (" +CRT" if self.crt.enabled else "")
+
+    def study_columns(self) -> dict:
+        """What a study's results table records about this tokenizer beyond its kind and grid."""
+        return {"codebook_size": self.model.codebook_size, "latent_channels": None, "crt": self.crt.enabled, "vf": False}
 
     def check(self) -> None:
         size, f = self.image_size, self.model.downsample_factor

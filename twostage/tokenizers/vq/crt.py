@@ -1,4 +1,4 @@
-"""CRT: causally regularized tokenization ("When Worse is Better", arXiv 2412.16326; METHODS section 3).
+"""CRT: causally regularized tokenization ("When Worse is Better", arXiv:2412.16326; docs/methods.md §3).
 
 A small causal transformer g reads the tokenizer's pre-quantization latents in raster order and
 regresses the next latent:
@@ -19,37 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twostage.nn.rope import apply_rope, rope_2d_tables
+
 
 def crt_weight(step: int, weight: float, ramp_steps: int) -> float:
     """Loss weight at `step`: linear ramp from 0 to `weight` over the first `ramp_steps` steps."""
     if ramp_steps <= 0:
         return weight
     return weight * min(1.0, step / ramp_steps)
-
-
-def rope_2d_angles(h: int, w: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
-    """Rotation angles (1 + h*w - 1, head_dim/2) for the predictor's input sequence.
-
-    Input position 0 is the start token (angle 0: unrotated, like a prefix token); input position
-    i >= 1 holds latent z_i at raster index i-1 and is rotated by its own (row, col). The first half of
-    the rotation pairs encodes the row, the second half the column.
-    """
-    if head_dim % 4:
-        raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}")
-    quarter = head_dim // 4
-    freqs = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
-    pos = torch.arange(h * w - 1)
-    rows, cols = (pos // w).double(), (pos % w).double()
-    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)
-    return torch.cat([angles.new_zeros(1, 2 * quarter), angles]).float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, heads, L, head_dim) by per-position angles (L, head_dim/2)."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    even, odd = xf[..., 0], xf[..., 1]
-    out = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
 
 
 class CausalBlock(nn.Module):
@@ -107,10 +84,12 @@ class CausalPredictor(nn.Module):
         if positions == "learned":
             self.pos = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
         else:
-            angles = rope_2d_angles(*grid, self.head_dim)
+            # The shared 2D RoPE (twostage/nn/rope.py): input position 0 is the start token (a prefix,
+            # unrotated); position i >= 1 holds z_i at raster index i-1, rotated by its (row, col).
+            cos, sin = rope_2d_tables(self.grid, self.head_dim, prefix=1)
             # Not persistent: derived from the grid, so checkpoints stay independent of it.
-            self.register_buffer("rope_cos", angles.cos(), persistent=False)
-            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+            self.register_buffer("rope_cos", cos[:num_tokens], persistent=False)
+            self.register_buffer("rope_sin", sin[:num_tokens], persistent=False)
         self.blocks = nn.ModuleList(CausalBlock(width, heads, mlp_ratio, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, code_dim)
@@ -155,7 +134,7 @@ def crt_loss(
     """Next-latent l2 regression loss on the (N, D, h, w) pre-quantization latent.
 
     Squared l2 distance summed over the D channels, averaged over positions and images, as in
-    METHODS' formula. Gradients flow into `latent` through both the predictor input and (unless
+    docs/methods.md (3.1). Gradients flow into `latent` through both the predictor input and (unless
     stop_grad_target) the target.
     """
     z = F.normalize(latent.float(), dim=1) if normalize else latent.float()
@@ -173,4 +152,4 @@ def predictor_flops(num_tokens: int, width: int, layers: int, mlp_ratio: float =
     return float(layers * per_layer)
 
 
-__all__ = ["CausalPredictor", "crt_loss", "crt_weight", "rope_2d_angles", "apply_rope", "predictor_flops"]
+__all__ = ["CausalPredictor", "crt_loss", "crt_weight", "predictor_flops"]

@@ -12,7 +12,11 @@ the l2-normalized quantized code vectors (what a stage-2 model actually sees, up
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -107,3 +111,38 @@ def probe_tokenizer(model, train_images: torch.Tensor, val_images: torch.Tensor,
         "pre_quant": fit_probe(train_pre, val_pre, "pre_quant", **kwargs),
         "quantized": fit_probe(train_post, val_post, "quantized", **kwargs),
     }
+
+
+def probe_run(run: str | Path, *, train_images: int = 10000, val_images: int = 2000, steps: int = 2000,
+              batch_size: int = 256, seed: int = 0, device: str = "auto", num_workers: int = 0,
+              step: int | None = None, weights: str = "auto", out: str | Path | None = None) -> tuple[Path, dict]:
+    """Probe a VQ tokenizer run folder; write the record to `out` (default RUN/eval/probe-stepN.json)."""
+    from twostage.engine.run_files import RunLoadError
+    from twostage.tokenizers.base import load_tokenizer
+    from twostage.tokenizers.run import split_loader
+
+    tok = load_tokenizer(run, device=device, step=step, weights=weights)
+    if not hasattr(tok.model, "quantizer"):
+        raise RunLoadError(f"{run} holds a {tok.kind!r} tokenizer (e.g. a KL-VAE); the probe measures the "
+                           "pre-quantization and code latents of a VQ tokenizer")
+    start = time.perf_counter()
+
+    def images(split: str, limit: int) -> torch.Tensor:
+        _, loader = split_loader(tok.config, split, batch_size, limit=limit, num_workers=num_workers)
+        return tok.prepare(torch.cat([x for x, _ in loader])).cpu()
+
+    results = probe_tokenizer(tok.model, images("train", train_images), images("val", val_images), steps=steps,
+                              batch_size=batch_size, seed=seed, device=tok.device)
+    record = {
+        "metric": "held-out next-latent l2 error of a fresh 2-layer causal probe (l2-normalized latents)",
+        "tokenizer_run": str(run), "tokenizer_step": tok.step, "tokenizer_checksum": tok.checksum,
+        "crt_enabled": bool(tok.config.crt.enabled), "seed": seed, "wall_s": round(time.perf_counter() - start, 2),
+        "views": {view: r.to_dict() for view, r in results.items()},
+    }
+    path = Path(out) if out is not None else Path(run) / "eval" / f"probe-step{tok.step}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+    return path, record
+

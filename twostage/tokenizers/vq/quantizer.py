@@ -2,7 +2,7 @@
 
 The lookup is cosine by default: latent vectors and codebook entries are both l2-normalized before
 the nearest-code search, and the decoder receives the normalized code. Low code dimension (8) plus
-normalized lookup is what keeps ~97% of a 16k codebook alive (METHODS section 2).
+normalized lookup is what keeps ~97% of a 16k codebook alive (LlamaGen arXiv:2406.06525; docs/methods.md (2.1)-(2.3)).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""DINOv2 ViT-*/14 as a feature network, loaded from a local weights file.
+"""DINOv2 ViT-*/14 (Oquab et al. 2023, arXiv:2304.07193) as a feature network, from a local weights file.
+
+Why DINOv2: its self-supervised features rank generative models closer to human judgement than
+Inception's (Stein et al. 2023, arXiv:2306.04675: FD-DINOv2), and VA-VAE aligns its latents with them
+(Yao et al. 2025, arXiv:2501.01423).
 
 Why not timm: timm (>= 1.0) hard-imports torchvision, which has no wheel matching the local CPU torch
 build, so the ViT is written here (it is a plain pre-norm ViT with LayerScale). It reads
@@ -23,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from twostage.metrics.features import FeatureNetwork, file_checksum, resize_square, to_rgb
+from twostage.backbones.base import FeatureNetwork, WeightsMismatchError, WeightsNotFoundError, resize_square, to_rgb
+from twostage.common.hashing import file_sha256
 
 __all__ = ["DINOv2ViT", "DINOv2Features", "load_dinov2"]
 
@@ -39,6 +44,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block (Dosovitskiy et al. 2020, arXiv:2010.11929) with LayerScale
+    (Touvron et al. 2021, arXiv:2103.17239): x + gamma * f(norm(x)); ViT-g uses a SwiGLU MLP
+    (Shazeer 2020, arXiv:2002.05202)."""
+
     def __init__(self, dim: int, heads: int, hidden: int, swiglu: bool):
         super().__init__()
         self.heads = heads
@@ -75,7 +84,8 @@ class Block(nn.Module):
 
 
 class DINOv2ViT(nn.Module):
-    """Parameter names follow the official checkpoints."""
+    """The DINOv2 ViT; parameter names follow the official checkpoints. `registers` > 0 adds the
+    register tokens of the *_reg4 models (Darcet et al. 2023, arXiv:2309.16588)."""
 
     def __init__(self, dim: int = 1024, depth: int = 24, registers: int = 0, pos_grid: int = 37,
                  hidden: int | None = None, swiglu: bool = False, patch: int = 14):
@@ -137,6 +147,8 @@ def _normalise_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 class DINOv2Features(FeatureNetwork):
+    """`DINOv2ViT` behind the FeatureNetwork interface (protocol in the module docstring)."""
+
     input_size = 224
     spatial_channels = 8
     preprocessing = ("rgb[-1,1] -> bicubic(antialias) 224x224 -> ImageNet mean/std; "
@@ -174,11 +186,12 @@ class DINOv2Features(FeatureNetwork):
 
 
 def load_dinov2(weights: str | os.PathLike | None) -> DINOv2Features:
+    """Build the ViT that the checkpoint describes (width, depth, registers, MLP kind) and load it."""
     if weights is None:
-        raise FileNotFoundError("dinov2 needs a weights file.\n" + WEIGHTS_HELP)
+        raise WeightsNotFoundError("dinov2 needs a weights file.\n" + WEIGHTS_HELP)
     path = Path(weights)
     if not path.is_file():
-        raise FileNotFoundError(f"DINOv2 weights file not found: {path}\n{WEIGHTS_HELP}")
+        raise WeightsNotFoundError(f"DINOv2 weights file not found: {path}\n{WEIGHTS_HELP}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -189,7 +202,8 @@ def load_dinov2(weights: str | os.PathLike | None) -> DINOv2Features:
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]
     if not isinstance(sd, dict) or not any(k.endswith("cls_token") for k in sd):
-        raise ValueError(f"{path} does not look like a DINOv2 ViT checkpoint (no cls_token).\n{WEIGHTS_HELP}")
+        raise WeightsMismatchError(f"{path} does not look like a DINOv2 ViT checkpoint (no cls_token)."
+                                   f"\n{WEIGHTS_HELP}")
     sd = _normalise_keys(sd)
     dim = sd["cls_token"].shape[-1]
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
@@ -202,7 +216,7 @@ def load_dinov2(weights: str | os.PathLike | None) -> DINOv2Features:
     missing, unexpected = vit.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     unexpected = [k for k in unexpected if not k.startswith(("head", "fc_norm"))]
     if missing or unexpected:
-        raise ValueError(f"{path}: DINOv2 checkpoint does not fit (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
+        raise WeightsMismatchError(f"{path}: DINOv2 checkpoint does not fit (missing {missing[:5]}, "
+                                   f"unexpected {unexpected[:5]})\n{WEIGHTS_HELP}")
     variant = _VARIANTS.get(dim, f"ViT-{dim}d{patch}") + (f"-reg{registers}" if registers else "")
-    return DINOv2Features(vit, file_checksum(path), variant)
+    return DINOv2Features(vit, file_sha256(path), variant)

@@ -1,5 +1,9 @@
 """The Inception-v3 network of FID (TF graph `inception-2015-12-05`), written here in torch.
 
+FID (Heusel et al. 2017, arXiv:1706.08500) is only comparable across papers with this exact network
+(Szegedy et al. 2015, arXiv:1512.00567, as frozen in the 2015 TF graph), so it is rebuilt layer by
+layer and loads the published weights; the weights never ship with this package.
+
 It is *not* torchvision's Inception-v3: the FID graph has 1008 output classes, BatchNorm without a
 learned scale, and three FID-specific pooling choices that change the features:
 - average pools inside the Inception blocks exclude the zero padding (count_include_pad=False),
@@ -12,13 +16,15 @@ Two common weight files load into the same module:
 - the TorchScript archive `inception-2015-12-05.pt` of StyleGAN2-ADA / StyleGAN3 / clean-fid, whose
   parameters are named layers.conv.weight / .beta / .mean / .var, layers.mixed_9.tower_conv.weight,
   ... This module uses that layout natively, so the TorchScript weights load as they are and
-  pytorch-fid's names are translated (`_TORCHVISION_TO_NATIVE`).
+  pytorch-fid's names are translated (`from_pytorch_fid_state_dict`).
 
 Preprocessing follows the file's ecosystem (it is part of the protocol, recorded per result):
 - "pytorch-fid": [-1,1] -> F.interpolate bilinear (align_corners=False, no antialias) to 299;
 - "torchscript": [-1,1] -> [0,255] -> TF1 `resize_bilinear` emulation to 299 -> (x - 128) / 128.
 Outputs: pool = 2048-d pool3; spatial = mixed_6/conv first 7 channels, NHWC-flattened, 2023-d (the
-ADM evaluator's sFID features); logits = pool3 @ W^T with no output bias (the IS convention).
+sFID features of Nash et al. 2021, arXiv:2103.03841, as the ADM evaluator of Dhariwal & Nichol 2021,
+arXiv:2105.05233, takes them); logits = pool3 @ W^T with no output bias (the Inception Score
+convention, Salimans et al. 2016, arXiv:1606.03498).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from twostage.metrics.features import FeatureNetwork, file_checksum, to_rgb
+from twostage.backbones.base import FeatureNetwork, WeightsMismatchError, WeightsNotFoundError, to_rgb
+from twostage.common.hashing import file_sha256
 
 __all__ = ["FIDInceptionV3", "InceptionFeatures", "load_inception", "to_pytorch_fid_state_dict"]
 
@@ -253,8 +260,8 @@ def from_pytorch_fid_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
             w, b = sd[f"{tv}.conv.weight"], sd[f"{tv}.bn.bias"]
             m, v = sd[f"{tv}.bn.running_mean"], sd[f"{tv}.bn.running_var"]
         except KeyError as e:
-            raise KeyError(f"pytorch-fid Inception state dict lacks {e.args[0]!r}: not an FID "
-                           f"Inception-v3 file?\n{WEIGHTS_HELP}") from None
+            raise WeightsMismatchError(f"pytorch-fid Inception state dict lacks {e.args[0]!r}: not an "
+                                       f"FID Inception-v3 file?\n{WEIGHTS_HELP}") from None
         g = sd.get(f"{tv}.bn.weight", torch.ones_like(b))
         out[f"{nat}.weight"] = w * g.view(-1, 1, 1, 1)
         out[f"{nat}.beta"], out[f"{nat}.mean"], out[f"{nat}.var"] = b, m * g, v
@@ -276,6 +283,8 @@ def to_pytorch_fid_state_dict(net: FIDInceptionV3) -> dict[str, Tensor]:
 
 
 class InceptionFeatures(FeatureNetwork):
+    """`FIDInceptionV3` behind the FeatureNetwork interface, preprocessing as its file's ecosystem does."""
+
     name = "InceptionV3"
     input_size = SIZE
 
@@ -338,17 +347,16 @@ def _is_torchscript(path: Path) -> bool:
 def load_inception(weights: str | os.PathLike | None, check: bool = True) -> InceptionFeatures:
     """Load the FID Inception-v3 from either file format (detected from the file)."""
     if weights is None:
-        raise FileNotFoundError("inception-v3 needs a weights file.\n" + WEIGHTS_HELP)
+        raise WeightsNotFoundError("inception-v3 needs a weights file.\n" + WEIGHTS_HELP)
     path = Path(weights)
     if not path.is_file():
-        raise FileNotFoundError(f"Inception weights file not found: {path}\n{WEIGHTS_HELP}")
+        raise WeightsNotFoundError(f"Inception weights file not found: {path}\n{WEIGHTS_HELP}")
     net = FIDInceptionV3()
     if _is_torchscript(path):
         with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; the file is one
             warnings.simplefilter("ignore", DeprecationWarning)
             script = torch.jit.load(str(path), map_location="cpu").eval()
-        sd = {k: v for k, v in script.state_dict().items()}
-        missing, unexpected = _load(net, sd, path)
+        _load(net, dict(script.state_dict()), path)
         if check:
             _check_against_script(net, script, path)
         fmt = "torchscript"
@@ -357,22 +365,22 @@ def load_inception(weights: str | os.PathLike | None, check: bool = True) -> Inc
         if isinstance(sd, dict) and "state_dict" in sd:
             sd = sd["state_dict"]
         if not isinstance(sd, dict) or "Conv2d_1a_3x3.conv.weight" not in sd:
-            raise ValueError(f"{path} is neither pytorch-fid's Inception state dict nor a TorchScript "
-                             f"archive.\n{WEIGHTS_HELP}")
+            raise WeightsMismatchError(f"{path} is neither pytorch-fid's Inception state dict nor a "
+                                       f"TorchScript archive.\n{WEIGHTS_HELP}")
         _load(net, from_pytorch_fid_state_dict(sd), path)
         fmt = "pytorch-fid"
-    return InceptionFeatures(net, file_checksum(path), fmt)
+    return InceptionFeatures(net, file_sha256(path), fmt)
 
 
-def _load(net: nn.Module, sd: dict[str, Tensor], path: Path) -> tuple[list[str], list[str]]:
+def _load(net: nn.Module, sd: dict[str, Tensor], path: Path) -> None:
+    """Copy every parameter the network has from `sd` (extra entries are ignored), or name the misfit."""
     own = net.state_dict()
     bad = [k for k in own if k in sd and sd[k].shape != own[k].shape]
     missing = [k for k in own if k not in sd]
     if bad or missing:
-        raise ValueError(f"{path}: parameters do not fit the FID Inception-v3 (missing: {missing[:5]}, "
-                         f"shape mismatch: {bad[:5]}).\n{WEIGHTS_HELP}")
+        raise WeightsMismatchError(f"{path}: parameters do not fit the FID Inception-v3 (missing: "
+                                   f"{missing[:5]}, shape mismatch: {bad[:5]}).\n{WEIGHTS_HELP}")
     net.load_state_dict({k: sd[k].float() for k in own})
-    return missing, [k for k in sd if k not in own]
 
 
 @torch.no_grad()
@@ -388,5 +396,6 @@ def _check_against_script(net: FIDInceptionV3, script, path: Path) -> None:
     err = (theirs.reshape(ours.shape).float() - ours).abs().max().item()
     scale = ours.abs().max().item() + 1e-6
     if err > 1e-3 * scale:
-        raise ValueError(f"{path}: the TorchScript network's features differ from the re-built "
-                         f"Inception-v3 (max abs err {err:.3g}); this file is not the FID Inception.")
+        raise WeightsMismatchError(f"{path}: the TorchScript network's features differ from the re-built "
+                                   f"Inception-v3 (max abs err {err:.3g}); this file is not the FID "
+                                   f"Inception.\n{WEIGHTS_HELP}")

@@ -1,10 +1,14 @@
-"""Feature networks: shapes, frozen state, differentiable feature maps, real-photo sanity."""
+"""EfficientNet-Lite0 (twostage/backbones/effnet_lite0.py): shapes, frozen state, differentiable
+feature maps, real-photo sanity; and feature extraction over it (twostage/metrics/extraction.py)."""
 
 import numpy as np
 import pytest
 import torch
 
-from twostage.metrics.features import EffNetLite0, load_feature_network
+from twostage.backbones import load_feature_network
+from twostage.backbones.effnet_lite0 import EffNetLite0
+from twostage.common.errors import UserError
+from twostage.metrics.extraction import as_model_input, extract_features
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +64,27 @@ def test_effnet_recognises_real_photos(effnet):
     assert 281 <= top[0] <= 285 and top[1] == 967
 
 
-def test_unknown_network_and_missing_weights_errors():
-    with pytest.raises(ValueError, match="unknown feature network"):
+def test_unknown_network_and_missing_weights_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown feature network") as err:
         load_feature_network("vgg16")
+    assert isinstance(err.value, UserError)
+    assert all(name in str(err.value) for name in ("effnet-lite0", "inception-v3", "dinov2"))
+    with pytest.raises(FileNotFoundError, match="not found") as err:
+        load_feature_network("EfficientNet_Lite0", tmp_path / "missing.pth")
+    assert isinstance(err.value, UserError)
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="not an EfficientNet-Lite0 state dict"):
+        load_feature_network("effnet-lite0", tmp_path / "other.pth")
+
+
+def test_extraction_treats_uint8_and_float_images_alike(effnet):
+    u8 = np.random.default_rng(0).integers(0, 256, (5, 24, 24, 1), dtype=np.uint8)  # NHWC grayscale
+    x = as_model_input(u8)
+    assert x.shape == (5, 1, 24, 24) and x.dtype == torch.float32 and -1 <= x.min() <= x.max() <= 1
+    from_u8 = extract_features(effnet, u8, batch_size=2, keys=("pool",))
+    from_float = extract_features(effnet, [x[:3], x[3:]], keys=("pool", "nonexistent"))
+    assert set(from_u8) == set(from_float) == {"pool"}
+    assert from_u8["pool"].dtype == torch.float64 and from_u8["pool"].shape == (5, 1280)
+    torch.testing.assert_close(from_u8["pool"], from_float["pool"], rtol=1e-4, atol=1e-5)  # float32 nets
+    with pytest.raises(ValueError, match="precision"):
+        extract_features(effnet, u8, precision="fp16")

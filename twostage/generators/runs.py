@@ -1,0 +1,137 @@
+"""A generator run folder, the same for every kind: what training records in it and how it is loaded back.
+
+    RUN/config.yaml              the resolved run config (`kind` names the generator kind)
+    RUN/model.json               `model_record`: the same keys for every kind (below) + the kind's own
+    RUN/val/step_XXXXXXX.json    validation at each checkpoint: {"step", "loss", ...} (+ "per_position" for AR)
+    RUN/samples/step_XXXXXXX.png a grid of samples at each checkpoint (when the tokenizer is loadable)
+    RUN/checkpoints/             the engine's checkpoints (twostage/engine/checkpoint.py)
+
+model.json keys every kind writes, so that the study table reads any run without knowing its kind:
+
+    kind, parameters (total), non_embedding_parameters, train_flops_per_token, forward_flops_per_token,
+    tokens_per_image, train_flops_per_step, grid, num_classes, image_size, tokenizer_run,
+    tokenizer_checksum, train_cache, val_cache, train_samples
+
+A "token" is a position of the tokenizer's grid (h*w per image), whatever the generator does with it
+(the DiT's patches group p x p of them), so C = train_flops_per_token * steps * batch * tokens_per_image
+(twostage/study/flops.py) holds for every kind. Each model computes its own FLOPs (`flops_per_token`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from twostage import config as configlib
+from twostage.common.device import resolve_device
+from twostage.config import ConfigError
+from twostage.data.token_cache import CacheMeta
+from twostage.engine.run_files import (RunLoadError, load_run_weights, load_state_strict, read_model_json,
+                                       recorded_kind, write_model_json)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch (or a single process): the one that writes run files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# -- training -------------------------------------------------------------------------------------------
+
+
+def check_val_cache(train: CacheMeta, val: CacheMeta, val_path: str | Path, keys: Iterable[str]) -> None:
+    """A validation cache must come from the same tokenizer and grid as the training cache."""
+    for key in keys:
+        if getattr(val, key) != getattr(train, key):
+            raise ConfigError(f"the validation cache {val_path} has {key}={getattr(val, key)!r} but the training "
+                              f"cache has {getattr(train, key)!r}; encode both with the same tokenizer")
+
+
+def model_record(kind: str, model: nn.Module, meta: CacheMeta, *, batch_size: int, train_cache: str | Path,
+                 val_cache: str | Path | None, train_samples: int) -> dict[str, Any]:
+    """The kind-independent part of model.json, followed by the model's `architecture()`.
+
+    `model` provides param_counts() {"total", "non_embedding", ...}, flops_per_token() {"train",
+    "forward"} (per tokenizer-grid position) and architecture() (its kind's own keys).
+    """
+    counts, flops = model.param_counts(), model.flops_per_token()
+    tokens = int(meta.grid[0]) * int(meta.grid[1])
+    return {
+        "kind": kind, "parameters": int(counts["total"]), "non_embedding_parameters": int(counts["non_embedding"]),
+        "train_flops_per_token": float(flops["train"]), "forward_flops_per_token": float(flops["forward"]),
+        "tokens_per_image": tokens, "train_flops_per_step": float(flops["train"]) * tokens * batch_size,
+        "grid": [int(g) for g in meta.grid], "num_classes": int(meta.num_classes), "image_size": meta.image_size,
+        "tokenizer_run": meta.tokenizer_run, "tokenizer_checksum": meta.tokenizer_checksum,
+        "train_cache": str(Path(train_cache).resolve()),
+        "val_cache": str(Path(val_cache).resolve()) if val_cache is not None else None,
+        "train_samples": int(train_samples),
+        **model.architecture(),
+    }
+
+
+def write_model(run_dir: str | Path, info: dict[str, Any], arch_keys: Iterable[str]) -> None:
+    """RUN/model.json from the main process (refuses a second architecture in one folder)."""
+    if is_main_process():
+        write_model_json(run_dir, info, ("kind", *arch_keys))
+
+
+def compute_logs(step: int, flops_per_step: float, tokens_per_step: int) -> dict[str, float]:
+    """Training compute so far, logged at each checkpoint and recorded with the validation loss."""
+    return {"compute/train_flops": step * flops_per_step, "compute/tokens_seen": float(step * tokens_per_step)}
+
+
+def write_val_record(run_dir: str | Path, step: int, record: dict[str, Any]) -> Path:
+    """RUN/val/step_XXXXXXX.json = {"step": step, **record} (record holds at least "loss")."""
+    folder = Path(run_dir) / "val"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:07d}.json"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"step": step, **record}))
+    os.replace(tmp, path)
+    return path
+
+
+def grid_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "samples" / f"step_{step:07d}.png"
+
+
+# -- loading --------------------------------------------------------------------------------------------
+
+
+def load_generator_run(run_dir: str | Path, kind: str, config_class: type, module: str,
+                       build: Callable[[Any, dict[str, Any]], nn.Module], *, device: str | torch.device = "cpu",
+                       weights: str = "auto", step: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A run's model (eval mode, fp32, on `device`) and its model.json record plus "config" (the run
+    config), "weights" (ema | raw), "step", "checksum" (sha256 of the weights file) and "weights_file".
+
+    `build(cfg, info)` makes the untrained model from the run config and model.json.
+    """
+    run_dir = Path(run_dir)
+    recorded = recorded_kind(run_dir) or kind
+    if recorded != kind:
+        raise RunLoadError(f"{run_dir} holds a {recorded!r} run, not a {kind!r} generator; load it with "
+                           "twostage.registry.run_kind('generator', run).load_fn()")
+    config_path = run_dir / "config.yaml"
+    cfg = configlib.load(config_class, config_path)
+    info = read_model_json(run_dir)
+    run = load_run_weights(run_dir, module, weights=weights, step=step)
+    model = build(cfg, info)
+    load_state_strict(model, run, config_path)
+    info = {**info, "config": cfg, "weights": run.weights, "step": run.step, "checksum": run.checksum,
+            "weights_file": str(run.file)}
+    return model.to(resolve_device(device)).eval(), info
+
+
+def sampling_precision(precision: str, device: torch.device) -> bool:
+    """Whether to sample in bf16: asked for and on CUDA (CPU bf16 matmuls are slow and gain nothing)."""
+    if precision not in ("bf16", "fp32"):
+        raise ConfigError(f"precision={precision!r}: choose bf16 or fp32")
+    return precision == "bf16" and device.type == "cuda"
+
+
+__all__ = ["is_main_process", "check_val_cache", "model_record", "write_model", "compute_logs", "write_val_record",
+           "grid_path", "load_generator_run", "sampling_precision"]

@@ -1,0 +1,177 @@
+"""What every tokenizer's training Task shares: images in, a PatchGAN, a perceptual loss, previews.
+
+A tokenizer kind's Task (twostage/tokenizers/vq/task.py, twostage/tokenizers/kl/task.py) subclasses
+`AutoencoderTask` and writes only what differs: its modules and optimizers, and the autoencoder loss
+(`autoencoder_loss`). The shared parts:
+
+  phases         "autoencoder" (the kind's loss) then, from `loss.disc_start` on, "discriminator"
+                 on the reconstruction the first phase cached (no second decoder pass);
+  discriminator  PatchGAN with hinge or non-saturating loss (taming VQGAN, arXiv:2012.09841);
+  perceptual     the frozen perceptual network, moved to the training device once and compiled with
+                 the rest on CUDA when train.compile is set;
+  previews       a fixed batch of training images reconstructed by the EMA weights at each checkpoint
+                 (RUN/samples/recon_XXXXXXX.png) with its PSNR.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from twostage.common.images import interleave_pairs, psnr, save_grid
+from twostage.engine.task import OptimSpec, Phase, PhaseContext, TaskBase, unwrap
+from twostage.tokenizers.discriminator import D_LOSSES, G_LOSSES, PatchGAN
+from twostage.tokenizers.perceptual import PerceptualLoss, build_perceptual
+
+
+def batch_images(batch: Any) -> torch.Tensor:
+    """Images out of whatever the loader yields: a tensor, (images, labels), or {"image": ...}."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("image", "images", "x"):
+            if key in batch:
+                return batch[key]
+    raise TypeError(f"cannot find images in a batch of type {type(batch).__name__}")
+
+
+def uses_cuda(device: str) -> bool:
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
+class AutoencoderTask(TaskBase):
+    """Base of the tokenizer Tasks. Subclasses set self.modules["tokenizer"] before calling
+    `_finish_init`, and implement `optimizers`, `autoencoder_loss` and `preview_reconstruction`."""
+
+    def __init__(self, cfg: Any, *, perceptual: nn.Module | None = None, channels_last: bool | None = None) -> None:
+        """`perceptual` replaces the configured perceptual network: a PerceptualLoss, or a backbone with
+        `feature_maps(images, size)` (tests use tiny stand-ins). `channels_last` (default: when training
+        compiled on CUDA) stores conv weights and activations NHWC: the fast layout for compiled bf16
+        convolutions, but slower in eager mode, where GroupNorm copies NHWC inputs to NCHW (measured on
+        an H100 with benchmarks/bench_tokenizer.py)."""
+        self.cfg = cfg
+        loss = cfg.loss
+        if perceptual is not None:
+            self.perceptual = perceptual if isinstance(perceptual, PerceptualLoss) else \
+                PerceptualLoss(perceptual, size=loss.perceptual_size)
+        elif loss.perceptual_weight > 0:
+            self.perceptual = build_perceptual(loss.perceptual, weights=loss.lpips_weights, heads=loss.lpips_heads,
+                                               random_init=loss.lpips_random_init, size=loss.perceptual_size)
+        else:
+            self.perceptual = None
+        if channels_last is None:
+            channels_last = uses_cuda(cfg.train.device) and cfg.train.compile
+        self.channels_last = channels_last
+        self.modules: dict[str, nn.Module] = {}
+        self.frozen: list[nn.Module] = [self.perceptual] if self.perceptual is not None else []
+        self._frozen_device: torch.device | None = None
+        self._preview: torch.Tensor | None = None  # fixed images for the checkpoint reconstruction grid
+        self._g_loss, self._d_loss = G_LOSSES[loss.gan_loss], D_LOSSES[loss.gan_loss]
+
+    def _finish_init(self) -> None:
+        """Add the discriminator and lay the convolutional modules out NHWC when asked."""
+        lc = self.cfg.loss
+        if lc.gan_weight > 0:
+            self.modules["disc"] = PatchGAN(self.cfg.model.out_channels, lc.disc_channels, lc.disc_layers, lc.disc_norm)
+        if self.channels_last:  # NHWC convolutions are the fast path for bf16 on tensor cores
+            for name in ("tokenizer", "disc"):
+                if name in self.modules:
+                    self.modules[name].to(memory_format=torch.channels_last)
+
+    # -- Task protocol --------------------------------------------------------------------------------
+
+    def optimizers(self) -> dict[str, OptimSpec]:
+        raise NotImplementedError
+
+    def phases(self) -> list[Phase]:
+        ae = [name for name in self.optimizers() if name != "disc"]
+        phases = [Phase("autoencoder", ae, self.autoencoder_loss)]
+        if "disc" in self.modules:
+            start = self.cfg.loss.disc_start
+            phases.append(Phase("discriminator", ["disc"], self.discriminator_loss, active=lambda step: step >= start))
+        return phases
+
+    def ema_modules(self) -> list[str]:
+        return ["tokenizer"]
+
+    # -- shared pieces of the losses ------------------------------------------------------------------
+
+    def prepare(self, batch: Any, device: torch.device) -> torch.Tensor:
+        """The batch's images on the device; grayscale repeated for an RGB tokenizer; NHWC if asked."""
+        x = batch_images(batch).to(device, non_blocking=True)
+        want = self.cfg.model.in_channels
+        if x.shape[1] != want:
+            if x.shape[1] == 1 and want == 3:
+                x = x.expand(-1, 3, -1, -1)
+            else:
+                raise ValueError(f"images have {x.shape[1]} channels but model.in_channels={want}")
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self._preview is None and self.cfg.monitor.grid_images > 0:
+            self._preview = x[: self.cfg.monitor.grid_images].detach().clone()
+        return x
+
+    def frozen_on(self, device: torch.device) -> None:
+        """Move the frozen networks (never checkpointed) to the training device once."""
+        if self._frozen_device == device:
+            return
+        for net in self.frozen:
+            net.to(device)
+            if self.channels_last:
+                net.to(memory_format=torch.channels_last)
+        if self.perceptual is not None and device.type == "cuda" and self.cfg.train.compile:
+            self.perceptual.compile()
+        self._frozen_device = device
+
+    def generator_adversarial(self, ctx: PhaseContext, recon: torch.Tensor) -> torch.Tensor | None:
+        """The generator's GAN term once the discriminator has started, else None."""
+        if "disc" not in ctx.models or ctx.step < self.cfg.loss.disc_start:
+            return None
+        return self._g_loss(ctx.models["disc"](recon))
+
+    def autoencoder_loss(self, ctx: PhaseContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def discriminator_loss(self, ctx: PhaseContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, recon = ctx.scratch.get("images"), ctx.scratch.get("recon")
+        if x is None or recon is None:  # the autoencoder phase did not run on this micro-batch
+            x = self.prepare(ctx.batch, ctx.device)
+            with torch.no_grad():
+                recon = self.preview_reconstruction(ctx.models["tokenizer"], x)
+        if recon.shape[1] != x.shape[1]:
+            x = x[:, :1]
+        disc = ctx.models["disc"]
+        logits_real, logits_fake = disc(x.detach()), disc(recon.detach())
+        d = self._d_loss(logits_real, logits_fake)
+        logs = {"d": d.detach(), "logits_real": logits_real.detach().float().mean(),
+                "logits_fake": logits_fake.detach().float().mean()}
+        return self.cfg.loss.gan_weight * d, logs
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def preview_reconstruction(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The deterministic reconstruction of x (no sampling, no quantizer randomness)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def on_checkpoint(self, step: int, run_dir: Any, ema: Mapping[str, nn.Module]) -> dict[str, float]:
+        if self._preview is None:
+            return {}
+        model = unwrap(ema["tokenizer"])
+        was_training = model.training
+        model.eval()
+        x = self._preview.to(next(model.parameters()).device)
+        recon = self.preview_reconstruction(model, x).float().clamp(-1, 1)
+        model.train(was_training)
+        target = x if recon.shape[1] == x.shape[1] else x[:, :1]
+        grid, nrow = interleave_pairs(target.float().cpu(), recon.cpu())
+        save_grid(grid, Path(run_dir) / "samples" / f"recon_{step:07d}.png", nrow=nrow)
+        return {"tokenizer/preview_psnr": float(psnr(recon, target).mean())}
+
+
+__all__ = ["AutoencoderTask", "batch_images", "uses_cuda"]
