@@ -116,6 +116,16 @@ class AutoencoderTask(TaskBase):
             self._preview = x[: self.cfg.monitor.grid_images].detach().clone()
         return x
 
+    def forward_autoencoder(self, ctx: PhaseContext) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """(images, the tokenizer's output, the pixel target): the images go through the tokenizer once,
+        and the detached reconstruction is cached for the discriminator phase of the same step."""
+        self.frozen_on(ctx.device)
+        x = self.prepare(ctx.batch, ctx.device)
+        out = ctx.models["tokenizer"](x)
+        ctx.scratch["images"], ctx.scratch["recon"] = x, out.recon.detach()
+        target = x if out.recon.shape[1] == x.shape[1] else x[:, :1]  # a grayscale decoder of RGB input
+        return x, out, target
+
     def frozen_on(self, device: torch.device) -> None:
         """Move the frozen networks (never checkpointed) to the training device once."""
         if self._frozen_device == device:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from twostage.config import ConfigError, check
 
@@ -53,4 +54,26 @@ class MonitorConfig:
     grid_images: int = field(default=16, metadata=check(ge=0))  # reconstructions in each checkpoint grid
 
 
-__all__ = ["LossConfig", "MonitorConfig"]
+class TokenizerRun:
+    """What every tokenizer kind's run config (a dataclass with `data` and `model` sections) derives:
+    the image size, and the rule that it divides into the latent grid."""
+
+    data: Any
+    model: Any
+
+    @property
+    def image_size(self) -> int:
+        return self.data.image_size
+
+    def check(self) -> None:
+        size, f = self.image_size, self.model.downsample_factor
+        if size % f:
+            raise ConfigError(f"data.image_size={size} is not divisible by the downsampling factor {f} "
+                              f"({self.factor_source()})")
+
+    def factor_source(self) -> str:
+        """Which model setting sets the downsampling factor (for the message above)."""
+        raise NotImplementedError
+
+
+__all__ = ["LossConfig", "MonitorConfig", "TokenizerRun"]

@@ -190,3 +190,11 @@ class Decoder(nn.Module):
         for level in self.levels:
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def latent_grid(image_size: int | tuple[int, int], factor: int) -> tuple[int, int]:
+    """The (h, w) latent grid of an image size at downsampling factor `factor`."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if h % factor or w % factor:
+        raise ValueError(f"image size {h}x{w} is not divisible by the downsampling factor {factor}")
+    return h // factor, w // factor

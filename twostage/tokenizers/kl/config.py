@@ -22,7 +22,7 @@ from twostage.config import ConfigError, check
 from twostage.data.config import DataConfig
 from twostage.engine.config import TrainConfig
 from twostage.engine.task import OptimConfig
-from twostage.tokenizers.config import LossConfig, MonitorConfig
+from twostage.tokenizers.config import LossConfig, MonitorConfig, TokenizerRun
 
 SPEC = re.compile(r"f(\d+)d(\d+)")
 
@@ -144,7 +144,7 @@ class KLOptimConfig:
 
 
 @dataclass
-class KLRunConfig:
+class KLRunConfig(TokenizerRun):
     kind: str = field(default="kl", metadata=check(choices=("kl",)))
     data: DataConfig = field(default_factory=DataConfig)
     model: KLModelConfig = field(default_factory=KLModelConfig)
@@ -154,10 +154,6 @@ class KLRunConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    @property
-    def image_size(self) -> int:
-        return self.data.image_size
-
     def label(self) -> str:
         """A short name for tables and figures, e.g. "kl f4d16 +VF"."""
         return f"kl f{self.model.downsample_factor}d{self.model.latent_channels}" + (" +VF" if self.vf.enabled else "")
@@ -166,11 +162,8 @@ class KLRunConfig:
         """What a study's results table records about this tokenizer beyond its kind and grid."""
         return {"codebook_size": None, "latent_channels": self.model.latent_channels, "crt": False, "vf": self.vf.enabled}
 
-    def check(self) -> None:
-        size, f = self.image_size, self.model.downsample_factor
-        if size % f:
-            raise ConfigError(f"data.image_size={size} is not divisible by the downsampling factor {f} "
-                              f"(model.spec={self.model.spec})")
+    def factor_source(self) -> str:
+        return f"model.spec={self.model.spec}"
 
 
 __all__ = ["parse_spec", "KLModelConfig", "KLLossConfig", "VFConfig", "KLAdamConfig", "KLOptimConfig", "KLRunConfig"]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from twostage.tokenizers.kl.config import KLModelConfig
-from twostage.tokenizers.conv import Decoder, Encoder
+from twostage.tokenizers.conv import Decoder, Encoder, latent_grid
 
 
 class DiagonalGaussian:
@@ -84,11 +84,7 @@ class KLModel(nn.Module):
         return self.decoder.last_layer
 
     def grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
-        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-        f = self.downsample_factor
-        if h % f or w % f:
-            raise ValueError(f"image size {h}x{w} is not divisible by the downsampling factor {f}")
-        return h // f, w // f
+        return latent_grid(image_size, self.downsample_factor)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))

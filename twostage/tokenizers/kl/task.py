@@ -81,12 +81,8 @@ class KLTokenizerTask(AutoencoderTask):
 
     def autoencoder_loss(self, ctx: PhaseContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg, lc = self.cfg, self.cfg.loss
-        self.frozen_on(ctx.device)
-        x = self.prepare(ctx.batch, ctx.device)
-        out = ctx.models["tokenizer"](x)
+        x, out, target = self.forward_autoencoder(ctx)
         recon = out.recon
-        ctx.scratch["images"], ctx.scratch["recon"] = x, recon.detach()
-        target = x if recon.shape[1] == x.shape[1] else x[:, :1]
 
         diff = recon.float() - target.float()
         pixel = diff.abs() if lc.pixel == "l1" else diff.pow(2)

@@ -14,7 +14,7 @@ from twostage.config import ConfigError, check
 from twostage.data.config import DataConfig
 from twostage.engine.config import TrainConfig
 from twostage.engine.task import OptimConfig
-from twostage.tokenizers.config import LossConfig, MonitorConfig
+from twostage.tokenizers.config import LossConfig, MonitorConfig, TokenizerRun
 
 
 @dataclass
@@ -89,8 +89,8 @@ class TokenizerOptimConfig:
 
 
 @dataclass
-class VQRunConfig:
-    # A run folder's config.yaml names its kind, so loaders and commands dispatch vq vs kl (KLRunConfig).
+class VQRunConfig(TokenizerRun):
+    # The kind names this config class in twostage/registry.py; a run folder's config.yaml records it.
     kind: str = field(default="vq", metadata=check(choices=("vq",)))
     data: DataConfig = field(default_factory=DataConfig)
     model: VQConfig = field(default_factory=VQConfig)
@@ -100,10 +100,6 @@ class VQRunConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    @property
-    def image_size(self) -> int:
-        return self.data.image_size
-
     def label(self) -> str:
         """A short name for tables and figures, e.g. "vq f4 K1024 +CRT"."""
         return f"vq f{self.model.downsample_factor} K{self.model.codebook_size}" + (" +CRT" if self.crt.enabled else "")
@@ -112,13 +108,8 @@ class VQRunConfig:
         """What a study's results table records about this tokenizer beyond its kind and grid."""
         return {"codebook_size": self.model.codebook_size, "latent_channels": None, "crt": self.crt.enabled, "vf": False}
 
-    def check(self) -> None:
-        size, f = self.image_size, self.model.downsample_factor
-        if size % f:
-            raise ConfigError(
-                f"data.image_size={size} is not divisible by the downsampling factor {f} "
-                f"(model.channel_mult has {len(self.model.channel_mult)} levels)"
-            )
+    def factor_source(self) -> str:
+        return f"model.channel_mult has {len(self.model.channel_mult)} levels"
 
 
 __all__ = ["VQConfig", "CRTConfig", "TokenizerOptimConfig", "VQRunConfig"]

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from twostage.tokenizers.conv import Decoder, Encoder
+from twostage.tokenizers.conv import Decoder, Encoder, latent_grid
 from twostage.tokenizers.vq.config import VQConfig
 from twostage.tokenizers.vq.quantizer import QuantizerOutput, VectorQuantizer
 
@@ -47,11 +47,7 @@ class VQModel(nn.Module):
         return self.cfg.codebook_size
 
     def grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
-        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-        f = self.downsample_factor
-        if h % f or w % f:
-            raise ValueError(f"image size {h}x{w} is not divisible by the downsampling factor {f}")
-        return h // f, w // f
+        return latent_grid(image_size, self.downsample_factor)
 
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
         """Raw pre-quantization latent (N, D, h, w)."""

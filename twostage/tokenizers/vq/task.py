@@ -77,14 +77,8 @@ class VQTokenizerTask(AutoencoderTask):
 
     def autoencoder_loss(self, ctx: PhaseContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg, lc = self.cfg, self.cfg.loss
-        self.frozen_on(ctx.device)
-        x = self.prepare(ctx.batch, ctx.device)
-        out = ctx.models["tokenizer"](x)
+        x, out, target = self.forward_autoencoder(ctx)
         recon = out.recon
-        ctx.scratch["images"] = x
-        ctx.scratch["recon"] = recon.detach()
-
-        target = x if recon.shape[1] == x.shape[1] else x[:, :1]
         pixel = self._pixel(recon.float(), target.float())
         rec = lc.pixel_weight * pixel
         logs: dict[str, torch.Tensor] = {"pixel": pixel.detach()}
