@@ -31,7 +31,7 @@ fi
 run_for=$(( BUDGET_S - REPORT_S - ($(date +%s) - START) ))
 pids=()
 for spec in $STUDIES; do
-  name=${spec#study_}
+  name=$(basename "$spec" .yaml); name=${name#study_}
   mkdir -p "$ROOT/$name"
   echo "+ twostage study run $spec --out $ROOT/$name --jobs-per-gpu ${JOBS_PER_GPU:-4} ${OVERRIDES:-}  (deadline ${run_for}s)"
   # timeout signals the whole process group: the per-job subprocesses stop with the runner
@@ -41,7 +41,7 @@ for spec in $STUDIES; do
 done
 for pid in "${pids[@]}"; do wait "$pid"; echo "exit $? (pid $pid)"; done
 for spec in $STUDIES; do
-  name=${spec#study_}
+  name=$(basename "$spec" .yaml); name=${name#study_}
   $PY -m twostage study table "$ROOT/$name" 2>&1 | tail -2
   timeout 60 $PY -m twostage study report "$ROOT/$name" --bootstrap 200 2>&1 | tail -3
   tail -5 "$ROOT/$name/run.log"
