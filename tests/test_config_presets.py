@@ -38,7 +38,7 @@ def test_base_chain_merges_nearest_last_and_a_loop_is_an_error(tmp_path):
     [
         (VQRunConfig, "vq_fmnist_f2", "vq_fmnist_f4", ["model.channel_mult=[1, 2]"]),
         (VQRunConfig, "vq_fmnist_f8", "vq_fmnist_f4", ["model.channel_mult=[1, 2, 2, 4]"]),
-        (VQRunConfig, "vq_fmnist_f4_crt", "vq_fmnist_f4", ["crt.enabled=true"]),
+        (VQRunConfig, "vq_fmnist_f4_crt", "vq_fmnist_f4", ["crt.enabled=true", "model.entropy_weight=0.1"]),
         (
             ARRunConfig,
             "ar_fmnist_small",

@@ -1,7 +1,10 @@
-"""The compute-law fit (twostage/study/fit.py) and the frontiers (twostage/study/frontier.py)."""
+"""The compute-law fit (twostage/study/fit.py), the frontiers (frontier.py), and the statistics of
+replicates: cells over seeds (replicates.py), paired verdicts (verdicts.py), variance components, and
+laws fitted to cell means with a bootstrap over whole seeds (seedfits.py)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,6 +13,10 @@ import pytest
 from twostage.study.fit import FitResult, fit_law, law
 from twostage.study.frontier import (best_per_budget, compute_levels, lower_envelope, optimal_from_fits,
                                      pareto_rfd_gfd, tokenizer_labels)
+from twostage.study.replicates import aggregate, ci_text, normalise, series_components
+from twostage.study.seedfits import fit_series
+from twostage.study.stats import welch_difference
+from twostage.study.verdicts import budget_line, compare_cells
 
 TRUTH = {"alpha": -0.3, "lambda": 9.0, "l_min": 2.5}
 C = np.geomspace(1e13, 1e17, 9)
@@ -191,3 +198,131 @@ def test_primary_ci_is_wald_unless_l_min_sits_at_its_bound():
     f.l_min_at_bound = True  # the Wald linearisation is meaningless at a bound
     assert f.primary_ci == ("bootstrap", f.ci["bootstrap"])
     assert fit_law(C, noisy, n_boot=0).primary_ci[0] == "cov"
+
+
+# -- replicates: cells, verdicts, variance components, seed-level fits ---------------------------------
+
+def _runs(tok, gen_values, *, tok_seed=0, eval_values=None, protocol="p", cell=None, steps=1000):
+    """Rows of one cell: gen_values[j] is generator seed j's value; eval_values[j] its per-eval-seed values."""
+    out = []
+    for j, v in gen_values.items():
+        for k, e in enumerate(eval_values[j] if eval_values else [v]):
+            out.append({"run_id": f"{tok}{tok_seed}{j}", "tokenizer_id": f"{tok}{tok_seed}", "tokenizer_label": tok.upper(),
+                        "tokenizer_cell": tok, "generator_cell": cell or f"{tok}-{steps}", "tokenizer_seed": tok_seed,
+                        "generator_seed": j, "eval_seed": k, "generator_kind": "ar", "generator_size": "s",
+                        "train_steps": steps, "compute": 1e14, "gfd": e, "val_loss": v,
+                        "gen_protocol": json.dumps({"num_samples": 2000 if protocol == "p" else 500}),
+                        "tokens_per_image": 64, "codebook_size": 1024})
+    return out
+
+
+def _compare(a_rows, b_rows, metric="gfd"):
+    rows = normalise(a_rows + b_rows)
+    labels = tokenizer_labels([{"tokenizer_id": r["tokenizer_cell"], "tokenizer_label": r["tokenizer_label"]} for r in rows])
+    cells = aggregate(rows, metric)
+    (c,) = compare_cells(cells, metric, labels)
+    return c
+
+
+def test_cell_interval_is_over_the_top_varying_seed_level():
+    rows = _runs("a", {0: 10.0, 1: 11.0}, tok_seed=0, eval_values={0: [9.9, 10.1], 1: [10.8, 11.2]}) \
+        + _runs("a", {0: 13.0, 1: 12.0}, tok_seed=1, eval_values={0: [12.9, 13.1], 1: [11.9, 12.1]})
+    (c,) = aggregate(normalise(rows), "gfd")
+    assert c.level == "tokenizer seed" and c.interval.n == 2  # 2 tokenizer seeds, each the mean of its runs
+    assert c.interval.mean == pytest.approx(11.5) and c.runs[(1, 0)] == pytest.approx(13.0)
+    assert c.interval.low < 11.5 < c.interval.high
+    # eval spread pooled within runs: deviations 0.1, 0.2, 0.1, 0.1 (two evals each) -> sd with 4 df
+    assert c.eval_df == 4 and c.eval_sd == pytest.approx(math.sqrt((0.02 + 0.08 + 0.02 + 0.02) / 4))
+    assert c.components.dominant == "tokenizer"
+    (one,) = aggregate(normalise(_runs("b", {0: 7.0})), "gfd")
+    assert one.interval.n == 1 and ci_text(one.interval) == "7 (1 seed: no interval)" and one.components is None
+    # A table written before the replicate columns: every run its own cell, seeds 0.
+    legacy = normalise([{"run_id": "r", "tokenizer_id": "t", "compute": 1.0}])[0]
+    assert (legacy["tokenizer_cell"], legacy["generator_cell"], legacy["eval_seed"]) == ("t", "r", 0)
+
+
+def test_verdicts_clear_effect_noise_level_and_one_seed():
+    base = {0: 10.0, 1: 11.0, 2: 12.0}  # generator seeds move both tokenizers alike
+    clear = _compare(_runs("a", base), _runs("b", {j: v - 2 + d for (j, v), d in zip(base.items(), (0.05, -0.05, 0))}))
+    assert clear.verdict == "B better" and clear.winner == "B" and clear.pairing == "paired generator seeds"
+    assert clear.diff.n_a == 3 and clear.diff.high < 0
+    assert "B has lower FD than A: −2 [" in budget_line([clear], "FD") and "over 3 paired generator seeds" in \
+        budget_line([clear], "FD")
+    # The same values unpaired cannot tell (the seed-to-seed spread swamps a difference of 2).
+    w = welch_difference(list(base.values()), [v - 2 for v in base.values()])
+    assert w.low < 0 < w.high
+    noise = _compare(_runs("a", base), _runs("b", {j: v + d for (j, v), d in zip(base.items(), (0.3, -0.4, 0.1))}))
+    assert noise.verdict == "not distinguishable with 3 seeds" and noise.winner is None
+    assert "not distinguishable with 3 seeds" in budget_line([noise], "FD")
+    one = _compare(_runs("a", {0: 10.0}), _runs("b", {0: 1.0}))
+    assert one.winner is None and one.verdict == "not distinguishable with 1 seed"
+    line = budget_line([one], "FD")
+    assert "1 seed: no interval, no winner" in line and "better" not in line and "has lower" not in line
+    unpaired = _compare(_runs("a", base), _runs("b", {3: 5.0, 4: 5.5, 5: 6.0}))
+    assert unpaired.diff.method == "Welch t" and unpaired.pairing.startswith("unpaired") and unpaired.winner == "B"
+    other = _compare(_runs("a", base), _runs("b", base, protocol="q"))
+    assert other.verdict == "not compared" and other.diff is None and "protocols differ" in other.pairing
+
+
+def test_comparison_is_ordered_by_the_evidence_it_rests_on():
+    # a's mean is better only through seed 2, which b lacks; on the shared seeds b is better
+    c = _compare(_runs("a", {0: 10.0, 1: 11.0, 2: 1.0}), _runs("b", {0: 9.0, 1: 10.2}))
+    assert c.a.tokenizer_cell == "b" and c.diff.mean < 0 and c.diff.n_a == 2 and c.pairing == "paired generator seeds"
+
+
+def test_paired_by_tokenizer_seed_when_several_are_shared():
+    a = _runs("a", {0: 10.0, 1: 10.4}, tok_seed=0) + _runs("a", {0: 12.0, 1: 12.2}, tok_seed=1) \
+        + _runs("a", {0: 11.0, 1: 11.1}, tok_seed=2)
+    b = _runs("b", {0: 9.0, 1: 9.5}, tok_seed=0) + _runs("b", {0: 11.1, 1: 11.0}, tok_seed=1) \
+        + _runs("b", {0: 10.0, 1: 10.2}, tok_seed=2)
+    c = _compare(a, b)
+    assert c.pairing == "paired tokenizer seeds" and c.diff.n_a == 3 and c.winner == "B"
+
+
+def test_variance_components_name_the_dominant_seed():
+    from study_synthetic import TOKENIZERS, make_rows
+
+    kw = dict(tokenizers=TOKENIZERS[:1], sizes={"small": 2_000_000}, steps=[1000, 4000], tokenizer_seeds=[0, 1, 2],
+              generator_seeds=[0, 1], eval_seeds=[0, 1], seed=5)
+    for big, want in (("sd_tokenizer", "tokenizer"), ("sd_generator", "generator"), ("sd_eval", "eval")):
+        sds = {"sd_tokenizer": 0.005, "sd_generator": 0.005, "sd_eval": 0.005, big: 0.3}
+        cells = aggregate(normalise(make_rows(**kw, **sds)), "gfd")
+        pooled = series_components(cells)
+        assert pooled["dominant"] == want and pooled["cells"] == 2, (big, pooled)
+        assert {s for s in pooled["sources"]} == {"tokenizer", "generator", "eval"}
+    loss = series_components(aggregate(normalise(make_rows(**kw, sd_generator=0.3)), "val_loss"))
+    assert set(loss["sources"]) == {"tokenizer", "generator"}  # a validation loss has no evaluation seed
+
+
+def _seed_series(generator_seeds, sd, seed=0, n_boot=100):
+    from study_synthetic import TOKENIZERS, make_rows
+
+    rows = normalise(make_rows(tokenizers=TOKENIZERS[:2], generator_seeds=generator_seeds, sd_generator=sd, seed=seed))
+    labels = tokenizer_labels([{"tokenizer_id": r["tokenizer_cell"], "tokenizer_label": r["tokenizer_label"]} for r in rows])
+    return fit_series(aggregate(rows, "gfd"), labels, {"metric": "gfd"}, n_boot=n_boot, seed=1)
+
+
+def test_seed_bootstrap_resolves_a_crossover_and_refits_whole_seeds():
+    sf = _seed_series([0, 1, 2, 3], 0.01)
+    assert sf["level"] == "generator seed" and sf["n_units"] == {"tokf4k1024": 4, "tokf8k1024": 4}
+    # whole seeds resampled, the same draw for both tokenizers: at most C(2n-1, n) distinct fits each
+    assert sf["resample"]["paired"] and sf["resample"]["distinct_fits"] <= 2 * math.comb(7, 4)
+    (x,) = sf["crossovers"]
+    assert (x["from"], x["to"]) == ("tokf8k1024", "tokf4k1024") and x["resolved"] and x["status"] == "resolved"
+    assert x["measured"][0] <= x["low"] <= x["compute"] <= x["high"] <= x["measured"][1] and x["lost"] <= 0.05
+    # where the noiseless laws cross
+    truth = optimal_from_fits(_seed_series([0], 0.0, n_boot=0)["fits"])
+    assert x["compute"] == pytest.approx(truth["crossovers"][0]["compute"], rel=0.25)
+    for tc, ci in sf["seed_ci"].items():
+        assert ci["units"] == 4 and ci["alpha"][0] <= sf["fits"][tc].params["alpha"] <= ci["alpha"][1]
+    assert _seed_series([0, 1, 2, 3], 0.01)["crossovers"] == sf["crossovers"]  # seeded
+
+
+def test_seed_bootstrap_reports_an_unresolved_crossover_and_one_seed_has_none():
+    noisy = _seed_series([0, 1, 2], 0.5, seed=0)
+    assert noisy["crossovers"]
+    for x in noisy["crossovers"]:
+        assert not x["resolved"] and x["status"].startswith("not resolved")
+    one = _seed_series([0], 0.0, n_boot=10)
+    assert one["level"] is None and one["seed_ci"] == {} and one["crossovers"]
+    assert all(x["status"] == "1 seed: no interval" and x["low"] is None for x in one["crossovers"])

@@ -1,5 +1,7 @@
-"""`twostage study report`: files, content, determinism, CLI, degenerate tables, and the HTML in a real
-headless Chromium (loads offline without console errors, every image decoded)."""
+"""`twostage study report`: files, content, determinism, CLI, degenerate tables, the verdict-first
+report of a replicated study (sections in order, verdicts, error bars, class grids), and the HTML in
+a real headless Chromium (loads offline without console errors, every image decoded, sections in
+order). The statistics behind the verdicts are tested in tests/test_study_fit.py."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from study_synthetic import GFD_NAME, make_rows, write_results
+from study_synthetic import GFD_NAME, TOKENIZERS, VERDICT_TOKENIZERS, make_rows, write_results
+from twostage.study.render import SECTIONS
 from twostage.study.report import analyze, build_report, cmd_report, register_report
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -29,7 +32,18 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
+    """A one-seed table written before the replicate columns existed."""
     d = write_results(tmp_path_factory.mktemp("study"), noise=0.02, seed=1)
+    return d, build_report(d, n_boot=40)
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory):
+    """3 generator seeds x 2 evaluation seeds per cell; CRT clearly better than baseline, twin = baseline's
+    laws; a generator seed moves every tokenizer alike (sd_shared), which pairing removes."""
+    rows = make_rows(tokenizers=VERDICT_TOKENIZERS + TOKENIZERS[:1], generator_seeds=[0, 1, 2], eval_seeds=[0, 1],
+                     sd_shared=0.1, sd_generator=0.03, sd_eval=0.02, seed=3)
+    d = write_results(tmp_path_factory.mktemp("replicated"), rows)
     return d, build_report(d, n_boot=40)
 
 
@@ -59,6 +73,12 @@ def test_report_files_and_content(study):
     assert GFD_NAME in page and not re.search(r"\bFID\b", page)  # the metric keeps its network's name
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# Study synthetic") and "| vq f4 K1024 +CRT |" in summary and "crossover" in summary
+    # One seed per cell: the report says so and never names a winner.
+    for text in (page, summary):
+        assert "1 seed: no interval" in text and "has lower" not in text
+        assert not re.search(r"(K1024|CRT|VF) better", text)
+    assert all(v["winner"] is None for v in fits["verdicts"]) and fits["verdicts"]
+    assert page.index("What the study found") < page.index("<img")
 
 
 def test_report_is_self_contained(study):
@@ -120,11 +140,73 @@ def test_degenerate_table_still_reports(tmp_path):
     write_results(tmp_path, rows, grids=False)
     paths = build_report(tmp_path, n_boot=10)
     page = paths["html"].read_text()
-    assert "not enough points to fit" in page and "sample grid of run" in page
+    assert "not enough points to fit" in page and "sample grid of cell" in page
     assert "per_position.png" not in {p.name for p in (tmp_path / "report").iterdir()}
     fits = json.loads(paths["fits"].read_text())
     assert {f["status"] for f in fits["fits"]} == {"insufficient"}
     assert all(o["segments"] == [] for o in fits["optimal"])
+
+
+def _positions(page: str) -> list[int]:
+    return [page.index(f'<section id="{name}">') for name in SECTIONS]
+
+
+def test_replicated_study_report_opens_with_its_verdicts(replicated):
+    d, paths = replicated
+    page, summary = paths["html"].read_text(), paths["summary"].read_text()
+    assert _positions(page) == sorted(_positions(page))  # found, figures, grids, ..., protocol last
+    assert page.index("What the study found") < page.index("<img") and page.index('id="protocol"') > page.index("<h2>Runs")
+    fits = json.loads(paths["fits"].read_text())
+    # The same verdict lines in report.html, summary.md and fits.json.
+    lines = [x for f in fits["findings"] for x in f["lines"]]
+    assert any(x.startswith("At budget 2000 steps (ar small") and "CRT has lower FD-EffNetLite0 than baseline: −" in x
+               and "over 3 paired generator seeds" in x for x in lines)
+    for x in lines:
+        assert f"- {x}" in summary
+        assert x.replace("&", "&amp;") in page or x.replace("'", "&#x27;") in page
+    verdicts = [v for v in fits["verdicts"] if v["series"] == GFD_NAME]
+    pair = lambda v: {v["a"], v["b"]}
+    crt = [v for v in verdicts if pair(v) == {"crt", "base"}]
+    assert len(crt) == 10 and all(v["winner"] == "CRT" and v["difference"]["high"] < 0 for v in crt)
+    twin = [v for v in verdicts if pair(v) == {"twin", "base"}]  # no true difference
+    assert sum(v["verdict"] == "not distinguishable with 3 seeds" for v in twin) >= 8
+    loss = [v for v in fits["verdicts"] if v["series"].startswith("val loss") and "tokf8k1024" in pair(v)]
+    assert loss and all(v["verdict"] == "not compared" for v in loss)  # 16 vs 64 tokens: other prediction task
+    cells = [c for c in fits["cells"] if c["series"] == GFD_NAME]
+    assert len(cells) == 40 and all(c["n"] == 3 and c["level"] == "generator seed" and c["low"] < c["mean"] < c["high"]
+                                    and c["eval_sd"] > 0 and c["internal_sd"] > 0 for c in cells)
+    comp = next(v for v in fits["variance_components"] if v["series"] == GFD_NAME)
+    assert comp["dominant"] == "generator" and set(comp["sources"]) == {"generator", "eval"}
+    x = next(o for o in fits["optimal"] if o["series"] == GFD_NAME)["crossovers"][0]
+    assert (x["from"], x["to"]) == ("tokf8k1024", "crt") and x["low"] <= x["compute"] <= x["high"]
+    assert x["resolved"] == (x["measured"][0] <= x["low"] and x["high"] <= x["measured"][1])
+    assert all(f["seed_ci"] and f["seed_ci"]["units"] == 3 for f in fits["fits"] if f["status"] == "ok")
+    assert "Error bars: 95% intervals over seeds" in page and "every class (10)" in page
+    assert len(re.findall(r"alt=\"[^\"]*one row per class", page)) == 4  # one class grid per tokenizer cell
+    assert "1 seed: no interval" not in summary.split("## Fits")[0]
+
+
+def test_unbiased_metrics_are_analysed_under_their_own_names_when_present():
+    rows = make_rows(tokenizers=VERDICT_TOKENIZERS[:2], sizes={"small": 2_000_000}, generator_seeds=[0, 1, 2],
+                     sd_generator=0.02, unbiased=True, seed=2)
+    a = analyze(rows, n_boot=0)
+    names = [s["name"] for s in a["series"]]
+    assert names == [GFD_NAME, "FDinf-EffNetLite0", "KID-EffNetLite0", "val loss (AR cross-entropy, nats/token)"]
+    for s in a["series"]:
+        assert all(c.interval.n == 3 for c in s["cells"]) and s["headline"]
+        if s["metric"] in ("gfd_inf", "kid"):  # the evaluation's own sd from its stderr column
+            col = {"gfd_inf": "gfd_inf_stderr", "kid": "kid_stderr"}[s["metric"]]
+            c = s["cells"][0]
+            assert c.internal_sd == pytest.approx(sum(r[col] for r in c.rows) / len(c.rows))
+        assert all(c.winner == "CRT" for c in s["comparisons"])
+    assert any("FDinf-EffNetLite0 at each budget" == t for t, _ in a["findings"])
+
+
+def test_replicated_report_is_deterministic(replicated, tmp_path):
+    d, paths = replicated
+    again = build_report(d, tmp_path / "again", n_boot=40)
+    for key, p in paths.items():
+        assert again[key].read_bytes() == p.read_bytes(), key
 
 
 def test_mixed_protocols_and_metric_names_are_flagged():
@@ -226,6 +308,9 @@ def chromium_check(page: Path, user_dir: Path, screenshot: Path | None = None) -
             "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])"))["result"]["value"]
         height = cdp.call("Runtime.evaluate", session, returnByValue=True,
                           expression="document.documentElement.scrollHeight")["result"]["value"]
+        sections = cdp.call("Runtime.evaluate", session, returnByValue=True, expression=(
+            "Array.from(document.querySelectorAll('section')).map(s => [s.id, "
+            "s.getBoundingClientRect().top + window.scrollY, s.getBoundingClientRect().height])"))["result"]["value"]
         if screenshot is not None:
             shot = cdp.call("Page.captureScreenshot", session, format="png", captureBeyondViewport=True,
                             clip={"x": 0, "y": 0, "width": 1400, "height": min(height, 6000), "scale": 1})
@@ -241,14 +326,16 @@ def chromium_check(page: Path, user_dir: Path, screenshot: Path | None = None) -
                 errors.append(p["entry"].get("text"))
         requests = [e["params"]["request"]["url"] for e in cdp.events if e.get("method") == "Network.requestWillBeSent"]
         external = [u for u in requests if not u.startswith(("file:", "data:", "about:"))]
-        return {"errors": errors, "external_requests": external, "images": images, "height": height}
+        return {"errors": errors, "external_requests": external, "images": images, "height": height,
+                "sections": sections}
     finally:
         cdp.close()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")
-def test_report_opens_in_headless_chromium(study, tmp_path):
-    d, paths = study
+@pytest.mark.parametrize("which", ["study", "replicated"])
+def test_report_opens_in_headless_chromium(which, request, tmp_path):
+    d, paths = request.getfixturevalue(which)
     shot = tmp_path / "report.png"
     result = chromium_check(paths["html"], tmp_path / "profile", screenshot=shot)
     assert result["errors"] == []
@@ -256,6 +343,15 @@ def test_report_opens_in_headless_chromium(study, tmp_path):
     assert len(result["images"]) >= 9
     for complete, width, alt in result["images"]:
         assert complete and width > 0, alt
+    # The verdicts first, laid out on the page in the documented order, each section visible.
+    ids = [s[0] for s in result["sections"]]
+    assert ids == [s for s in SECTIONS if s in ids] and ids[0] == "found" and ids[-1] == "protocol"
+    assert {"found", "figures", "cells", "comparisons", "fits", "protocol"} <= set(ids)
+    tops = [s[1] for s in result["sections"]]
+    assert tops == sorted(tops) and all(s[2] > 0 for s in result["sections"]) and tops[0] < 200
+    if which == "replicated":
+        assert "grids" in ids
+        assert sum("one row per class" in alt for _, _, alt in result["images"]) == 4
     with Image.open(shot) as im:
         assert im.size[0] == 1400 and im.size[1] > 1000
         assert len(im.convert("L").getcolors(1 << 16) or range(2)) > 1  # not a blank page
@@ -274,3 +370,47 @@ def test_large_sample_grids_are_downscaled_and_missing_ones_skipped(tmp_path):
     assert grid_thumbnail(tmp_path / "absent.png") is None
     (tmp_path / "broken.png").write_bytes(b"not a png")
     assert grid_thumbnail(tmp_path / "broken.png") is None
+
+
+def test_class_grid_shows_every_class_from_the_samples_file(tmp_path):
+    import numpy as np
+
+    from twostage.study.plots import class_grid
+
+    labels = np.repeat(np.arange(10), 30)  # grouped by class, as the sampler writes: the first 64 are 3 classes
+    images = np.stack([np.full((8, 8, 3), 25 * y, np.uint8) for y in labels])
+    np.savez(tmp_path / "s.npz", images=images, labels=labels)
+    np.savez_compressed(tmp_path / "c.npz", arr_0=images, arr_1=labels)  # ADM layout, compressed
+    for name in ("s.npz", "c.npz"):
+        data, shown, total = class_grid(tmp_path / name, per_class=4)
+        assert (shown, total) == (10, 10)
+        with Image.open(io.BytesIO(data)) as im:
+            px = np.asarray(im.convert("RGB"))
+        scale = px.shape[0] // (10 * 10 + 2)  # rows of 8 px + 2 px padding, enlarged for small images
+        rows = [px[(2 + r * 10 + 4) * scale, (2 + 4) * scale, 0] for r in range(10)]
+        assert rows == [25 * y for y in range(10)]  # one row per class, in class order
+    many = np.repeat(np.arange(50), 2)
+    np.savez(tmp_path / "m.npz", images=np.zeros((100, 4, 4, 1), np.uint8), labels=many)
+    assert class_grid(tmp_path / "m.npz", max_classes=20)[1:] == (20, 50)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    assert class_grid(tmp_path / "bad.npz") is None and class_grid(tmp_path / "absent.npz") is None
+
+
+def test_figures_draw_error_bars_over_seeds(tmp_path):
+    from twostage.study.plots import differences_plot, metric_vs_compute, tokenizer_colors
+
+    cells = [{"tokenizer_id": "a", "generator_size": "s", "compute": c, "mean": m, "seeds": [m - 1, m, m + 1]}
+             for c, m in ((1e13, 30.0), (1e14, 20.0), (1e15, 15.0))]
+    with_ci = [{**c, "low": c["mean"] - 2, "high": c["mean"] + 2} for c in cells]
+    without = [{**c, "low": float("nan"), "high": float("nan")} for c in cells]  # one seed: no interval
+    args = ({}, "FD", "FD vs compute", {"a": "A"}, tokenizer_colors(["a"]))
+    p1 = metric_vs_compute(tmp_path / "ci.png", with_ci, *args)
+    p2 = metric_vs_compute(tmp_path / "none.png", without, *args)
+    assert p1.read_bytes() != p2.read_bytes()
+    with Image.open(p1) as a, Image.open(p2) as b:  # the bars add dark pixels above and below the markers
+        dark = lambda im: sum(n for n, v in im.convert("L").getcolors(1 << 16) if v < 200)
+        assert dark(a) > dark(b)
+    p3 = differences_plot(tmp_path / "d.png", [{"label": "x", "mean": -2.0, "low": -3.0, "high": -1.0},
+                                                 {"label": "y", "mean": 0.5, "low": float("nan"), "high": float("nan")}],
+                          "difference", "title")
+    assert p3.is_file()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+from pathlib import Path
+from typing import Iterator
 
 from twostage import __version__
 from twostage.common.errors import UserError
@@ -22,6 +25,78 @@ COMMAND_MODULES = [
 ]
 
 
+# What a command's --out names, declared on its parser: `p.set_defaults(out_kind=OUT_FOLDER)` for a run,
+# cache or study folder, OUT_FILE for a file it writes (samples .npz, PNG, JSON). main() checks a declared
+# --out before the command runs (`out_problem`): a folder where a file exists, a file where a folder
+# exists, a path under a file, a place this user cannot write. Commands without the marker are not checked.
+OUT_FOLDER, OUT_FILE = "folder", "file"
+
+# The markers of commands whose modules do not declare them yet (a module's own set_defaults wins).
+OUT_KINDS = {
+    "tokenizer train": OUT_FOLDER,
+    "tokenizer encode": OUT_FOLDER,
+    "tokenizer reconstruct": OUT_FILE,
+    "tokenizer probe": OUT_FILE,
+    "generator train": OUT_FOLDER,
+    "generator sample": OUT_FILE,
+    "eval gen": OUT_FILE,
+    "eval recon": OUT_FILE,
+    "eval stats": OUT_FILE,
+    "study run": OUT_FOLDER,
+    "study report": OUT_FOLDER,
+    "demo": OUT_FOLDER,
+}
+
+
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every (command path, parser) of the tree, e.g. ("tokenizer train", <parser>)."""
+    yield " ".join(path), parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+def chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost (sub)parser that parsed `args`, e.g. the one of `twostage tokenizer train`."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if name is None or name not in subs[0].choices:
+            return parser
+        parser = subs[0].choices[name]
+
+
+def out_problem(out: str | Path, kind: str) -> str | None:
+    """Why `out` cannot be this command's --out (a folder or a file to write), or None when it can."""
+    out = Path(out).expanduser()
+    try:
+        return _out_problem(out, kind)
+    except OSError as err:  # e.g. a folder above it that this user may not even look into
+        return f"--out {out} cannot be used: {err.strerror or err}"
+
+
+def _out_problem(out: Path, expected: str) -> str | None:
+    if out.exists():
+        if expected == OUT_FOLDER and not out.is_dir():
+            return f"--out {out} is an existing file, but this command writes a folder there; give a folder path"
+        if expected == OUT_FILE and out.is_dir():
+            return f"--out {out} is a folder, but this command writes a file there; give a file path inside it"
+        if not os.access(out, os.W_OK | (os.X_OK if expected == OUT_FOLDER else 0)):
+            return f"--out {out} is not writable by this user; choose another {expected} or fix its permissions"
+        if expected == OUT_FOLDER:
+            return None
+    # The nearest existing folder above must be a folder this user can create entries in.
+    above = out.absolute().parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        return f"--out {out} lies under {above}, which is a file, not a folder"
+    if not os.access(above, os.W_OK | os.X_OK):
+        return f"--out {out} cannot be created: {above} is not writable by this user (read-only or permission denied)"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twostage",
@@ -32,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for path, p in _parsers(parser):
+        if path in OUT_KINDS and p.get_default("out_kind") is None:
+            p.set_defaults(out_kind=OUT_KINDS[path])
     return parser
 
 
@@ -40,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides (section.key=value) may stand anywhere, also after options such as --out.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides = [*args.overrides, *extra]
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        takes_overrides = hasattr(args, "overrides")
+        unknown = [e for e in extra if not (takes_overrides and "=" in e and not e.startswith("-"))]
+        if unknown:  # argparse's message and exit code 2, with the usage of the command that was meant
+            chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -53,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        kind, out = getattr(args, "out_kind", None), getattr(args, "out", None)
+        if kind is not None and out is not None and (problem := out_problem(out, kind)):
+            raise UserError(problem)  # before any work: no data loaded, no model built
         result = args.func(args)
     except ConfigError as err:  # nothing ran: the command line or config file needs a change
         print(f"config error: {err}", file=sys.stderr)

@@ -40,9 +40,14 @@ def check(
     le: float | None = None,
     lt: float | None = None,
     choices: tuple[Any, ...] | None = None,
+    added: bool = False,
 ) -> dict[str, Any]:
-    """Field metadata describing the allowed values of a config field."""
-    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+    """Field metadata describing the allowed values of a config field.
+
+    `added=True` marks a field added after run folders and studies existed: `to_dict` leaves it out
+    while it holds its default, so a saved `config.yaml` and `config_hash` stay what they were (older
+    runs resume, study job ids stay the same) until someone sets it."""
+    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "added": added}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,7 +235,8 @@ def _join(where: str, key: str) -> str:
 def to_dict(obj: Any) -> Any:
     """A plain (YAML-safe) nested dict of a config dataclass."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("added") and _is_default(f, getattr(obj, f.name)))}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -238,6 +244,12 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def _is_default(f: dataclasses.Field, value: Any) -> bool:
+    if f.default_factory is not dataclasses.MISSING:
+        return value == f.default_factory()
+    return f.default is not dataclasses.MISSING and value == f.default
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -249,7 +261,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         if not key:
             raise ConfigError(f"override '{item}' has no key before '='")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({problem}); quote it or fix it") from None
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -287,6 +303,27 @@ def resolve_preset(name_or_path: str | Path) -> Path:
     )
 
 
+def _read_yaml(path: Path, via: list[str] = ()) -> Any:
+    """The YAML document in `path` ({} when empty); a syntax error is a ConfigError naming the file,
+    the line and the column (and, for a `base:` file, the files that led to it)."""
+    chain = f" (reached through base: from {' -> '.join(via)})" if via else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}{chain}: not a UTF-8 text file; a config must be YAML") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and start is not None and mark is not None and start.line != mark.line:
+            context = f"{context} that starts on line {start.line + 1}, column {start.column + 1}"
+        what = f"{problem} ({context})" if context else problem
+        raise ConfigError(f"{path}{at}{chain}: invalid YAML: {what}") from None
+
+
 def read_source(source: str | Path | dict | None) -> dict[str, Any]:
     """The nested dict a config source describes, before defaults: a dict as given, or a YAML file /
     preset with its `base:` chain resolved (`base: vq_fmnist_f4` = that preset, then this file's keys
@@ -297,7 +334,7 @@ def read_source(source: str | Path | dict | None) -> dict[str, Any]:
         data, where = dict(source), "config"
     else:
         path = resolve_preset(source)
-        data, where = yaml.safe_load(path.read_text()) or {}, str(path)
+        data, where = _read_yaml(path), str(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections")
     seen: list[str] = []
@@ -308,9 +345,10 @@ def read_source(source: str | Path | dict | None) -> dict[str, Any]:
         if base in seen:
             raise ConfigError(f"{where}: the base chain {' -> '.join([*seen, base])} loops")
         seen.append(base)
-        parent = yaml.safe_load(resolve_preset(base).read_text()) or {}
+        parent_path = resolve_preset(base)
+        parent = _read_yaml(parent_path, via=[where, *seen[:-1]])
         if not isinstance(parent, dict):
-            raise ConfigError(f"{base}: the top level must be a mapping of sections")
+            raise ConfigError(f"{parent_path}: the top level must be a mapping of sections")
         data = merge(parent, data)
     return data
 

@@ -80,14 +80,17 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
             return _split(ArrayDataset.from_npz(files["train"], transform), cfg, split, f"{root}/train.npz")
         return _split(ArrayDataset.from_npz(root, transform), cfg, split, str(root))
     if cfg.name == "folder":
+        def folder(path: Path, **kwargs) -> ImageFolderDataset:
+            return ImageFolderDataset(path, transform, min_size_ratio=cfg.min_size_ratio, **kwargs)
+
         if (root / "train").is_dir():
             if split == "train":
-                return ImageFolderDataset(root / "train", transform)
+                return folder(root / "train")
             if not (root / "val").is_dir():
-                return _split(ImageFolderDataset(root / "train", transform), cfg, split, f"{root}/train")
+                return _split(folder(root / "train"), cfg, split, f"{root}/train")
             classes = _class_folders(root / "train") or None  # the label ids must match train's
-            return ImageFolderDataset(root / "val", transform, class_names=classes)
-        return _split(ImageFolderDataset(root, transform), cfg, split, str(root))
+            return folder(root / "val", class_names=classes)
+        return _split(folder(root), cfg, split, str(root))
     raise DataError(f"unknown dataset name '{cfg.name}'; use fashion-mnist, folder or npz")
 
 
@@ -128,9 +131,16 @@ def describe(cfg: DataConfig, scan: bool = False) -> DatasetInfo:
         if scan:
             base = ds.dataset if isinstance(ds, SubsetDataset) else ds
             if isinstance(base, ImageFolderDataset) and base.root not in scanned:
-                bad = base.scan()
+                base.scan()
                 scanned.add(base.root)
+                bad, small = base.unreadable, base.too_small
                 notes.append(f"scan of {base.root}: {len(bad)} unreadable file(s)" + "".join(f"\n    {p}" for p in bad))
+                if cfg.min_size_ratio > 0:
+                    notes.append(
+                        f"scan of {base.root}: {len(small)} image(s) too small, skipped (shorter side below "
+                        f"{base.min_side:g} px = data.min_size_ratio {cfg.min_size_ratio:g} x image size "
+                        f"{cfg.image_size})" + "".join(f"\n    {p}" for p in small)
+                    )
         first = first or ds
     assert first is not None
     return DatasetInfo(

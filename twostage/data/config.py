@@ -28,6 +28,11 @@ class DataConfig:
     val_fraction: float = field(default=0.0, metadata=check(ge=0, lt=1))
     seed: int = 0  # seeds the train/val split and the flips (not the sample order: that is train.seed)
     background: int = field(default=0, metadata=check(ge=0, le=255))  # pad and transparency colour
+    # folder: an image whose shorter side is below min_size_ratio * image_size (e.g. < 8 px for 32, < 64 px
+    # for 256) is skipped and counted like an unreadable file, instead of being blown up from a few pixels;
+    # 0 keeps every image. (fashion-mnist / npz arrays are all one known size and are never skipped.)
+    # `added`: left out of config.yaml and config hashes while at its default, so older runs still resume.
+    min_size_ratio: float = field(default=0.25, metadata=check(ge=0, le=1, added=True))
 
     def check(self) -> None:
         if self.name in ("folder", "npz") and not self.root:

@@ -12,6 +12,9 @@ Design choices, all driven by 1.28M-file folders:
     resume still holds. Workers write the flags; the main process reads them, so counts found inside
     workers are reported too, in one log line per epoch at most (`report_skipped`, called by the
     loader at each epoch end), and `.skipped` lists them.
+  - A file whose shorter side is below `min_size_ratio * image_size` (a 1x1 pixel, a thumbnail) is
+    skipped and counted the same way (flag 2 instead of 1, `.too_small`): blown up to the model's input
+    it would teach nothing but blur. Only the header is read for this check.
   - `scan()` checks every file up front, in threads, for those who prefer to know before training.
 """
 
@@ -60,10 +63,20 @@ def _walk(folder: str, exts: frozenset[str]) -> list[str]:
     return out
 
 
-def _open_image(path: str) -> Image.Image:
-    """Open and fully decode (so that truncation surfaces now, not later in a transform)."""
+UNREADABLE, TOO_SMALL = 1, 2  # values of the per-file flag (0: fine or not looked at yet)
+
+
+class ImageTooSmall(Exception):
+    """An image smaller than the dataset accepts (its shorter side below `min_side` pixels)."""
+
+
+def _open_image(path: str, min_side: float = 0.0) -> Image.Image:
+    """Open and fully decode (so that truncation surfaces now, not later in a transform). An image whose
+    shorter side is below `min_side` raises ImageTooSmall before it is decoded."""
     with open(path, "rb") as fh:
         img = Image.open(fh)
+        if min(img.size) < min_side:
+            raise ImageTooSmall(f"{img.width}x{img.height} pixels, below {min_side:g} on the shorter side")
         img.load()
     return img
 
@@ -74,6 +87,8 @@ class ImageFolderDataset(Dataset):
     `class_names` fixes the label mapping (a val folder uses the train folder's classes). A root
     with images but no sub-folders is one class. `max_skip` bounds how many consecutive unreadable
     files are replaced before giving up (a whole broken folder should fail, not be papered over).
+    `min_size_ratio`: images whose shorter side is below this fraction of the transform's image_size are
+    skipped like unreadable ones (0 keeps all; the config's data.min_size_ratio).
     """
 
     def __init__(
@@ -85,6 +100,7 @@ class ImageFolderDataset(Dataset):
         extensions: Iterable[str] | None = None,
         scan: bool = False,
         max_skip: int = 64,
+        min_size_ratio: float = 0.25,
     ):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -124,10 +140,14 @@ class ImageFolderDataset(Dataset):
         self.class_names = names
         self.transform = transform or ImageTransform(image_size=256, channels=3, resize="resize_crop")
         self.max_skip = max_skip
+        if not 0 <= min_size_ratio <= 1:
+            raise DataError(f"min_size_ratio={min_size_ratio} must be in [0, 1]")
+        self.min_size_ratio = float(min_size_ratio)
+        self.min_side = self.min_size_ratio * self.transform.image_size  # pixels, shorter side
         self.source = f"image folder {self.root}"
-        # Shared between the main process and DataLoader workers (fork or spawn): 1 = unreadable.
+        # Shared between the main process and DataLoader workers (fork or spawn): UNREADABLE / TOO_SMALL.
         self._bad = torch.zeros(len(self.labels), dtype=torch.uint8).share_memory_()
-        self._reported = 0
+        self._reported = {UNREADABLE: 0, TOO_SMALL: 0}
         if scan:
             self.scan()
 
@@ -152,80 +172,122 @@ class ImageFolderDataset(Dataset):
             try:
                 # The transform runs inside the try: some damaged files decode into images no
                 # conversion accepts, and they must be skipped like unreadable ones.
-                image = self.transform(_open_image(str(self.path(j))), index, epoch)
+                image = self.transform(_open_image(str(self.path(j)), self.min_side), index, epoch)
+            except ImageTooSmall as err:
+                self._bad[j] = TOO_SMALL
+                last_error = err
+                log.debug("image too small %s: %s", self.path(j), err)
+                continue
             except Exception as err:  # Pillow raises many types for damaged data; none may end the epoch
-                self._bad[j] = 1
+                self._bad[j] = UNREADABLE
                 last_error = err
                 log.debug("unreadable image %s: %s", self.path(j), err)
                 continue
             return image, int(self.labels[j])
         raise DataError(
-            f"{min(self.max_skip + 1, n)} consecutive files from {self.path(index)} on are unreadable "
+            f"{min(self.max_skip + 1, n)} consecutive files from {self.path(index)} on are unreadable or too small "
             f"(last error: {last_error}); the folder looks damaged. Check it with "
             f"`twostage data info folder --root {self.root} --scan`."
         )
 
     # -- bad files ----------------------------------------------------------------------------------
 
+    def _flagged(self, value: int | None = None) -> list[Path]:
+        flags = self._bad.numpy()
+        return [self.path(int(i)) for i in np.flatnonzero(flags if value is None else flags == value)]
+
     @property
     def skipped(self) -> list[Path]:
-        """Paths found unreadable so far (in this process or any of its DataLoader workers)."""
-        return [self.path(int(i)) for i in np.flatnonzero(self._bad.numpy())]
+        """Paths skipped so far, unreadable or too small (in this process or any of its DataLoader workers)."""
+        return self._flagged()
+
+    @property
+    def unreadable(self) -> list[Path]:
+        return self._flagged(UNREADABLE)
+
+    @property
+    def too_small(self) -> list[Path]:
+        """Paths skipped because their shorter side is below `min_side` pixels."""
+        return self._flagged(TOO_SMALL)
 
     @property
     def num_skipped(self) -> int:
-        return int(self._bad.sum())
+        return int((self._bad > 0).sum())
+
+    @property
+    def num_unreadable(self) -> int:
+        return int((self._bad == UNREADABLE).sum())
+
+    @property
+    def num_too_small(self) -> int:
+        return int((self._bad == TOO_SMALL).sum())
 
     def report_skipped(self) -> int:
-        """Log one warning if files were found unreadable since the last report; returns the count."""
-        count = self.num_skipped
-        if count > self._reported:
-            examples = ", ".join(str(p) for p in self.skipped[:3])
-            log.warning(
-                "%s: skipped %d unreadable image file(s) so far, each replaced by the next readable one "
-                "(e.g. %s). List them all with `twostage data info folder --root %s --scan`.",
-                self.root, count, examples, self.root,
-            )
-            self._reported = count
-        return count
+        """Log one warning per reason (unreadable, too small) if files were skipped for it since the last
+        report; returns the number skipped so far."""
+        how = f"List them all with `twostage data info folder --root {self.root} --scan`."
+        for value, count, paths, what in (
+            (UNREADABLE, self.num_unreadable, self.unreadable, "unreadable image file(s)"),
+            (TOO_SMALL, self.num_too_small, self.too_small,
+             f"image(s) smaller than {self.min_side:g} px on the shorter side (data.min_size_ratio="
+             f"{self.min_size_ratio:g} x image_size {self.transform.image_size}; 0 keeps every image)"),
+        ):
+            if count > self._reported[value]:
+                examples = ", ".join(str(p) for p in paths[:3])
+                log.warning("%s: skipped %d %s so far, each replaced by the next usable one (e.g. %s). %s",
+                            self.root, count, what, examples, how)
+                self._reported[value] = count
+        return self.num_skipped
 
     def scan(self, decode: bool = True, threads: int = 8) -> list[Path]:
-        """Check every file now (fully decoded, or only Pillow's cheaper `verify()`); returns the bad ones.
+        """Check every file now (fully decoded, or only Pillow's cheaper `verify()`); returns the skipped
+        ones (unreadable or too small; `.unreadable` and `.too_small` tell them apart).
 
         Threads suffice: Pillow releases the GIL while decoding. Found files are flagged, so training
         never opens them.
         """
 
-        def bad(i: int) -> bool:
+        def flag(i: int) -> int:
             try:
                 if decode:
-                    _open_image(str(self.path(i)))
+                    _open_image(str(self.path(i)), self.min_side)
                 else:
                     with Image.open(self.path(i)) as img:
+                        if min(img.size) < self.min_side:
+                            return TOO_SMALL
                         img.verify()
+            except ImageTooSmall:
+                return TOO_SMALL
             except Exception:
-                return True
-            return False
+                return UNREADABLE
+            return 0
 
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            flags = list(pool.map(bad, range(len(self)), chunksize=256))
+            flags = np.asarray(list(pool.map(flag, range(len(self)), chunksize=256)), dtype=np.uint8)
         for i in np.flatnonzero(flags):
-            self._bad[int(i)] = 1
+            self._bad[int(i)] = int(flags[i])
         self.report_skipped()
         return self.skipped
 
     def image_shape(self) -> tuple[int, ...]:
-        """Stored (H, W, C) of the first readable image (folders may mix sizes)."""
+        """Stored (H, W, C) of the first usable image (folders may mix sizes), else of the first readable
+        one although it is too small."""
+        first = None
         for i in range(min(len(self), self.max_skip + 1)):
             try:
                 img = _open_image(str(self.path(i)))
             except Exception:
                 continue
-            return (img.height, img.width, len(img.getbands()))
+            shape = (img.height, img.width, len(img.getbands()))
+            if min(img.size) >= self.min_side:
+                return shape
+            first = first or shape
+        if first is not None:
+            return first
         raise DataError(f"none of the first files in {self.root} is readable")
 
     def __repr__(self) -> str:
         return f"ImageFolderDataset({str(self.root)!r}, {len(self)} images, {len(self.class_names)} classes)"
 
 
-__all__ = ["ImageFolderDataset", "image_extensions"]
+__all__ = ["ImageFolderDataset", "ImageTooSmall", "image_extensions"]

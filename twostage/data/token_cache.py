@@ -9,7 +9,9 @@ horizontal flip, so augmentation costs nothing later) into a folder
     labels.npy   (N,) int64 class labels
     meta.json    kind, grid, codebook size or channels, classes, latent statistics, tokenizer checksum
 
-All arrays are memory-mapped, so an ImageNet-size cache costs no RAM and starts instantly.
+All arrays are memory-mapped, so an ImageNet-size cache costs no RAM and starts instantly. Opening a
+cache checks that every file is whole (a copy cut short, a full disk): a damaged file is a
+`TokenCacheError` naming it and the command that rebuilds the cache, never a numpy traceback.
 """
 
 from __future__ import annotations
@@ -58,6 +60,13 @@ def token_dtype(codebook_size: int) -> np.dtype:
 ARRAYS = {"tokens": ("tokens.npy", np.int64), "latents": ("latents.npy", np.float32)}
 
 
+def reencode_hint(folder: Path, meta: CacheMeta | None = None) -> str:
+    """The command that rebuilds the cache `folder` (from its meta.json when it could be read)."""
+    run = meta.tokenizer_run if meta is not None and meta.tokenizer_run else "TOKENIZER_RUN"
+    split = meta.split if meta is not None and meta.split else "SPLIT"
+    return f"re-encode it: `twostage tokenizer encode {run} --split {split} --out {folder} --overwrite`"
+
+
 def read_meta(folder: Path) -> CacheMeta:
     path = Path(folder) / "meta.json"
     if not path.is_file():
@@ -65,11 +74,32 @@ def read_meta(folder: Path) -> CacheMeta:
             f"{folder} is not a token/latent cache (no meta.json). Make one with "
             "`twostage tokenizer encode RUN --split train --out CACHE`."
         )
-    data = json.loads(path.read_text())
-    data["grid"] = tuple(data["grid"])
-    if data.get("kind") not in ARRAYS:
-        raise TokenCacheError(f"{path}: unknown cache kind {data.get('kind')!r}; expected one of {list(ARRAYS)}")
-    return CacheMeta(**data)
+    try:
+        data = json.loads(path.read_text())
+        data["grid"] = tuple(int(g) for g in data["grid"])
+        kind = data.get("kind")
+        if kind not in ARRAYS:
+            raise TokenCacheError(f"{path}: unknown cache kind {kind!r}; expected one of {list(ARRAYS)}")
+        return CacheMeta(**data)
+    except TokenCacheError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise TokenCacheError(f"{path} cannot be read ({type(err).__name__}: {err}): the file is damaged or cut "
+                              f"short; {reencode_hint(Path(folder))}") from None
+
+
+def open_array(path: Path, meta: CacheMeta | None = None) -> np.ndarray:
+    """A cache's .npy file memory-mapped read-only; a missing, truncated or corrupt one is a TokenCacheError
+    naming the file and the command that rebuilds the cache."""
+    folder = path.parent
+    if not path.is_file():
+        raise TokenCacheError(f"{folder} lacks {path.name}: the cache is incomplete; {reencode_hint(folder, meta)}")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        size = path.stat().st_size
+        raise TokenCacheError(f"{path} is damaged or cut short ({size} bytes; numpy: {err}), e.g. by an interrupted "
+                              f"copy or a full disk; {reencode_hint(folder, meta)}") from None
 
 
 class CacheDataset(Dataset):
@@ -84,10 +114,14 @@ class CacheDataset(Dataset):
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
         name, self.item_dtype = ARRAYS[self.meta.kind]
-        self.data = np.load(self.folder / name, mmap_mode="r")
-        self.labels = np.load(self.folder / "labels.npy", mmap_mode="r")
+        self.data = open_array(self.folder / name, self.meta)
+        self.labels = open_array(self.folder / "labels.npy", self.meta)
+        hint = reencode_hint(self.folder, self.meta)
+        if self.labels.ndim != 1 or self.data.ndim < 3:
+            raise TokenCacheError(f"{self.folder}: {name} has shape {self.data.shape} and labels.npy "
+                                  f"{self.labels.shape}, not a {self.meta.kind} cache; {hint}")
         if len(self.data) != len(self.labels):
-            raise TokenCacheError(f"{self.folder}: {len(self.data)} items but {len(self.labels)} labels; re-encode it")
+            raise TokenCacheError(f"{self.folder}: {len(self.data)} items but {len(self.labels)} labels; {hint}")
         self.seed, self.random_variant = seed, random_variant
 
     def __len__(self) -> int:

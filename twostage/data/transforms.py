@@ -94,8 +94,22 @@ def _as_hwc(arr: np.ndarray) -> np.ndarray:
 # channels
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit gray ("I;16*", and "I", the mode Pillow gives 16-bit PNG / PGM / TIFF gray) scaled to 8-bit
+    "L" (v / 257, rounded: 65535 -> 255, so full white stays white and mid-gray stays mid-gray); other
+    modes as they are. Pillow's own convert("L") clips such values at 255 instead, which turns nearly
+    every pixel of a 16-bit image white."""
+    if not (img.mode.startswith("I;16") or img.mode == "I"):
+        return img
+    arr = np.asarray(img).astype(np.int64)  # "I;16B" is big-endian, "I" int32: one integer type
+    arr = (np.clip(arr, 0, 65535) + 128) // 257
+    return Image.fromarray(arr.astype(np.uint8))  # 2-D uint8: mode "L"
+
+
 def pil_to_array(img: Image.Image, channels: int, background: int = 0) -> np.ndarray:
-    """A PIL image of any mode as uint8 (H, W, channels); transparency is composited on `background`."""
+    """A PIL image of any mode as uint8 (H, W, channels); transparency is composited on `background`;
+    16-bit gray is scaled to 8 bits (`to_8bit`), not clipped."""
+    img = to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (background, background, background, 255))
@@ -177,5 +191,5 @@ class ImageTransform:
 
 __all__ = [
     "ImageTransform", "RESIZE_MODES", "flip_decision", "pad_to", "pil_to_array", "resize_center_crop",
-    "sample_seed", "to_channels", "to_tensor",
+    "sample_seed", "to_8bit", "to_channels", "to_tensor",
 ]  # fmt: skip

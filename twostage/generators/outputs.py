@@ -9,6 +9,11 @@ Samples file (read by `twostage eval gen`, twostage/metrics/generation.py):
     FILE.json  {"protocol": ..., "run": ..., "timing": ...}  (the same record, readable)
     FILE.png   a grid of the first samples
 
+The three files are written to hidden temporary names first and renamed into place together, so a
+failed write (a full disk) or a kill leaves the previous samples file, its record and grid as they
+were, and no partial file behind. Sampling shows a progress bar with images/s on stderr when stderr is
+a terminal (`sampling_progress`).
+
 Images come from the stage-1 tokenizer that made the generator's training cache, loaded through the
 kind-independent `twostage.tokenizers.base.load_tokenizer`; its `decode` takes what the generator
 produces (token ids (N, h, w) or latents (N, d, h, w)) and returns images in [-1, 1].
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +59,10 @@ def save_image_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: int | N
 
 def save_samples(path: Path, images: np.ndarray, labels: np.ndarray, protocol: dict[str, Any],
                  tokens: np.ndarray | None = None, extra: dict[str, Any] | None = None, grid: int = 64) -> Path:
-    """Write FILE.npz (atomically), FILE.json and FILE.png (first `grid` samples; 0 = none)."""
+    """Write FILE.npz, FILE.json and FILE.png (first `grid` samples; 0 = none), all or none: each goes
+    to a temporary name first, and only when all three are written are they renamed into place."""
+    from twostage.generators.runs import DiskFullError, is_disk_full
+
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_suffix(".npz")
@@ -61,13 +70,37 @@ def save_samples(path: Path, images: np.ndarray, labels: np.ndarray, protocol: d
     arrays = {"images": images, "labels": labels.astype(np.int64), "protocol": np.array(json.dumps(protocol))}
     if tokens is not None:
         arrays["tokens"] = tokens.astype(np.int32)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps({"protocol": protocol, **(extra or {})}, indent=2))
-    if grid > 0 and len(images):
-        save_image_grid(images[:grid], path.with_suffix(".png"))
+    targets = [path, path.with_suffix(".json")] + ([path.with_suffix(".png")] if grid > 0 and len(images) else [])
+    tmp = {t: t.with_name(f".{t.stem}.tmp-{os.getpid()}{t.suffix}") for t in targets}
+    try:
+        np.savez(tmp[targets[0]], **arrays)
+        tmp[targets[1]].write_text(json.dumps({"protocol": protocol, **(extra or {})}, indent=2))
+        if len(targets) > 2:
+            save_image_grid(images[:grid], tmp[targets[2]])
+        for target in targets:
+            os.replace(tmp[target], target)
+    except BaseException as err:
+        for t in tmp.values():
+            t.unlink(missing_ok=True)
+        if is_disk_full(err):
+            kept = "the samples file there before is unchanged" if path.exists() else "nothing was written"
+            raise DiskFullError(f"no space left on the device of {path} ({err.strerror or err}); {kept}. Free "
+                                f"some space (the samples take about {_megabytes(arrays):.0f} MB) and sample "
+                                "again", err.errno) from err
+        raise
     return path
+
+
+def _megabytes(arrays: dict[str, np.ndarray]) -> float:
+    return sum(a.nbytes for a in arrays.values()) / 2**20
+
+
+def sampling_progress(total: int, desc: str = "sampling"):
+    """A progress bar over the `total` images being sampled, with the rate in images/s, on stderr;
+    shown only when stderr is a terminal (logs and tests stay quiet). Update it with the images done."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=None, file=sys.stderr)
 
 
 def load_decoder(tokenizer_run: str | Path, device: torch.device | str, expected_checksum: str = "") -> Any:
@@ -114,4 +147,5 @@ class LazyDecoder:
         return self._decoder
 
 
-__all__ = ["Decoder", "balanced_labels", "save_image_grid", "save_samples", "load_decoder", "LazyDecoder"]
+__all__ = ["Decoder", "balanced_labels", "save_image_grid", "save_samples", "sampling_progress", "load_decoder",
+           "LazyDecoder"]

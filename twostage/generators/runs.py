@@ -15,20 +15,30 @@ model.json keys every kind writes, so that the study table reads any run without
 A "token" is a position of the tokenizer's grid (h*w per image), whatever the generator does with it
 (the DiT's patches group p x p of them), so C = train_flops_per_token * steps * batch * tokens_per_image
 (twostage/study/flops.py) holds for every kind. Each model computes its own FLOPs (`flops_per_token`).
+
+Resuming (re-running `generator train` into a folder with a checkpoint) is refused, before anything is
+written, when the cache is not what the run trained on (`check_resume`: another tokenizer, other
+data); model.json is rewritten only once the engine has accepted the resume (`write_model_after_checks`).
+A full disk while training is one line naming the checkpoint that is kept (`disk_full_is_a_user_error`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import operator
 import os
+import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from twostage import config as configlib
 from twostage.common.device import resolve_device
+from twostage.common.errors import UserError
 from twostage.config import ConfigError
 from twostage.data.token_cache import CacheMeta
 from twostage.engine.run_files import (RunLoadError, load_run_weights, load_state_strict, read_model_json,
@@ -79,6 +89,108 @@ def write_model(run_dir: str | Path, info: dict[str, Any], arch_keys: Iterable[s
         write_model_json(run_dir, info, ("kind", *arch_keys))
 
 
+def check_resume(run_dir: str | Path, info: dict[str, Any], arch_keys: Iterable[str], cache: str | Path) -> None:
+    """Refuse to continue the run in `run_dir` on data that is not what it trained on; writes nothing.
+
+    Against the model.json a run folder already holds: the same architecture, the same tokenizer
+    (tokenizer_checksum: a cache of another tokenizer has the same grid and codebook but its codes mean
+    something else) and the same number of training images (another split or --limit changes the data
+    order, so the run could not continue exactly). A moved cache of the same tokenizer is accepted, and
+    so is anything in a folder without a checkpoint (nothing was trained there yet).
+    """
+    from twostage.engine import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "model.json").is_file() or ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
+        return
+    old = read_model_json(run_dir)
+    changed = [k for k in ("kind", *arch_keys) if _plain(old.get(k)) != _plain(info.get(k))]
+    if changed:
+        diff = ", ".join(f"{k}: {old.get(k)} -> {info.get(k)}" for k in changed)
+        raise UserError(f"{run_dir} holds a run of another model ({diff}); train into a new --out folder")
+    before, now = old.get("tokenizer_checksum") or "", info.get("tokenizer_checksum") or ""
+    if before and before != now:
+        def named(record: dict[str, Any]) -> str:
+            return f" (run {record['tokenizer_run']})" if record.get("tokenizer_run") else ""
+
+        raise ConfigError(
+            f"{run_dir} was trained on a cache of the tokenizer with sha256 {before}{named(old)}, but --tokens "
+            f"{cache} comes from the tokenizer with sha256 {now or '(none recorded)'}{named(info)}: its codes mean "
+            f"something else, so this run cannot continue on them. Resume with a cache of the run's own tokenizer "
+            f"(it trained on {old.get('train_cache')}), or train into a new --out folder.")
+    if old.get("train_samples") is not None and old.get("train_samples") != info.get("train_samples"):
+        raise ConfigError(
+            f"{run_dir} was trained on {old['train_samples']} images ({old.get('train_cache')}), but --tokens "
+            f"{cache} holds {info.get('train_samples')} images: other data (another split or --limit) cannot "
+            "continue this run exactly. Resume with the cache it trained on, or train into a new --out folder.")
+
+
+def write_model_after_checks(task: Any, run_dir: str | Path, info: dict[str, Any], arch_keys: Iterable[str]) -> None:
+    """Write RUN/model.json once nothing can refuse the run any more.
+
+    A fresh folder (no checkpoint) gets it now. A run that resumes gets it when the engine hands the
+    task its saved state (`load_extra_state`), i.e. after the engine has accepted the config and read
+    the checkpoint: a refused resume (changed config, unreadable checkpoint) leaves every run record as
+    it was. Call `check_resume` first: what the record itself can check is refused before any work.
+    """
+    from twostage.engine import checkpoint as ckpt
+
+    arch_keys = tuple(arch_keys)
+    if ckpt.latest_checkpoint(Path(run_dir) / "checkpoints") is None:
+        write_model(run_dir, info, arch_keys)
+        return
+    load_extra_state = task.load_extra_state
+
+    def load_then_write(state: dict[str, Any]) -> None:
+        load_extra_state(state)
+        write_model(run_dir, info, arch_keys)
+
+    task.load_extra_state = load_then_write
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+class DiskFullError(UserError, RuntimeError):
+    """A write failed because the disk (or the user's quota) is full; the message says what was kept."""
+
+    def __init__(self, message: str, errno_: int = errno.ENOSPC):
+        super().__init__(message)
+        self.errno = errno_
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in DISK_FULL
+
+
+@contextlib.contextmanager
+def disk_full_is_a_user_error(run_dir: str | Path) -> Iterator[None]:
+    """Training into `run_dir`: a write that fails for lack of space (a checkpoint, a grid, a log)
+    becomes one line naming the last complete checkpoint, which is kept, and how to go on. The half
+    written checkpoint folder of this process is removed at once, to give the space back."""
+    from twostage.engine import checkpoint as ckpt
+
+    try:
+        yield
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        folder = Path(run_dir) / "checkpoints"
+        for partial in folder.glob(f".tmp-*-{os.getpid()}"):
+            shutil.rmtree(partial, ignore_errors=True)
+        last = ckpt.latest_checkpoint(folder)
+        kept = (f"the last complete checkpoint {last} is intact, and re-running the same command resumes from it"
+                if last is not None else "no checkpoint had been written yet, so re-running the same command "
+                "starts the run over")
+        raise DiskFullError(f"no space left on the device of {run_dir} ({err.strerror or err} writing "
+                            f"{err.filename or 'a run file'}); {kept}. Free some space first (or lower "
+                            "train.keep_checkpoints)", err.errno) from err
+
+
 def compute_logs(step: int, flops_per_step: float, tokens_per_step: int) -> dict[str, float]:
     """Training compute so far, logged at each checkpoint and recorded with the validation loss."""
     return {"compute/train_flops": step * flops_per_step, "compute/tokens_seen": float(step * tokens_per_step)}
@@ -90,8 +202,12 @@ def write_val_record(run_dir: str | Path, step: int, record: dict[str, Any]) -> 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:07d}.json"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"step": step, **record}))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps({"step": step, **record}))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -126,6 +242,18 @@ def load_generator_run(run_dir: str | Path, kind: str, config_class: type, modul
     return model.to(resolve_device(device)).eval(), info
 
 
+def check_sample_counts(num: int, batch_size: int) -> None:
+    """`generator sample --num N --batch-size B`: both must be positive integers."""
+    for name, flag, what, value in (("num", "--num", "the number of samples", num),
+                                    ("batch_size", "--batch-size", "the sampling batch size", batch_size)):
+        try:
+            positive = not isinstance(value, bool) and operator.index(value) >= 1
+        except TypeError:
+            positive = False
+        if not positive:
+            raise ConfigError(f"{name}={value!r} ({flag}): {what} must be a positive integer")
+
+
 def sampling_precision(precision: str, device: torch.device) -> bool:
     """Whether to sample in bf16: asked for and on CUDA (CPU bf16 matmuls are slow and gain nothing)."""
     if precision not in ("bf16", "fp32"):
@@ -133,5 +261,6 @@ def sampling_precision(precision: str, device: torch.device) -> bool:
     return precision == "bf16" and device.type == "cuda"
 
 
-__all__ = ["is_main_process", "check_val_cache", "model_record", "write_model", "compute_logs", "write_val_record",
-           "grid_path", "load_generator_run", "sampling_precision"]
+__all__ = ["is_main_process", "check_val_cache", "model_record", "write_model", "check_resume",
+           "write_model_after_checks", "DiskFullError", "is_disk_full", "disk_full_is_a_user_error", "compute_logs",
+           "write_val_record", "grid_path", "load_generator_run", "check_sample_counts", "sampling_precision"]

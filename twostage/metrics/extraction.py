@@ -27,24 +27,36 @@ def extract_features(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     keys: tuple[str, ...] = ("pool", "spatial", "logits"),
+    *,
+    progress: bool = True,
+    total: int | None = None,
+    desc: str = "features",
 ) -> dict[str, Tensor]:
     """Run `net` over `images` in batches; returns float64 CPU tensors per key.
 
     images: a tensor / uint8 NHWC or NCHW numpy array / iterable of batches. uint8 is mapped to
     [-1,1] here, so samples saved as uint8 and float images follow the same path.
     precision: "fp32" or "bf16" (autocast; recorded in the protocol by the caller).
+    progress: a tqdm bar on stderr (images done, images/s, time left; `total` images when `images`
+    is an iterable of batches, else its length), labelled `desc`.
     """
+    from tqdm.auto import tqdm
+
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     device = torch.device(device)
+    if total is None and _is_array(images):
+        total = len(images)
     out: dict[str, list[Tensor]] = {}
-    for batch in _batches(images, batch_size):
-        x = as_model_input(batch).to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            feats = net(x)
-        for k in keys:
-            if k in feats:
-                out.setdefault(k, []).append(feats[k].float().cpu())
+    with tqdm(total=total, unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for batch in _batches(images, batch_size):
+            x = as_model_input(batch).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                feats = net(x)
+            for k in keys:
+                if k in feats:
+                    out.setdefault(k, []).append(feats[k].float().cpu())
+            bar.update(x.shape[0])
     return {k: torch.cat(v).double() for k, v in out.items()}
 
 
@@ -60,9 +72,13 @@ def as_model_input(batch) -> Tensor:
     return x.float()
 
 
+def _is_array(images) -> bool:
+    return isinstance(images, Tensor) or hasattr(images, "__array__") and not isinstance(images, list)
+
+
 def _batches(images, batch_size: int) -> Iterator:
     """Slices of an array or tensor; the batches of any other iterable as they come."""
-    if isinstance(images, Tensor) or hasattr(images, "__array__") and not isinstance(images, list):
+    if _is_array(images):
         for i in range(0, len(images), batch_size):
             yield images[i : i + batch_size]
     else:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
-__all__ = ["FeatureStats", "feature_stats", "frechet_distance", "fd_from_features"]
+__all__ = ["FeatureStats", "feature_stats", "frechet_distance", "fd_from_features", "psd_sqrt"]
 
 
 @dataclass
@@ -70,13 +70,14 @@ def feature_stats(features, protocol: dict | None = None) -> FeatureStats:
     return FeatureStats(x.mean(0), np.cov(x, rowvar=False), x.shape[0], dict(protocol or {}))
 
 
-def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+def psd_sqrt(s: np.ndarray) -> np.ndarray:
+    """The symmetric PSD square root of a symmetric matrix (eigh; eigenvalues clipped at 0)."""
     w, v = np.linalg.eigh(s)
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
 def _trace_sqrt_product_eigh(s1: np.ndarray, s2: np.ndarray) -> float:
-    a = _psd_sqrt(s1)
+    a = psd_sqrt(s1)
     m = a @ s2 @ a
     m = (m + m.T) * 0.5  # exact symmetry for eigvalsh; round-off makes it slightly asymmetric
     return float(np.sqrt(np.clip(np.linalg.eigvalsh(m), 0.0, None)).sum())

@@ -4,9 +4,15 @@
 
 With Inception-v3 logits this is the Inception Score (IS); with any other classifier it is
 "IS-<network>" (e.g. IS-EffNetLite0 over 1000 ImageNet classes) and not comparable to IS.
-Conventions (ADM evaluator / StyleGAN): 10 splits of consecutive samples, p(y) per split,
-mean and std over splits; for Inception-v3 the logits omit the output bias
-(see twostage/backbones/inception.py).
+Conventions (ADM evaluator / StyleGAN): 10 splits, p(y) per split, mean and std over splits; for
+Inception-v3 the logits omit the output bias (see twostage/backbones/inception.py).
+
+Order matters: the splits are consecutive chunks, and sample files are written grouped by class
+(balanced labels, sorted: docs/methods.md (8.5)), so consecutive chunks hold about one class each,
+p(y) per chunk is nearly one-hot and the score collapses towards 1. Pass `shuffle_seed` to permute
+the samples with that seed first (as torch-fidelity does); the generation metrics always do
+(seed recorded in the protocol). Without it the chunks are consecutive (the ADM evaluator's rule,
+right only for samples in random order).
 Bounds: 1 (every sample gets the same prediction) .. K (confident predictions, classes uniform).
 """
 
@@ -18,8 +24,12 @@ import torch
 __all__ = ["inception_score"]
 
 
-def inception_score(logits=None, *, probs=None, splits: int = 10) -> tuple[float, float]:
-    """(mean, std) over `splits` consecutive chunks. Give logits (N, K) or probabilities (N, K)."""
+def inception_score(logits=None, *, probs=None, splits: int = 10,
+                    shuffle_seed: int | None = None) -> tuple[float, float]:
+    """(mean, std) over `splits` chunks. Give logits (N, K) or probabilities (N, K).
+
+    shuffle_seed: permute the samples with np.random.default_rng(shuffle_seed) before cutting them
+    into consecutive chunks (None: keep the given order)."""
     if (logits is None) == (probs is None):
         raise ValueError("pass exactly one of logits= or probs=")
     if logits is not None:
@@ -32,6 +42,8 @@ def inception_score(logits=None, *, probs=None, splits: int = 10) -> tuple[float
     n = logp.shape[0]
     if n < splits:
         raise ValueError(f"{n} samples cannot be cut into {splits} splits")
+    if shuffle_seed is not None:
+        logp = logp[torch.from_numpy(np.random.default_rng(shuffle_seed).permutation(n))]
     scores = []
     for chunk in torch.tensor_split(logp, splits):
         p = chunk.exp()

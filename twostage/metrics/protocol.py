@@ -4,8 +4,9 @@ A number without its protocol is not comparable (docs/methods.md §8 "Protocol r
 balanced labels, 250 vs 50 sampler steps, bf16 vs fp32 features, reconstructions against the
 validation set vs against the generation reference batch all move the number. So every result
 carries a `Protocol`, and metric names say which network produced them: only Inception-v3 features
-give "FID"/"sFID"/"IS"; EfficientNet-Lite0 gives "FD-EffNetLite0", "sFD-EffNetLite0",
-"IS-EffNetLite0", ...
+give "FID"/"sFID"/"IS"/"FIDinf"/"KID"; EfficientNet-Lite0 gives "FD-EffNetLite0", "sFD-EffNetLite0",
+"IS-EffNetLite0", "FDinf-EffNetLite0", "KID-EffNetLite0", ... Companion values append a suffix to
+the name: "_std", "_stderr", "_low" / "_high" (an interval).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ _NAMES = {
     "rfd": ("rFID", "rFD"),
     "precision": ("Precision", "Precision"),
     "recall": ("Recall", "Recall"),
+    "fdinf": ("FIDinf", "FDinf"),  # FD extrapolated to N = inf (Chong & Forsyth's FID_inf)
+    "kid": ("KID", "KID"),
 }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,8 +136,13 @@ def reference_stats(
     precision: str = "fp32",
     cache: bool = True,
     cache_dir: str | Path | None = None,
+    progress: bool = True,
 ) -> tuple[ReferenceStats, Path | None]:
-    """Statistics of a reference split under `net`, computed once and cached. Returns (stats, path)."""
+    """Statistics of a reference split under `net`, computed once and cached. Returns (stats, path).
+
+    Computing them shows a progress bar (`progress`) and, on a CPU, logs after the first batch how
+    long the whole pass will take (10k Fashion-MNIST images through EfficientNet-Lite0 take about
+    15 minutes on 2 CPU cores)."""
     if spec.endswith(".npz") and Path(spec).is_file() and ":" not in spec:
         stats = ReferenceStats.load(spec)
         _check_network(stats.protocol, net, spec)
@@ -158,10 +164,20 @@ def reference_stats(
         log.info("reference statistics from cache %s", path)
         return ReferenceStats.load(path), path
     ds = load_reference_images(ref, image_size, resize, max_images)
-    log.info("computing reference statistics of %s (%d images) with %s", ref.text, len(ds), net.name)
-    images = (torch.stack([ds[i][0] for i in range(j, min(j + batch_size, len(ds)))])
-              for j in range(0, len(ds), batch_size))
-    feats = extract_features(net, images, batch_size, device, precision, keys=("pool", "spatial"))
+    where = f"cached in {path}, so later evaluations with this protocol reuse them" if cache else "not cached"
+    log.info("computing reference statistics of %s (%d images) with %s on %s (%s)", ref.text, len(ds), net.name,
+             torch.device(device), where)
+    on_cpu = torch.device(device).type == "cpu"
+
+    def estimate(seconds: float, done: int) -> None:  # after the first batch: the whole pass, extrapolated
+        if on_cpu and done < len(ds):
+            log.info("reference statistics on the CPU: the first %d images took %.1f s, so all %d will take "
+                     "about %s; computed once, then %s", done, seconds, len(ds),
+                     _duration(seconds * len(ds) / done), where)
+
+    feats = extract_features(net, _reference_batches(ds, batch_size, estimate), batch_size, device, precision,
+                             keys=("pool", "spatial"), progress=progress, total=len(ds),
+                             desc=f"reference {ref.text}")
     protocol["num_images"] = int(feats["pool"].shape[0])
     pool = feature_stats(feats["pool"].numpy(), protocol)
     spatial = feature_stats(feats["spatial"].numpy(), protocol) if "spatial" in feats else None
@@ -172,6 +188,24 @@ def reference_stats(
         stats.save(path)
         log.info("cached reference statistics in %s", path)
     return stats, (path if cache else None)
+
+
+def _reference_batches(ds, batch_size: int, after_first=None):
+    """The reference images in batches; `after_first(seconds, images)` runs once the consumer has
+    finished with the first batch (loading + features), i.e. when it asks for the second."""
+    start = time.perf_counter()
+    for j in range(0, len(ds), batch_size):
+        yield torch.stack([ds[i][0] for i in range(j, min(j + batch_size, len(ds)))])
+        if j == 0 and after_first is not None:
+            after_first(time.perf_counter() - start, min(batch_size, len(ds)))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _check_network(protocol: dict, net: FeatureNetwork, where: str) -> None:

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-# _psd_sqrt is frechet.py's symmetric square root (eigh, eigenvalues clipped at 0).
-from twostage.metrics.frechet import _psd_sqrt, feature_stats, frechet_distance
+from twostage.metrics.frechet import feature_stats, frechet_distance, psd_sqrt
 
 __all__ = ["FDInfinity", "fd_infinity", "KID", "kid", "FDBootstrap", "bootstrap_fd"]
 
@@ -50,7 +49,8 @@ class FDInfinity:
 
 
 def fd_infinity(features, ref_mu, ref_sigma, *, sizes=None, num_sizes: int = 5, min_fraction: float = 0.1,
-                repeats: int = 1, confidence: float = 0.95, seed: Seed = 0) -> FDInfinity:
+                repeats: int = 1, confidence: float = 0.95, seed: Seed = 0,
+                ref_sigma_sqrt: np.ndarray | None = None) -> FDInfinity:
     """FD_inf of Chong & Forsyth (arXiv:1911.07023): FD of random subsets (drawn without
     replacement) of `features` at sizes N_i, then least squares FD(N_i) = FD_inf + k / N_i.
 
@@ -67,6 +67,9 @@ def fd_infinity(features, ref_mu, ref_sigma, *, sizes=None, num_sizes: int = 5, 
     bootstrap_fd. Keep min_fraction * N well above the feature dimension D, or 1/N^2 terms bend the
     line and the interval, which cannot see that, is too narrow: D = 1280, N = 5000, true FD 3.2,
     FD_N 18.4: min_fraction 0.1 gave FD_inf -4.8 (stderr 2.3), 0.3 gave 1.5 (0.4), 0.5 gave 2.5 (0.1).
+
+    Each subset's FD comes from _FixedReferenceFD (one square root of ref_sigma for all of them; pass
+    it as `ref_sigma_sqrt` = psd_sqrt(ref_sigma) when it is already at hand).
     """
     s = feature_stats(features)
     x = np.asarray(features, np.float64)
@@ -79,12 +82,14 @@ def fd_infinity(features, ref_mu, ref_sigma, *, sizes=None, num_sizes: int = 5, 
     if len(sizes) < 2 or sizes[0] < 2 or sizes[-1] > n:
         raise ValueError(f"sizes {sizes} must hold two or more distinct values in [2, {n}]")
     rng = np.random.default_rng(seed)
+    subset_fd = _FixedReferenceFD(x, ref_mu, ref_sigma, ref_sigma_sqrt)  # one square root of ref_sigma for all
     drawn, fds = [], []
     for size in sizes:
         for _ in range(1 if size == n else repeats):
-            sub = feature_stats(x[rng.choice(n, size, replace=False)])
+            member = np.zeros(n, np.int64)
+            member[rng.choice(n, size, replace=False)] = 1
             drawn.append(size)
-            fds.append(frechet_distance(sub.mu, sub.sigma, ref_mu, ref_sigma))
+            fds.append(subset_fd(member))
     design = np.column_stack([np.ones(len(drawn)), 1.0 / np.asarray(drawn, np.float64)])
     y = np.asarray(fds)
     beta, *_ = np.linalg.lstsq(design, y, rcond=None)
@@ -167,25 +172,28 @@ class FDBootstrap:
 
 
 class _FixedReferenceFD:
-    """FD of count-weighted resamples of one feature set against fixed reference statistics.
+    """FD of count-weighted resamples (or subsets: counts 0/1) of one feature set against fixed
+    reference statistics.
 
-    Precomputes A = ref_sigma^{1/2} and Y = (X - mean) A once. A resample with counts c (sum N) has
-    mean shift d = c.Xc / N and A S A = Z^T Z with rows z_i = sqrt(c_i / (N-1)) (y_i - A d), so
+    Precomputes A = ref_sigma^{1/2} and Y = (X - mean) A once. A resample with counts c (sum n) has
+    mean shift d = c.Xc / n and A S A = Z^T Z with rows z_i = sqrt(c_i / (n-1)) (y_i - A d), so
     tr((S ref_sigma)^{1/2}) = sum sqrt(eig(Z Z^T or Z^T Z, the smaller)) (the eigen trick of frechet.py):
     one O(N D^2) product and one symmetric eigensolve per resample, no square root of S."""
 
-    def __init__(self, x: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray):
+    def __init__(self, x: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray,
+                 ref_sigma_sqrt: np.ndarray | None = None):
         mu = x.mean(0)
         self.n = len(x)
         self.xc = x - mu
         self.offset = mu - ref_mu
-        self.y = self.xc @ _psd_sqrt(ref_sigma)
+        self.y = self.xc @ (psd_sqrt(ref_sigma) if ref_sigma_sqrt is None else ref_sigma_sqrt)
         self.sq = np.einsum("ij,ij->i", self.xc, self.xc)
         self.tr_ref = float(np.trace(ref_sigma))
 
     def __call__(self, counts: np.ndarray) -> float:
         keep = counts > 0
-        c, n = counts[keep].astype(np.float64), self.n
+        c = counts[keep].astype(np.float64)
+        n = float(c.sum())  # N for a bootstrap resample, the subset size for a subset
         d = c @ self.xc[keep] / n
         e = c @ self.y[keep] / n
         tr_s = (c @ self.sq[keep] - n * d @ d) / (n - 1)  # sum_i c_i |xc_i - d|^2 / (N-1)
@@ -197,7 +205,7 @@ class _FixedReferenceFD:
 
 
 def bootstrap_fd(features, ref_mu, ref_sigma, *, num_resamples: int = 200, confidence: float = 0.95,
-                 seed: Seed = 0) -> FDBootstrap:
+                 seed: Seed = 0, ref_sigma_sqrt: np.ndarray | None = None) -> FDBootstrap:
     """How much FD moves when the generated set is drawn again: FD over `num_resamples` resamples
     of the N generated features with replacement (Efron's bootstrap; resample counts are
     multinomial, so each resample costs one weighted product and one eigensolve, see _FixedReferenceFD).
@@ -205,13 +213,14 @@ def bootstrap_fd(features, ref_mu, ref_sigma, *, num_resamples: int = 200, confi
     Caveat: a resample holds duplicates, which act like fewer samples, so resampled FDs carry FD's
     small-N bias once more: `bias` estimates it (roughly FD's own bias at N, FD_N - FD_inf). When bias is
     not small against high - low, the percentile interval sits above `fd`: use `centered` as fd's
-    error bar at this N, and fd_infinity / kid to compare models free of the bias."""
+    error bar at this N, and fd_infinity / kid to compare models free of the bias.
+    `ref_sigma_sqrt`: psd_sqrt(ref_sigma), when already at hand (it is computed otherwise)."""
     s = feature_stats(features)
     ref_mu, ref_sigma = _check_reference(s.mu, ref_mu, ref_sigma)
     if num_resamples < 2:
         raise ValueError(f"num_resamples must be >= 2, got {num_resamples}")
     fd = frechet_distance(s.mu, s.sigma, ref_mu, ref_sigma)
-    resampled_fd = _FixedReferenceFD(np.asarray(features, np.float64), ref_mu, ref_sigma)
+    resampled_fd = _FixedReferenceFD(np.asarray(features, np.float64), ref_mu, ref_sigma, ref_sigma_sqrt)
     rng = np.random.default_rng(seed)
     n = s.n
     draws = np.array([resampled_fd(np.bincount(rng.integers(0, n, n), minlength=n)) for _ in range(num_resamples)])

@@ -1,15 +1,18 @@
 """The report's figures, as PNG files (matplotlib's Agg renderer through `Figure` directly: no pyplot,
 so no global backend state and nothing tries to open a window).
 
-Every function takes plain data (rows, fits, frontier dicts, display labels and colours keyed by
-tokenizer_id) and writes one PNG. Metric names come from the caller, who takes them from the table
-(gfd_name), so a figure never calls an FD-EffNetLite0 an "FID". The PNGs carry no software-version
-metadata, so the same table gives byte-identical files with the same fonts.
+Every function takes plain data (cells, fits, frontier dicts, display labels and colours keyed by
+tokenizer cell) and writes one PNG. Metric names come from the caller, who takes them from the table
+(gfd_name), so a figure never calls an FD-EffNetLite0 an "FID". Error bars are 95% intervals over
+seeds wherever a value has them; single seeds are drawn as small dots. The PNGs carry no
+software-version metadata, so the same table gives byte-identical files with the same fonts.
 """
 
 from __future__ import annotations
 
 import io
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -20,8 +23,8 @@ from PIL import Image
 from twostage.study.fit import FitResult
 from twostage.study.frontier import finite
 
-__all__ = ["tokenizer_colors", "metric_vs_compute", "frontier_plot", "per_position", "rfd_vs_gfd",
-           "grid_thumbnail"]
+__all__ = ["tokenizer_colors", "metric_vs_compute", "differences_plot", "frontier_plot", "per_position",
+           "rfd_vs_gfd", "grid_thumbnail", "class_grid"]
 
 DPI = 100
 _MARKERS = "osD^vP*Xh"
@@ -47,31 +50,44 @@ def _fmt_param(f: FitResult) -> str:
     return f"α={f.params['alpha']:.3f}, L_min={f.params['l_min']:.3g}"
 
 
-def metric_vs_compute(path: Path, rows: Sequence[Mapping], fits: Mapping[str, FitResult], metric: str,
-                      ylabel: str, title: str, labels: Mapping[str, str], colors: Mapping[str, Any]) -> Path:
-    """Log-log scatter of one metric against compute, one colour per tokenizer and one marker per
-    generator size; each fitted law drawn solid over its own points' range."""
+def _yerr(points: Sequence[Mapping]) -> np.ndarray:
+    """Asymmetric error bars from low/high (0 where a point has no interval)."""
+    lo = [p["mean"] - p["low"] if finite(p.get("low")) else 0.0 for p in points]
+    hi = [p["high"] - p["mean"] if finite(p.get("high")) else 0.0 for p in points]
+    return np.clip(np.array([lo, hi]), 0.0, None)
+
+
+def metric_vs_compute(path: Path, cells: Sequence[Mapping], fits: Mapping[str, FitResult], ylabel: str, title: str,
+                      labels: Mapping[str, str], colors: Mapping[str, Any]) -> Path:
+    """Log-log plot of one metric against compute: per cell its mean over seeds with the 95% interval
+    as an error bar and every seed as a small dot; one colour per tokenizer, one marker per generator
+    size; each fitted law drawn solid over its own points' range. cell: {tokenizer_id, generator_size,
+    compute, mean, low, high, seeds}."""
     fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
-    sizes = sorted({str(r.get("generator_size")) for r in rows})
+    sizes = sorted({str(c.get("generator_size")) for c in cells})
     marker = {s: _MARKERS[i % len(_MARKERS)] for i, s in enumerate(sizes)}
-    for tid in sorted({r["tokenizer_id"] for r in rows}):
-        mine = [r for r in rows if r["tokenizer_id"] == tid]
+    for tid in sorted({c["tokenizer_id"] for c in cells}):
+        mine = [c for c in cells if c["tokenizer_id"] == tid]
         for s in sizes:
-            pts = [(r["compute"], r[metric]) for r in mine if str(r.get("generator_size")) == s]
-            if pts:
-                c, v = zip(*sorted(pts))
-                ax.scatter(c, v, color=colors[tid], marker=marker[s], s=28, alpha=0.8, edgecolors="none")
+            pts = sorted((c for c in mine if str(c.get("generator_size")) == s), key=lambda c: c["compute"])
+            if not pts:
+                continue
+            seeds = [(p["compute"], v) for p in pts for v in p.get("seeds", ())]
+            if seeds and len(seeds) > len(pts):
+                ax.scatter(*zip(*seeds), color=colors[tid], marker=".", s=8, alpha=0.45, edgecolors="none")
+            ax.errorbar([p["compute"] for p in pts], [p["mean"] for p in pts], yerr=_yerr(pts), color=colors[tid],
+                        marker=marker[s], ms=5, ls="none", capsize=3, elinewidth=1, alpha=0.9)
         f = fits.get(tid)
-        name = labels[tid]
         if f is not None and f.ok:
             lo, hi = f.compute_range
             grid = np.geomspace(lo, hi, 100)
-            ax.plot(grid, f.predict(grid), color=colors[tid], lw=1.8, label=f"{name} ({_fmt_param(f)})")
+            ax.plot(grid, f.predict(grid), color=colors[tid], lw=1.8, label=f"{labels[tid]} ({_fmt_param(f)})")
         else:
-            ax.plot([], [], color=colors[tid], lw=1.8, label=f"{name} (no fit)")
+            ax.plot([], [], color=colors[tid], lw=1.8, label=f"{labels[tid]} (no fit)")
     for s in sizes:
         ax.scatter([], [], color="gray", marker=marker[s], label=f"generator {s}")
+    ax.errorbar([], [], yerr=[], color="gray", ls="none", capsize=3, label="mean, 95% CI over seeds")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training compute C (FLOPs)")
@@ -82,11 +98,34 @@ def metric_vs_compute(path: Path, rows: Sequence[Mapping], fits: Mapping[str, Fi
     return _save(fig, path)
 
 
+def differences_plot(path: Path, rows: Sequence[Mapping], xlabel: str, title: str) -> Path:
+    """Forest plot of paired differences: one line per comparison {label, mean, low, high, verdict},
+    the 95% interval as a bar (a dot alone: no interval), 0 dashed. Bars that exclude 0 are dark."""
+    fig = Figure(figsize=(8, 0.9 + 0.32 * max(1, len(rows))))
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))[::-1]
+    for yi, r in zip(y, rows):
+        resolved = finite(r.get("low")) and finite(r.get("high"))
+        clear = resolved and (r["low"] > 0 or r["high"] < 0)
+        color = "#1f4e79" if clear else "#999999"
+        if resolved:
+            ax.plot([r["low"], r["high"]], [yi, yi], color=color, lw=2.2)
+        ax.plot([r["mean"]], [yi], marker="o" if resolved else "x", color=color, ms=5)
+    ax.axvline(0.0, color="k", ls="--", lw=1)
+    ax.set_yticks(y)
+    ax.set_yticklabels([r["label"] for r in rows], fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
 def frontier_plot(path: Path, panels: Sequence[dict], labels: Mapping[str, str],
                   colors: Mapping[str, Any]) -> Path:
     """One panel per analysed series: every fitted law thin, their minimum thick in the colour of
-    the optimal tokenizer, crossovers as dotted verticals, and the empirical lower envelope of runs
-    as black-edged markers. panel: {title, ylabel, fits, optimal, envelope}."""
+    the optimal tokenizer, crossovers as dotted verticals with their seed interval shaded, and the
+    empirical lower envelope of cell means as black-edged markers.
+    panel: {title, ylabel, fits, optimal, envelope, crossovers (with low/high, optional)}."""
     fig = Figure(figsize=(6.5 * max(1, len(panels)), 4.8))
     for i, p in enumerate(panels):
         ax = fig.add_subplot(1, max(1, len(panels)), i + 1)
@@ -99,14 +138,17 @@ def frontier_plot(path: Path, panels: Sequence[dict], labels: Mapping[str, str],
             ax.plot(g, p["fits"][seg["key"]].predict(g), color=colors[seg["key"]], lw=3.5,
                     ls="--" if seg["extrapolated"] else "-", label=f"optimal: {labels[seg['key']]}"
                     + (" (extrapolated: dashed)" if seg["extrapolated"] else ""))
-        for x in opt["crossovers"]:
+        for x in p.get("crossovers") or opt["crossovers"]:
             ax.axvline(x["compute"], color="k", ls=":", lw=1)
+            if finite(x.get("low")) and finite(x.get("high")):
+                ax.axvspan(x["low"], x["high"], color="k", alpha=0.08, lw=0,
+                           label="crossover, 95% interval over seeds")
             ax.text(x["compute"], 0.02, f" {x['compute']:.2e}", transform=ax.get_xaxis_transform(), fontsize=7,
                     rotation=90, va="bottom", ha="right")
         for e in p["envelope"]:
             ax.scatter([e["compute"]], [e["value"]], color=colors[e["tokenizer_id"]], edgecolors="k",
                        marker="*", s=90, zorder=5)
-        ax.scatter([], [], color="w", edgecolors="k", marker="*", s=90, label="best run so far (envelope)")
+        ax.scatter([], [], color="w", edgecolors="k", marker="*", s=90, label="best cell mean so far (envelope)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("training compute C (FLOPs)")
@@ -119,30 +161,28 @@ def frontier_plot(path: Path, panels: Sequence[dict], labels: Mapping[str, str],
     return _save(fig, path)
 
 
-def per_position(path: Path, rows: Sequence[Mapping], labels: Mapping[str, str],
+def per_position(path: Path, curves: Sequence[Mapping], labels: Mapping[str, str],
                  colors: Mapping[str, Any]) -> Path | None:
-    """Validation loss per token position of each tokenizer's largest-compute AR run (None when no
-    row has per-position losses)."""
-    best: dict[str, Mapping] = {}
-    for r in rows:
-        pos = r.get("val_loss_per_position")
-        if pos is None or len(pos) == 0 or not finite(r.get("compute")):
-            continue
-        cur = best.get(r["tokenizer_id"])
-        if cur is None or (r["compute"], r["run_id"]) > (cur["compute"], cur["run_id"]):
-            best[r["tokenizer_id"]] = r
-    if not best:
+    """Validation loss per token position, one line per tokenizer: the mean over the seeds of its
+    largest-compute AR cell, shaded between the lowest and highest seed. curve: {tokenizer_id,
+    generator_label, compute, runs: [[loss per position], ...]}. None when there is nothing to draw."""
+    if not curves:
         return None
     fig = Figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
-    for tid, r in sorted(best.items()):
-        v = np.asarray(r["val_loss_per_position"], dtype=np.float64)
-        ax.plot(np.arange(1, len(v) + 1), v, color=colors[tid], lw=1.5,
-                label=f"{labels[tid]} — {r.get('generator_label') or r['run_id']} (C={r['compute']:.2e})")
+    for c in sorted(curves, key=lambda c: c["tokenizer_id"]):
+        v = np.asarray(c["runs"], dtype=np.float64)
+        x = np.arange(1, v.shape[1] + 1)
+        tid = c["tokenizer_id"]
+        n = v.shape[0]
+        ax.plot(x, v.mean(0), color=colors[tid], lw=1.5, label=f"{labels[tid]} — {c['generator_label']} "
+                f"(C={c['compute']:.2e}, {n} seed{'s' if n > 1 else ''})")
+        if n > 1:
+            ax.fill_between(x, v.min(0), v.max(0), color=colors[tid], alpha=0.2, lw=0)
     ax.set_xscale("log")
     ax.set_xlabel("token position (1 = first token, raster order)")
     ax.set_ylabel("validation cross-entropy (nats/token)")
-    ax.set_title("AR validation loss per position, largest-compute run of each tokenizer")
+    ax.set_title("AR validation loss per position, largest-compute cell of each tokenizer (band: seed range)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
@@ -150,8 +190,9 @@ def per_position(path: Path, rows: Sequence[Mapping], labels: Mapping[str, str],
 
 def rfd_vs_gfd(path: Path, points: Sequence[Mapping], rfd_name: str, gfd_name: str,
                labels: Mapping[str, str], colors: Mapping[str, Any]) -> Path | None:
-    """Tokenizers' reconstruction FD against the best generation FD of their runs, the Pareto set
-    joined by a line, and gFD = rFD (the floor a generator cannot beat by much) dashed."""
+    """Tokenizers' reconstruction FD against the best generation FD of their cells (with 95%
+    intervals over seeds where they exist), the Pareto set joined by a line, and gFD = rFD (the floor
+    a generator cannot beat by much) dashed."""
     pts = [p for p in points if p["rfd"] is not None and p["best_gfd"] is not None]
     if not pts:
         return None
@@ -159,6 +200,10 @@ def rfd_vs_gfd(path: Path, points: Sequence[Mapping], rfd_name: str, gfd_name: s
     ax = fig.add_subplot()
     for p in pts:
         tid = p["tokenizer_id"]
+        xerr = _yerr([{"mean": p["rfd"], "low": p.get("rfd_low"), "high": p.get("rfd_high")}])
+        yerr = _yerr([{"mean": p["best_gfd"], "low": p.get("gfd_low"), "high": p.get("gfd_high")}])
+        ax.errorbar([p["rfd"]], [p["best_gfd"]], xerr=xerr, yerr=yerr, color=colors[tid], ls="none", capsize=3,
+                    elinewidth=1)
         ax.scatter([p["rfd"]], [p["best_gfd"]], color=colors[tid], s=60 if p["pareto"] else 30,
                    edgecolors="k" if p["pareto"] else "none", zorder=3)
         ax.annotate(labels[tid], (p["rfd"], p["best_gfd"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
@@ -169,11 +214,19 @@ def rfd_vs_gfd(path: Path, points: Sequence[Mapping], rfd_name: str, gfd_name: s
     hi = max(max(p["rfd"], p["best_gfd"]) for p in pts)
     ax.plot([lo, hi], [lo, hi], color="gray", ls="--", lw=1, label=f"{gfd_name} = {rfd_name}")
     ax.set_xlabel(f"{rfd_name} (reconstruction)")
-    ax.set_ylabel(f"best {gfd_name} over the tokenizer's runs")
+    ax.set_ylabel(f"best {gfd_name} (cell mean over seeds)")
     ax.set_title("Reconstruction vs generation quality per tokenizer")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _png(im: Image.Image, max_side: int) -> bytes:
+    if max(im.size) > max_side:
+        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
 
 
 def grid_thumbnail(path: Path, max_side: int = 1024) -> bytes | None:
@@ -185,9 +238,79 @@ def grid_thumbnail(path: Path, max_side: int = 1024) -> bytes | None:
             if max(im.size) <= max_side and im.format == "PNG":
                 return Path(path).read_bytes()
             im = im.convert("RGB") if im.mode not in ("RGB", "L", "RGBA") else im
-            im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            im.save(buf, format="PNG", optimize=False)
-            return buf.getvalue()
+            return _png(im, max_side)
     except (OSError, ValueError):
         return None
+
+
+def _npy_member(z: zipfile.ZipFile, names: Sequence[str]) -> str | None:
+    return next((f"{n}.npy" for n in names if f"{n}.npy" in z.namelist()), None)
+
+
+def _read_rows(path: Path, member: str, indices: Sequence[int]) -> np.ndarray:
+    """Rows `indices` (ascending) of an array stored in an .npz, reading only those rows when the
+    member is stored uncompressed (np.savez): a 50k-image samples file is not loaded whole."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(member)
+        with z.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(f))
+            header = f.tell()
+            if fortran or dtype.hasobject:
+                raise ValueError("unsupported array layout")
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            if info.compress_type != zipfile.ZIP_STORED:
+                data = f.read()
+                flat = np.frombuffer(data, dtype=dtype).reshape(shape)
+                return flat[list(indices)].copy()
+    with open(path, "rb") as raw:
+        raw.seek(info.header_offset)
+        local = raw.read(30)
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len + header
+        out = []
+        for i in indices:
+            raw.seek(start + int(i) * row)
+            out.append(np.frombuffer(raw.read(row), dtype=dtype).reshape(shape[1:]))
+    return np.stack(out)
+
+
+def class_grid(path: Path, per_class: int = 8, max_classes: int = 20, max_side: int = 1024) -> tuple[bytes, int, int] | None:
+    """A grid with one row per class (the first `per_class` samples of each) from a samples file
+    (uint8 NHWC images with their labels, as `generator sample` writes; ADM's arr_0/arr_1 also
+    read), so every class shows however the file is ordered. With more than max_classes classes,
+    max_classes of them evenly spaced. Returns (PNG bytes, classes shown, classes in the file), or
+    None when the file is missing or not a samples file."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            images, labels = _npy_member(z, ("images", "arr_0")), _npy_member(z, ("labels", "arr_1"))
+            if images is None or labels is None:
+                return None
+            with z.open(labels) as f:
+                y = np.lib.format.read_array(f).astype(np.int64).ravel()
+        classes = np.unique(y)
+        shown = classes if len(classes) <= max_classes else \
+            classes[np.round(np.linspace(0, len(classes) - 1, max_classes)).astype(int)]
+        picks = [np.flatnonzero(y == c)[:per_class] for c in shown]
+        order = sorted({int(i) for p in picks for i in p})
+        data = dict(zip(order, _read_rows(path, images, order)))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, struct.error):
+        return None
+    first = next(iter(data.values()))
+    if first.ndim == 2:
+        data = {k: v[..., None] for k, v in data.items()}
+        first = first[..., None]
+    if first.ndim != 3 or first.dtype != np.uint8:
+        return None
+    h, w, ch = first.shape
+    pad = 2
+    grid = np.full((len(shown) * (h + pad) + pad, per_class * (w + pad) + pad, ch), 255, dtype=np.uint8)
+    for r, p in enumerate(picks):
+        for c, i in enumerate(p):
+            grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = data[int(i)]
+    im = Image.fromarray(grid[..., 0] if ch == 1 else grid[..., :3])
+    scale = max(1, min(4, 512 // max(grid.shape[:2])))  # small images (32px) are shown enlarged
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
+    return _png(im, max_side), len(shown), len(classes)

@@ -63,8 +63,13 @@ def split_loader(cfg: Any, split: str, batch_size: int, *, limit: int | None = N
 
 def encode_run(run: str | Path, split: str, out: str | Path, *, batch_size: int = 256, device: str = "auto",
                precision: str = "fp32", flip: bool = True, limit: int | None = None, overwrite: bool = False,
-               num_workers: int = 0, step: int | None = None, weights: str = "auto", dataset=None) -> Path:
-    """Encode a split of the run's data (and its horizontal flips) into a cache folder `out`."""
+               num_workers: int = 0, step: int | None = None, weights: str = "auto", dataset=None,
+               progress: bool | None = None) -> Path:
+    """Encode a split of the run's data (and its horizontal flips) into a cache folder `out`.
+
+    `progress`: a progress bar with images/s on stderr; None (default) shows it when stderr is a terminal."""
+    from tqdm.auto import tqdm
+
     from twostage.data.cache_writer import CacheWriter
     from twostage.data.token_cache import CacheMeta
     from twostage.tokenizers.base import load_tokenizer
@@ -77,13 +82,18 @@ def encode_run(run: str | Path, split: str, out: str | Path, *, batch_size: int 
     layout = tok.cache_layout()
     variants = 2 if flip else 1
     start = time.perf_counter()
-    with CacheWriter(out, kind=layout.kind, num_items=len(data), variants=variants, item_shape=layout.item_shape,
-                     dtype=layout.dtype, overwrite=overwrite, channel_stats=layout.channel_stats) as writer:
+    # disable=None: tqdm's own rule, on when stderr is a terminal, so logs and pipes stay clean.
+    bar = tqdm(total=len(data), unit="img", desc=f"encode {split}", dynamic_ncols=True,
+               disable=None if progress is None else not progress)
+    with bar, CacheWriter(out, kind=layout.kind, num_items=len(data), variants=variants,
+                          item_shape=layout.item_shape, dtype=layout.dtype, overwrite=overwrite,
+                          channel_stats=layout.channel_stats) as writer:
         for images, labels in loader:
             x = images.to(tok.device, non_blocking=True)
             codes = [tok.encode(x, precision)] + ([tok.encode(x.flip(-1), precision)] if flip else [])
             writer.add(torch.stack(codes, dim=1).reshape(x.shape[0], variants, *layout.item_shape), labels)
-            if writer.done % (50 * batch_size) < x.shape[0]:
+            bar.update(x.shape[0])
+            if bar.disable and writer.done % (50 * batch_size) < x.shape[0]:  # no bar: a log line now and then
                 log.info("encoded %d / %d images (%.0f img/s)", writer.done, len(data),
                          writer.done / (time.perf_counter() - start))
         h, w = tok.grid_size()

@@ -27,7 +27,7 @@ from twostage.generators.ar.model import ARTransformer
 from twostage.generators.ar.sampler import ARSampler
 from twostage.generators.ar.task import MODULE, ARTask, check_token_cache
 from twostage.generators.guidance import resolve_scale
-from twostage.generators.outputs import balanced_labels, load_decoder, save_samples
+from twostage.generators.outputs import balanced_labels, load_decoder, sampling_progress, save_samples
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,12 @@ def train_run(cfg: ARRunConfig, cache: str | Path, out: str | Path, *,
     task = ARTask(cfg, data.meta, val_data=val)
     info = runs.model_record(KIND, task.model, data.meta, batch_size=cfg.train.batch_size, train_cache=cache,
                              val_cache=val_cache, train_samples=len(data))
-    runs.write_model(out, info, ARCH_KEYS)
+    runs.check_resume(out, info, ARCH_KEYS, cache)  # another tokenizer's cache: refused, nothing written
+    runs.write_model_after_checks(task, out, info, ARCH_KEYS)
     log.info("AR %s: %.1fM parameters (%.1fM non-embedding), %.3g training FLOPs per step", cfg.model.size,
              info["parameters"] / 1e6, info["non_embedding_parameters"] / 1e6, info["train_flops_per_step"])
-    return train(task, cfg.train, data, out, full_config=cfg, resume_changes=resume_changes)
+    with runs.disk_full_is_a_user_error(out):
+        return train(task, cfg.train, data, out, full_config=cfg, resume_changes=resume_changes)
 
 
 def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", weights: str = "auto",
@@ -85,8 +87,9 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     (twostage/generators/guidance.py: 1 = none, 0 = unconditional). precision bf16 casts the weights
     and the KV cache to bf16 (CUDA only; fp32 elsewhere). `tokenizer` replaces the run that made the
     training cache for decoding; with tokens_only no images are decoded (the npz then holds tokens and
-    labels only).
+    labels only). A progress bar with images/s goes to stderr when it is a terminal.
     """
+    runs.check_sample_counts(num, batch_size)
     dev = resolve_device(device)
     model, info = load_run(run_dir, device=dev, weights=weights, step=step)
     s = info["config"].sample
@@ -102,20 +105,20 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
         model = model.to(torch.bfloat16)
     tok = None if tokens_only else load_decoder(tokenizer or info["tokenizer_run"], dev,
                                                 info.get("tokenizer_checksum", ""))
-    sampler = ARSampler(model, batch_size=min(batch_size, max(num, 1)), compile=compile, **settings)
+    sampler = ARSampler(model, batch_size=min(batch_size, num), compile=compile, **settings)
     labels = balanced_labels(num, model.num_classes)
     start = time.perf_counter()
     token_chunks, image_chunks = [], []
-    # Sample and decode chunk by chunk so 50k images never sit on the GPU at once.
-    chunk = sampler.batch * max(1, 4096 // sampler.batch)
-    for i in range(0, num, chunk):
-        part = labels[i : i + chunk]
-        tokens = sampler.sample(torch.from_numpy(part), seed=seed, first_batch=i // sampler.batch)
-        token_chunks.append(tokens.cpu().numpy())
-        if tok is not None:
-            for j in range(0, len(tokens), sampler.batch):
-                image_chunks.append(to_uint8(tok.decode(tokens[j : j + sampler.batch])))
-        log.info("sampled %d / %d", min(num, i + chunk), num)
+    # Sample and decode batch by batch (batch b draws its noise from (seed, b): the same tokens as one
+    # call over all labels), so 50k images never sit on the GPU at once and the bar moves per batch.
+    with sampling_progress(num, f"sampling {KIND}") as bar:
+        for i in range(0, num, sampler.batch):
+            part = labels[i : i + sampler.batch]
+            tokens = sampler.sample(torch.from_numpy(part), seed=seed, first_batch=i // sampler.batch)
+            token_chunks.append(tokens.cpu().numpy())
+            if tok is not None:
+                image_chunks.append(to_uint8(tok.decode(tokens)))
+            bar.update(len(part))
     sampler.release()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -132,6 +135,7 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     }
     extra = {"run": str(Path(run_dir).resolve()), "tokenizer_run": str(tokenizer or info.get("tokenizer_run")),
              "seconds": elapsed, "images_per_s": num / max(elapsed, 1e-9), "device": str(dev)}
+    log.info("sampled %d images in %.1f s (%.1f images/s)", num, elapsed, extra["images_per_s"])
     return save_samples(Path(out), images, labels, protocol, tokens=tokens, extra=extra,
                         grid=grid if tok is not None else 0)
 

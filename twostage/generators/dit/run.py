@@ -30,7 +30,7 @@ from twostage.generators.dit.model import LightningDiT
 from twostage.generators.dit.sampler import SAMPLERS, evaluations
 from twostage.generators.dit.task import MODULE, DiTTask, LatentSpace, build_model, generate_latents
 from twostage.generators.guidance import resolve_scale
-from twostage.generators.outputs import balanced_labels, load_decoder, save_samples
+from twostage.generators.outputs import balanced_labels, load_decoder, sampling_progress, save_samples
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,12 @@ def train_run(cfg: DiTRunConfig, cache: str | Path, out: str | Path, *,
                              val_cache=val_cache, train_samples=len(data))
     info.update({"latent_mean": space.latent_mean, "latent_std": space.latent_std,
                  "time_convention": TIME_CONVENTION})
-    runs.write_model(out, info, ARCH_KEYS)
+    runs.check_resume(out, info, ARCH_KEYS, cache)  # another tokenizer's cache: refused, nothing written
+    runs.write_model_after_checks(task, out, info, ARCH_KEYS)
     log.info("LightningDiT-%s/%d: %.1fM parameters, %.3g training FLOPs per step", cfg.model.size,
              cfg.model.patch_size, info["parameters"] / 1e6, info["train_flops_per_step"])
-    return train(task, cfg.train, data, out, full_config=cfg, resume_changes=resume_changes)
+    with runs.disk_full_is_a_user_error(out):
+        return train(task, cfg.train, data, out, full_config=cfg, resume_changes=resume_changes)
 
 
 def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", weights: str = "auto",
@@ -100,8 +102,9 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     (twostage/generators/guidance.py: 1 = none, 0 = unconditional). cfg_interval (start, end): guide
     only for t in [start, end] (t = 1 is data). precision bf16 runs the network under bf16 autocast
     (CUDA only; fp32 elsewhere); the ODE state stays float32. `tokenizer` replaces the run that made
-    the training cache for decoding.
+    the training cache for decoding. A progress bar with images/s goes to stderr when it is a terminal.
     """
+    runs.check_sample_counts(num, batch_size)
     dev = resolve_device(device)
     model, info = load_run(run_dir, device=dev, weights=weights, step=step)
     cfg: DiTRunConfig = info["config"]
@@ -122,20 +125,20 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     mean, std = LatentSpace.from_model_json(info).stats(dev, cfg.flow.normalize_latents)  # the run's statistics
     net = torch.compile(model, dynamic=False) if compile else model
     labels = balanced_labels(num, model.num_classes)
-    batch = max(1, min(batch_size, num))
+    batch = min(batch_size, num)
     start = time.perf_counter()
     chunks = []
-    for i in range(0, num, batch):
-        idx = range(i, min(num, i + batch))
-        noise = sample_noise(idx, (model.in_channels, *model.grid), seed).to(dev)
-        y = torch.from_numpy(labels[i : i + len(idx)]).to(dev)
-        z = generate_latents(net, y, noise=noise, steps=settings["steps"], sampler=settings["sampler"],
-                             shift=settings["shift"], cfg_scale=settings["cfg_scale"],
-                             interval=settings["cfg_interval"], precision="bf16" if use_bf16 else "fp32",
-                             null_label=model.null_label)
-        chunks.append(to_uint8(tok.decode(z * std + mean)))
-        if (i // batch) % 10 == 0:
-            log.info("sampled %d / %d", i + len(idx), num)
+    with sampling_progress(num, f"sampling {KIND}") as bar:
+        for i in range(0, num, batch):
+            idx = range(i, min(num, i + batch))
+            noise = sample_noise(idx, (model.in_channels, *model.grid), seed).to(dev)
+            y = torch.from_numpy(labels[i : i + len(idx)]).to(dev)
+            z = generate_latents(net, y, noise=noise, steps=settings["steps"], sampler=settings["sampler"],
+                                 shift=settings["shift"], cfg_scale=settings["cfg_scale"],
+                                 interval=settings["cfg_interval"], precision="bf16" if use_bf16 else "fp32",
+                                 null_label=model.null_label)
+            chunks.append(to_uint8(tok.decode(z * std + mean)))
+            bar.update(len(idx))
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     elapsed = time.perf_counter() - start
@@ -150,6 +153,7 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     }
     extra = {"run": str(Path(run_dir).resolve()), "tokenizer_run": str(tokenizer or info.get("tokenizer_run")),
              "seconds": elapsed, "images_per_s": num / max(elapsed, 1e-9), "device": str(dev)}
+    log.info("sampled %d images in %.1f s (%.1f images/s)", num, elapsed, extra["images_per_s"])
     return save_samples(Path(out), images, labels, protocol, extra=extra, grid=grid)
 
 
