@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         row, seconds = evaluate(pool[perm[i * args.subset_size:(i + 1) * args.subset_size]], ref, ref_sqrt, args)
         rows.append(row)
         times.append(seconds)
-        print(f"subset {i}: FD {row['fd']:.4f} [{row.get('fd_low', np.nan):.4f}, {row.get('fd_high', np.nan):.4f}]  "
-              f"FDinf {row['fdinf']:.4f} +- {row['fdinf_stderr']:.4f}  "
+        interval = f" [{row['fd_low']:.4f}, {row['fd_high']:.4f}]" if "fd_low" in row else ""
+        print(f"subset {i}: FD {row['fd']:.4f}{interval}  FDinf {row['fdinf']:.4f} +- {row['fdinf_stderr']:.4f}  "
               f"KID {1e3 * row.get('kid', np.nan):.4f}e-3 +- {1e3 * row.get('kid_stderr', np.nan):.4f}e-3  "
               f"({', '.join(f'{k} {v:.1f}s' for k, v in seconds.items())})", flush=True)
     full, _ = evaluate(pool, ref, ref_sqrt, argparse.Namespace(**{**vars(args), "bootstrap": 0}))

@@ -163,3 +163,14 @@ def test_sampling_options_of_another_kind_are_refused(tmp_path, capsys, kind, fl
     assert main(["generator", "sample", str(tmp_path), "--num", "2", "--out", str(tmp_path / "x.npz"), *flag]) == 2
     err = capsys.readouterr().err
     assert f"{flag[0]} is an option of {taker} generator runs" in err and f"is a {kind} run" in err
+
+
+def test_the_samples_grid_shows_every_class():
+    from twostage.generators.outputs import balanced_labels, grid_by_class
+
+    labels = balanced_labels(50, 10)  # grouped by class, as samples files store them
+    rows, per_row = grid_by_class(labels, 64)
+    assert per_row == 5 and len(rows) == 50  # 5 per class exist: a full row of 5 for each of the 10 classes
+    assert sorted(set(labels[rows].tolist())) == list(range(10))
+    rows, per_row = grid_by_class(balanced_labels(1000, 10), 64)
+    assert per_row == 6 and len(rows) == 60 and np.bincount(balanced_labels(1000, 10)[rows]).tolist() == [6] * 10

@@ -88,3 +88,60 @@ def test_last_finite_checkpoint_skips_ones_with_nan_weights(tmp_path):
     assert not ckpt.has_finite_weights(good)  # without keys the -inf buffer counts
     (good / "model.safetensors").write_bytes(b"garbage")
     assert ckpt.last_finite_checkpoint(tmp_path, keys, keys) == (None, [good, *bad])
+
+
+ENOSPC_MESSAGE = "Error while serializing: I/O error: No space left on device (os error 28)"  # what safetensors raises
+
+
+@pytest.mark.parametrize("fails", ["model.safetensors", "ema.safetensors", "optim.safetensors"])
+def test_a_failed_write_removes_its_temporary_folder(tmp_path, monkeypatch, fails):
+    import errno
+
+    from safetensors import SafetensorError
+
+    ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, _state(1.0), ema={"w": torch.ones(2)})
+    real_save = ckpt.save_file
+
+    def full_disk(tensors, filename, *a, **k):
+        if filename.endswith(fails):
+            with open(filename, "wb") as fh:
+                fh.write(b"half a file")
+            raise SafetensorError(ENOSPC_MESSAGE)
+        return real_save(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(OSError) as info:  # safetensors' I/O error becomes the OSError it is
+        ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, _state(2.0), ema={"w": torch.zeros(2)})
+    assert info.value.errno == errno.ENOSPC and info.value.filename.endswith(fails)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000001"]  # nothing left behind
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))[0] == 1
+
+
+def test_a_safetensors_error_that_is_not_an_io_error_stays_what_it_is(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def broken(tensors, filename, *a, **k):
+        raise SafetensorError("some other problem")
+
+    monkeypatch.setattr(ckpt, "save_file", broken)
+    with pytest.raises(SafetensorError, match="some other problem"):
+        ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {})
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("step", ["fsync", "replace"])
+def test_write_text_atomic_removes_its_temporary_file_on_failure(tmp_path, monkeypatch, step):
+    import errno
+    import os
+
+    target = tmp_path / "run.json"
+    target.write_text("old")
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, step, full_disk)  # the text is written, then flushing / renaming it fails
+    with pytest.raises(OSError):
+        ckpt.write_text_atomic(target, "new text")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"] and target.read_text() == "old"

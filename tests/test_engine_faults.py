@@ -1,9 +1,11 @@
 """Faults a new user hits: NaN weights behind a finite loss, resuming with changed optimizer settings,
-and side work at checkpoints drawing from the training RNG."""
+side work at checkpoints drawing from the training RNG, a refused resume writing into the run folder, and
+a full disk while training."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -206,3 +208,170 @@ def test_side_work_at_checkpoints_does_not_shift_the_training_rng(tmp_path, monk
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+# -- 4. a refused resume writes nothing; the task's start hook ------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, tuple]:
+    """Every file and folder under `folder` (the folder too): its mtime and, for a file, its bytes. A
+    new file (a TensorBoard events file) changes its folder's mtime, a rewrite the file's."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted([folder, *folder.rglob("*")])}
+
+
+def test_a_refused_resume_leaves_the_run_folder_byte_identical(tmp_path):
+    toy_task.run(str(tmp_path), 5, optim={})
+    before = _snapshot(tmp_path)
+    assert any(name.startswith("tb/") for name in before)
+    for refused in ({"seed": 1}, {"optim": {"lr": 1e-3}}, {"batch_size": 16, "resume_changes": True}):
+        with pytest.raises(ConfigError, match="different config"):
+            toy_task.run(str(tmp_path), 10, **{"optim": {}, **refused})
+        assert _snapshot(tmp_path) == before, refused
+    # an unreadable checkpoint is refused too, and nothing is written either
+    (tmp_path / "checkpoints" / "step_0000005" / "optim.safetensors").write_bytes(b"garbage")
+    before = _snapshot(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="cannot be read"):
+        toy_task.run(str(tmp_path), 10, optim={})
+    assert _snapshot(tmp_path) == before
+
+
+class _HookTask(toy_task.ToyTask):
+    """Records each on_start call: (run folder, resumed, losses computed before it, the net's head weight)."""
+
+    calls: list = []
+    losses = 0
+
+    def on_start(self, run_dir, resumed):
+        self.calls.append((Path(run_dir), resumed, self.losses, self.modules["net"].head.weight.detach().clone()))
+
+    def main_loss(self, ctx):
+        type(self).losses += 1
+        return super().main_loss(ctx)
+
+
+def test_on_start_is_called_once_after_the_checks_and_before_the_first_step(tmp_path, monkeypatch):
+    from twostage.engine.task import TaskBase
+
+    assert TaskBase().on_start(tmp_path, False) is None  # the default does nothing
+    monkeypatch.setattr(_HookTask, "calls", [])
+    monkeypatch.setattr(_HookTask, "losses", 0)
+    toy_task.run(str(tmp_path), 5, task_class=_HookTask)
+    assert [(d, r, n) for d, r, n, _ in _HookTask.calls] == [(tmp_path, False, 0)]
+    losses = _HookTask.losses
+    with pytest.raises(ConfigError):  # refused: the hook is not called
+        toy_task.run(str(tmp_path), 10, task_class=_HookTask, seed=3)
+    assert len(_HookTask.calls) == 1
+    toy_task.run(str(tmp_path), 10, task_class=_HookTask)
+    (run_dir, resumed, seen, head), = _HookTask.calls[1:]
+    assert run_dir == tmp_path and resumed and seen == losses  # before the resumed run's first step
+    saved = load_file(tmp_path / "checkpoints" / "step_0000005" / "model.safetensors")
+    assert torch.equal(head, saved["net.head.weight"])  # the checkpoint was loaded before the hook
+
+
+# -- 5. a full disk ---------------------------------------------------------------------------------
+
+
+ENOSPC_MESSAGE = "Error while serializing: I/O error: No space left on device (os error 28)"  # what safetensors raises
+
+
+def test_disk_full_while_checkpointing_is_one_line_naming_the_checkpoint_kept(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    real_save = ckpt.save_file
+
+    def save_file(tensors, filename, *a, **k):
+        if "step_0000010" in filename and filename.endswith("ema.safetensors"):
+            Path(filename).write_bytes(b"half a file")
+            raise SafetensorError(ENOSPC_MESSAGE)
+        return real_save(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", save_file)
+    with pytest.raises(UserError) as info:
+        toy_task.run(str(tmp_path), 15)
+    message = str(info.value)
+    assert "\n" not in message and "no space left" in message.lower() and str(tmp_path) in message
+    assert "ema.safetensors" in message and f"{tmp_path / 'checkpoints' / 'step_0000005'}" in message
+    assert "Free some space" in message and "--out" in message
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_0000005"]  # no half-written folder
+    monkeypatch.setattr(ckpt, "save_file", real_save)
+    toy_task.run(str(tmp_path), 15)  # space freed: the same call resumes and finishes
+    assert ckpt.latest_checkpoint(folder).name == "step_0000015"
+    assert [r["step"] for r in read_metrics(tmp_path) if "main/loss" in r] == [5, 10, 15]
+
+
+_FULL_DISK_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[2])
+import toy_task
+from twostage.common.errors import UserError
+from twostage.engine import checkpoint as ckpt
+from twostage.engine.run_log import read_metrics
+
+disk = Path(sys.argv[1])
+run = disk / "run"
+
+
+class FillsTheDisk(toy_task.ToyTask):
+    def on_checkpoint(self, step, run_dir, models):
+        if step == 5:  # another program takes the rest of the disk
+            with open(disk / "filler", "wb", buffering=0) as fh:
+                try:
+                    while True:
+                        fh.write(bytes(1 << 16))
+                except OSError:
+                    pass
+        return {}
+
+
+result = {}
+try:
+    toy_task.run(str(run), 10, task_class=FillsTheDisk)
+except UserError as err:
+    result.update(error=str(err), type=type(err).__name__)
+result["checkpoints"] = sorted(p.name for p in (run / "checkpoints").iterdir())
+result["hidden"] = sorted(str(p) for p in run.rglob(".*"))
+(disk / "filler").unlink()
+toy_task.run(str(run), 10)
+result["latest"] = ckpt.latest_checkpoint(run / "checkpoints").name
+result["logged"] = [r["step"] for r in read_metrics(run) if "main/loss" in r]
+print(json.dumps(result))
+"""
+
+
+def _tmpfs_command(folder: Path, size: str) -> list[str] | None:
+    """`unshare` a user + mount namespace with a `size` tmpfs on `folder` (None where that is not possible)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return None
+    command = ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size={size} none "$0" && exec "$@"', str(folder)]
+    if subprocess.run([*command, "true"], capture_output=True).returncode != 0:
+        return None
+    return command
+
+
+def test_a_real_full_disk_while_training_is_one_line_and_the_run_resumes(tmp_path):
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = _tmpfs_command(disk, "4m")
+    if command is None:
+        pytest.skip("no unprivileged mount namespaces here (unshare -rm)")
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*command, sys.executable, "-c", _FULL_DISK_SCRIPT, str(disk), str(HERE)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    run = disk / "run"
+    assert result.get("type") == "DiskFullError", result
+    message = result["error"]
+    assert "\n" not in message and "no space left" in message.lower() and str(run) in message
+    assert f"{run / 'checkpoints' / 'step_0000005'}" in message and "Free some space" in message
+    assert result["checkpoints"] == ["latest", "step_0000005"] and result["hidden"] == []
+    assert result["latest"] == "step_0000010" and result["logged"] == [5, 10]

@@ -1,6 +1,7 @@
 """Fault injection: SIGKILL during a checkpoint write, during `tokenizer encode` and during a study stage; a
-full disk (ENOSPC) while checkpointing, encoding and writing samples; a cache file cut short. Each
-leaves the previous state intact and says what happened in one line; re-running the command finishes."""
+full disk (ENOSPC) while checkpointing (a generator, a tokenizer), encoding and writing samples; a cache file
+cut short. Each leaves the previous state intact and says what happened in one line; re-running the command
+finishes."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import yaml
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from test_faults_support import (AR_TRAIN, TINY_VQ, assert_bit_identical, log_text, make_npz, run,  # noqa: E402
-                                 start, token_cache, train_tokenizer)
+from test_faults_support import (AR_TRAIN, TINY_DATA, TINY_TRAIN, TINY_VQ, assert_bit_identical,  # noqa: E402
+                                 log_text, make_npz, run, start, token_cache, train_tokenizer)
 
 from twostage import cli  # noqa: E402
 from twostage import config as configlib  # noqa: E402
@@ -168,6 +169,33 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monke
     assert ckpt.latest_checkpoint(folder).name == "step_0000006"
     assert cli.main(["generator", "train", "ar_fmnist_tiny", *AR_TRAIN, "--tokens", str(cache), "--out",
                      str(run_dir)]) == 0
+
+
+def test_disk_full_while_training_a_tokenizer_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    make_npz(tmp_path)
+    out = tmp_path / "vq"
+    argv = ["tokenizer", "train", "vq_fmnist_f4", *TINY_DATA, f"data.root={tmp_path / 'data.npz'}", *TINY_VQ,
+            *TINY_TRAIN, "monitor.grid_images=0", "train.steps=4", "train.ckpt_every=2", "--out", str(out)]
+    real_save = ckpt.save_file
+
+    def save_file(tensors, filename, *a, **k):  # what safetensors raises when the disk is full
+        if "step_0000004" in filename:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", save_file)
+    capsys.readouterr()
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tokenizer error: no space left") and "Traceback" not in err[0]
+    assert str(out) in err[0] and str(out / "checkpoints" / "step_0000002") in err[0] and "--out" in err[0]
+    folder = out / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_0000002"]
+    monkeypatch.setattr(ckpt, "save_file", real_save)
+    assert cli.main(argv) == 0  # space freed: the same command resumes and finishes
+    assert ckpt.latest_checkpoint(folder).name == "step_0000004"
 
 
 def test_disk_full_while_writing_samples_keeps_the_previous_samples(tmp_path, monkeypatch, capsys):

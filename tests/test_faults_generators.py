@@ -1,5 +1,6 @@
 """Generator faults a new user hits: resuming on another tokenizer's cache, run records rewritten by a resume
-that is then refused, no progress shown while sampling on a CPU, and `--num 0` writing an empty file."""
+that is then refused (also after a run killed before its first checkpoint), no progress shown while sampling
+on a CPU, and `--num 0` writing an empty file."""
 
 from __future__ import annotations
 
@@ -56,11 +57,11 @@ def trained(request, tmp_path_factory):
     return kind, preset, overrides, tmp / "run", cache, tmp
 
 
-def _records(run: Path) -> dict[str, bytes]:
-    """Every file of a run folder but TensorBoard's event files (the engine opens a new one for every
-    attempt, refused or not: see the report)."""
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
-            if p.is_file() and p.parent.name != "tb"}
+def _records(run: Path) -> dict[str, tuple]:
+    """Every file and folder of a run folder (the folder too, TensorBoard's event files too): its mtime and,
+    for a file, its bytes. A refused attempt must leave all of them as they were."""
+    return {str(p.relative_to(run)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted([run, *run.rglob("*")])}
 
 
 # -- provenance ----------------------------------------------------------------------------------------------
@@ -90,6 +91,39 @@ def test_a_refused_resume_rewrites_no_run_record(trained, capsys):
     assert train_cli(preset, [*overrides, "train.steps=4"], fewer, run) == 2
     err = capsys.readouterr().err
     assert "holds 8 images" in err and str(fewer) in err and _records(run) == before
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_run_killed_before_its_first_checkpoint_keeps_its_records_when_a_retry_is_refused(kind, tmp_path,
+                                                                                             monkeypatch, capsys):
+    from twostage.data.loader import ResumableLoader
+
+    preset, overrides, make = KINDS[kind]
+    cache, run = make(tmp_path / "cache", checksum=SUM_A), tmp_path / "run"
+
+    def killed(self):  # the process dies in its first step, before any checkpoint
+        raise _Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(ResumableLoader, "__next__", killed)
+        with pytest.raises(_Killed):
+            train_cli(preset, overrides, cache, run)
+    assert (run / "model.json").is_file() and (run / "config.yaml").is_file()
+    assert not list(run.glob("checkpoints/step_*"))
+    before = _records(run)
+    # retried with a batch size the engine refuses (model.json's FLOPs per step depend on it)
+    assert train_cli(preset, [*overrides, "train.batch_size=2", "train.steps=4"], cache, run) == 2
+    assert "train.batch_size" in capsys.readouterr().err
+    assert _records(run) == before
+    # the same command runs: it starts the run over and records it
+    assert train_cli(preset, overrides, cache, run) == 0
+    info = json.loads((run / "model.json").read_text())
+    assert info["kind"] == kind and info["train_cache"] == str(cache.resolve())
+    assert (run / "checkpoints" / "step_0000002").is_dir()
 
 
 def test_a_moved_cache_of_the_same_tokenizer_resumes_and_is_recorded(trained, tmp_path):

@@ -102,3 +102,24 @@ def test_bootstrap_reports_the_small_n_bias():
     assert 0.3 < r.bias < 0.8 and r.low > r.fd
     assert r.centered[0] < r.fd < r.centered[1]
     assert 0.03 < r.std < 0.1  # the mean term alone varies by 2 |delta| / sqrt(N) = 0.045
+
+
+def test_fd_infinity_subset_fds_equal_frechet_distance_of_the_subsets():
+    # the subsets go through _FixedReferenceFD (one square root of the reference covariance for all of
+    # them, or none with N <= D); each point must still be the plain FD of that subset, for N > D and N < D
+    from twostage.metrics.frechet import psd_sqrt
+
+    rng = np.random.default_rng(5)
+    for n, d in ((600, 16), (120, 200)):
+        x = rng.standard_normal((n, d)) * np.linspace(0.5, 2.0, d) + 0.2
+        a = rng.standard_normal((d, d))
+        ref_mu, ref_sigma = rng.standard_normal(d), a @ a.T / d
+        root = psd_sqrt(ref_sigma)
+        assert np.allclose(root @ root, ref_sigma, atol=1e-10) and np.allclose(root, root.T)
+        r = fd_infinity(x, ref_mu, ref_sigma, min_fraction=0.5, repeats=2, seed=3)
+        again = fd_infinity(x, ref_mu, ref_sigma, min_fraction=0.5, repeats=2, seed=3, ref_sigma_sqrt=root)
+        assert again.sizes == r.sizes and again.fds == pytest.approx(r.fds, rel=1e-9)  # given or computed root
+        draws = np.random.default_rng(3)
+        for size, fd in zip(r.sizes, r.fds):
+            s = feature_stats(x[draws.choice(n, size, replace=False)])
+            assert fd == pytest.approx(frechet_distance(s.mu, s.sigma, ref_mu, ref_sigma), rel=1e-7)

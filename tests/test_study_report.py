@@ -23,7 +23,8 @@ from PIL import Image
 
 from study_synthetic import GFD_NAME, TOKENIZERS, VERDICT_TOKENIZERS, make_rows, write_results
 from twostage.study.render import SECTIONS
-from twostage.study.report import analyze, build_report, cmd_report, register_report
+from twostage import cli
+from twostage.study.report import analyze, build_report, cmd_report
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -102,10 +103,7 @@ def test_same_table_gives_identical_files(study, tmp_path):
 
 def test_cli_registers_under_study_and_writes_report(study, tmp_path, capsys):
     d, _ = study
-    top = argparse.ArgumentParser(prog="twostage")
-    groups = top.add_subparsers(dest="command")
-    study_group = groups.add_parser("study").add_subparsers(dest="study_command", required=True)
-    register_report(study_group)
+    top = cli.build_parser()
     args = top.parse_args(["study", "report", str(d), "--out", str(tmp_path / "r"), "--bootstrap", "0",
                            "--fit-points", "all"])
     assert args.func(args) == 0

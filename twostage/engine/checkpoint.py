@@ -10,11 +10,15 @@ Layout of a run's `checkpoints/` folder:
 
 A checkpoint is written into a hidden temporary folder, each file flushed to disk, and the folder is
 then renamed into place (atomic on POSIX); `latest` is replaced the same way. A crash at any moment
-therefore leaves the previous checkpoint complete and `latest` pointing at a complete folder.
+therefore leaves the previous checkpoint complete and `latest` pointing at a complete folder. A write
+that fails (a full disk) removes its temporary folder or file at once; one that is killed leaves it
+for the next save to clear. safetensors' I/O errors are raised as the OSError they are (errno and the
+file's path), so a full disk is recognised (`is_disk_full`) whichever writer hit it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,14 +32,40 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from twostage.common.errors import UserError
+
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 LATEST = "latest"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors' Rust side reports an I/O error
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class DiskFullError(UserError, RuntimeError):
+    """A write failed because the disk (or the user's quota) is full; the message says what was kept."""
+
+    def __init__(self, message: str, errno_: int = errno.ENOSPC):
+        super().__init__(message)
+        self.errno = errno_
+
+
+def os_error_code(err: BaseException) -> int | None:
+    """The errno of an OSError, or of a safetensors error that wraps one ("... (os error 28)")."""
+    if isinstance(err, OSError):
+        return err.errno
+    if isinstance(err, SafetensorError):
+        found = _OS_ERROR.search(str(err))
+        return int(found.group(1)) if found else None
+    return None
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return os_error_code(err) in DISK_FULL
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,16 +140,32 @@ def _fsync_file(path: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` by `text` so that a crash leaves either the old or the new file, never half of one."""
+    """Replace `path` by `text` so that a crash leaves either the old or the new file, never half of one;
+    a write that fails (a full disk) leaves the old file and no temporary one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 _write_text_atomic = write_text_atomic
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, its I/O errors raised as OSError (errno, strerror, path)."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as err:
+        code = os_error_code(err)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from err
 
 
 def save_checkpoint(
@@ -130,27 +176,34 @@ def save_checkpoint(
     ema: dict[str, torch.Tensor] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step` atomically under `folder`; keep the newest `keep` checkpoints."""
+    """Write checkpoint `step` atomically under `folder`; keep the newest `keep` checkpoints.
+
+    A failed write (OSError, e.g. ENOSPC) removes the temporary folder before the error goes on, so the
+    space is given back and the folder holds complete checkpoints only."""
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".tmp-*"):  # left by a writer that was killed
         shutil.rmtree(stale, ignore_errors=True)
     name = f"step_{step:07d}"
     tmp = folder / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
-    state_tensors: dict[str, torch.Tensor] = {}
-    skeleton = split_tensors(state, state_tensors)
-    save_file(model, str(tmp / "model.safetensors"))
-    if ema is not None:
-        save_file(ema, str(tmp / "ema.safetensors"))
-    save_file(state_tensors, str(tmp / "optim.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "state": skeleton}))
-    for f in tmp.iterdir():
-        _fsync_file(f)
     final = folder / name
-    if final.exists():  # re-saving a step (e.g. after resuming at it): swap in the new one
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _write_text_atomic(folder / LATEST, name + "\n")
+    try:
+        state_tensors: dict[str, torch.Tensor] = {}
+        skeleton = split_tensors(state, state_tensors)
+        _save_tensors(model, tmp / "model.safetensors")
+        if ema is not None:
+            _save_tensors(ema, tmp / "ema.safetensors")
+        _save_tensors(state_tensors, tmp / "optim.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "state": skeleton}))
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        if final.exists():  # re-saving a step (e.g. after resuming at it): swap in the new one
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text_atomic(folder / LATEST, name + "\n")
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -15,7 +15,6 @@ it refuses to put a second architecture into a run folder that already holds one
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -126,9 +125,7 @@ def write_model_json(run_dir: str | Path, info: dict[str, Any], arch_keys: Itera
             diff = ", ".join(f"{k}: {old.get(k)} -> {info.get(k)}" for k in changed)
             raise UserError(f"{run_dir} holds a run of another model ({diff}); train into a new --out folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".model.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(info, indent=2, default=list))
-    os.replace(tmp, path)
+    ckpt.write_text_atomic(path, json.dumps(info, indent=2, default=list))
 
 
 def _plain(value: Any) -> Any:

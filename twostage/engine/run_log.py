@@ -1,4 +1,7 @@
-"""A run's metrics: one JSON line per log step (metrics.jsonl) and TensorBoard events (tb/)."""
+"""A run's metrics: one JSON line per log step (metrics.jsonl) and TensorBoard events (tb/).
+
+The engine opens a RunLog only once a run has passed every check (a refused resume creates no events
+file). A line whose write fails (a full disk) is taken back whole, so the file never ends in half a line."""
 
 from __future__ import annotations
 
@@ -26,9 +29,16 @@ class RunLog:
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, "time": time.time(), **values}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        line = (json.dumps({"step": step, "time": time.time(), **values}) + "\n").encode()
+        with open(self.path, "ab", buffering=0) as fh:
+            start = fh.tell()
+            try:
+                done = 0
+                while done < len(line):
+                    done += fh.write(line[done:])
+            except BaseException:
+                fh.truncate(start)  # no half line for the resume to trip over
+                raise
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.add_scalar(key, value, step)
@@ -38,12 +48,22 @@ class RunLog:
         """On resume, drop lines logged after the checkpoint so the file shows one history."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        from twostage.engine.checkpoint import write_text_atomic
+
+        kept = [line for line in self.path.read_text().splitlines() if _step(line) <= step]
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _step(line: str) -> float:
+    """The step of a metrics line; a torn line (a process killed while writing it) counts as after any step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

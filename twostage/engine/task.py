@@ -12,11 +12,16 @@ frozen, so gradients only reach what the phase updates.
 
 Phases of one step see the same micro-batches in order; `scratch` is a per-micro-batch dict shared
 by the phases, so a later phase can reuse (detached) outputs of an earlier one instead of recomputing.
+
+`on_start(run_dir, resumed)` is where a task writes its own run records (a generator's model.json): the
+engine calls it once every check has passed (config against the saved one, checkpoint read and loaded)
+and before it writes anything itself, so a refused run never reaches it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import torch
@@ -86,6 +91,13 @@ class Task(Protocol):
         """Names of modules that get an exponential moving average (if train.ema_decay is set)."""
         ...
 
+    def on_start(self, run_dir: Path, resumed: bool) -> None:
+        """Called once before the first step, fresh (resumed=False) or resumed from a checkpoint (True,
+        its state already loaded), after every config / checkpoint check has passed: the place to write
+        the task's own run records. The run folder exists. Called on every process; write files from
+        the main one only (RANK 0)."""
+        ...
+
     def on_checkpoint(self, step: int, run_dir: Any, ema: Mapping[str, nn.Module]) -> Logs:
         """Called after each checkpoint (and at the end): sample grids, validation. May return logs."""
         ...
@@ -104,6 +116,9 @@ class TaskBase:
 
     def ema_modules(self) -> list[str]:
         return []
+
+    def on_start(self, run_dir: Path, resumed: bool) -> None:
+        pass
 
     def on_checkpoint(self, step: int, run_dir: Any, ema: Mapping[str, nn.Module]) -> Logs:
         return {}

@@ -24,6 +24,16 @@ Config changes between a run and its resumption (the saved `config.yaml` against
 Accepted changes are saved to `config.yaml` and appended to `run.json` as
 `"changes": [{"step": N, "changes": {"optim.lr": [old, new], ...}}, ...]` (N: the resumed step).
 
+Nothing is written into the run folder before every check has passed: the config comparison above, then
+reading and loading the latest checkpoint. A refused resume leaves the folder byte for byte as it was (no
+run file, no TensorBoard events file). Then, in this order: `Task.on_start(run_dir, resumed)` (the task's
+own run records), `config.yaml` and `run.json`, the metrics log (cut back to the resumed step), training.
+
+A full disk (ENOSPC / EDQUOT) anywhere in a run (a checkpoint, a run file, the metrics, a task's grids or
+validation records) stops it with one line (`DiskFullError`, a UserError) naming the run folder, the file
+being written, the last complete checkpoint, which is kept (a failed checkpoint write removes its own
+temporary folder), and the fix: free space and re-run, or move the run folder and resume it there.
+
 Every `log_every` / `ckpt_every` step the weights of the trained modules and their EMA copies are checked
 for NaN/inf (one reduction per module on the device, synced together with the logs), so no checkpoint
 with non-finite weights is ever written. Side work at checkpoints (`Task.on_checkpoint`: validation,
@@ -37,6 +47,7 @@ from twostage.common.errors import UserError
 import contextlib
 import json
 import logging
+import os
 import platform
 import random
 import time
@@ -167,7 +178,7 @@ class _Trainer:
         )
         self.step = 0
         self.full_config = configlib.to_dict(full_config) if full_config is not None else {"train": configlib.to_dict(cfg)}
-        self.log = RunLog(run_dir, enabled=self.world.is_main)
+        self.log: RunLog | None = None  # opened once every check has passed (`_start`)
 
     # -- setup --------------------------------------------------------------------------------------
 
@@ -280,11 +291,12 @@ class _Trainer:
                                  state, ema=ema, keep=self.cfg.keep_checkpoints)
         barrier(self.world)
 
-    def _resume(self) -> None:
+    def _resume(self) -> bool:
+        """Load the latest checkpoint, if any (whether there was one); writes nothing."""
         path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
         if path is None:
             seed_everything(self.cfg.seed + self.world.rank)  # per-rank streams for dropout / noise
-            return
+            return False
         step, model, state, ema = ckpt.load_checkpoint(path)
         ckpt.load_module_tensors(self.task.modules, {k: v.to(self.device) for k, v in model.items()})
         if self.ema:
@@ -303,9 +315,9 @@ class _Trainer:
         self.loader.load_state_dict(state["loader"])
         self.task.load_extra_state(state["task"])
         self.step = step
-        self.log.truncate_after(step)
         if self.world.is_main:
             log.info("resumed from %s (step %d)", path, step)
+        return True
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -438,9 +450,57 @@ class _Trainer:
                 f"(resume_changes=True in Python): {then}.")
 
     def run(self) -> dict[str, float]:
+        try:
+            last = self._train()
+        except BaseException as err:
+            self._close(quiet=True)
+            if ckpt.is_disk_full(err):
+                raise ckpt.DiskFullError(self._disk_full_message(err), ckpt.os_error_code(err)) from err
+            raise
+        self._close()
+        return last
+
+    def _start(self) -> None:
+        """Checks first, writes after: see the module docstring."""
         self._check_config()
-        self._resume()
+        resumed = self._resume()
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier(self.world)
+        self.task.on_start(self.run_dir, resumed)
         self._write_run_files()
+        self.log = RunLog(self.run_dir, enabled=self.world.is_main)
+        self.log.truncate_after(self.step)  # a resumed run (or one restarted after a kill) keeps one history
+
+    def _close(self, quiet: bool = False) -> None:
+        """Stop the loader's workers and close the log; `quiet` (on the way out of an error) ignores what
+        closing raises, so the error that stopped the run is the one reported."""
+        for close in (self.loader.close, self.log.close if self.log is not None else None):
+            if close is None:
+                continue
+            if quiet:
+                with contextlib.suppress(Exception):
+                    close()
+            else:
+                close()
+
+    def _disk_full_message(self, err: BaseException) -> str:
+        code = ckpt.os_error_code(err)
+        reason = getattr(err, "strerror", None) or (os.strerror(code) if code else str(err))
+        filename = getattr(err, "filename", None)
+        writing = f" writing {filename}" if filename else ""
+        last = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        if last is not None:
+            kept = f"the last complete checkpoint {last} is intact, and re-running the same command resumes from it"
+            elsewhere = f"or move {self.run_dir} to a disk with space and re-run with that folder as --out"
+        else:
+            kept = "no checkpoint had been written yet, so re-running the same command starts the run over"
+            elsewhere = "or re-run with a new --out folder on a disk with space"
+        return (f"no space left on the device of {self.run_dir} ({reason}{writing}) at step {self.step}; {kept}. "
+                f"Free some space (or lower train.keep_checkpoints) and re-run the same command, {elsewhere}")
+
+    def _train(self) -> dict[str, float]:
+        self._start()
         cfg, accum = self.cfg, self.cfg.grad_accum
         images_per_step = cfg.batch_size
         sums: dict[str, torch.Tensor] = {}
@@ -496,8 +556,6 @@ class _Trainer:
                 paused += time.perf_counter() - pause_start  # checkpoint time is not training throughput
         if bar is not None:
             bar.close()
-        self.loader.close()
-        self.log.close()
         return last
 
 

@@ -7,7 +7,7 @@ Samples file (read by `twostage eval gen`, twostage/metrics/generation.py):
                tokens   (N, h, w) code ids (discrete generators; int32)
                protocol JSON string: sampler, steps, cfg scale / interval, seed, precision, labels
     FILE.json  {"protocol": ..., "run": ..., "timing": ...}  (the same record, readable)
-    FILE.png   a grid of the first samples
+    FILE.png   a grid with one row per class
 
 The three files are written to hidden temporary names first and renamed into place together, so a
 failed write (a full disk) or a kill leaves the previous samples file, its record and grid as they
@@ -59,9 +59,9 @@ def save_image_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: int | N
 
 def save_samples(path: Path, images: np.ndarray, labels: np.ndarray, protocol: dict[str, Any],
                  tokens: np.ndarray | None = None, extra: dict[str, Any] | None = None, grid: int = 64) -> Path:
-    """Write FILE.npz, FILE.json and FILE.png (first `grid` samples; 0 = none), all or none: each goes
+    """Write FILE.npz, FILE.json and FILE.png (up to `grid` samples, a row per class; 0 = none), all or none: each goes
     to a temporary name first, and only when all three are written are they renamed into place."""
-    from twostage.generators.runs import DiskFullError, is_disk_full
+    from twostage.engine.checkpoint import DiskFullError, is_disk_full
 
     path = Path(path)
     if path.suffix != ".npz":
@@ -76,7 +76,8 @@ def save_samples(path: Path, images: np.ndarray, labels: np.ndarray, protocol: d
         np.savez(tmp[targets[0]], **arrays)
         tmp[targets[1]].write_text(json.dumps({"protocol": protocol, **(extra or {})}, indent=2))
         if len(targets) > 2:
-            save_image_grid(images[:grid], tmp[targets[2]])
+            rows, nrow = grid_by_class(labels, grid)
+            save_image_grid(images[rows], tmp[targets[2]], nrow)
         for target in targets:
             os.replace(tmp[target], target)
     except BaseException as err:
@@ -89,6 +90,15 @@ def save_samples(path: Path, images: np.ndarray, labels: np.ndarray, protocol: d
                                 "again", err.errno) from err
         raise
     return path
+
+
+def grid_by_class(labels: np.ndarray, grid: int) -> tuple[np.ndarray, int]:
+    """(indices, per_row) of at most `grid` samples, one row per class, as many per class as fit:
+    balanced samples are stored grouped by class, so the first `grid` would show only the first class."""
+    classes, counts = np.unique(labels, return_counts=True)
+    per_class = max(1, min(grid // max(1, len(classes)), int(counts.min())))  # full rows: one class each
+    rows = [np.flatnonzero(labels == c)[:per_class] for c in classes[: max(1, grid // per_class)]]
+    return np.concatenate(rows), per_class
 
 
 def _megabytes(arrays: dict[str, np.ndarray]) -> float:

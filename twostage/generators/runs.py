@@ -18,20 +18,19 @@ A "token" is a position of the tokenizer's grid (h*w per image), whatever the ge
 
 Resuming (re-running `generator train` into a folder with a checkpoint) is refused, before anything is
 written, when the cache is not what the run trained on (`check_resume`: another tokenizer, other
-data); model.json is rewritten only once the engine has accepted the resume (`write_model_after_checks`).
-A full disk while training is one line naming the checkpoint that is kept (`disk_full_is_a_user_error`).
+data). model.json is written by the task's `on_start`, which the engine calls only once it has accepted
+the run (config and checkpoint): a refused attempt, fresh or resumed, leaves every run record as it was.
+A full disk while training is one line naming the checkpoint that is kept: the engine raises it
+(`DiskFullError`, twostage/engine/checkpoint.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import operator
 import os
-import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -41,6 +40,7 @@ from twostage.common.device import resolve_device
 from twostage.common.errors import UserError
 from twostage.config import ConfigError
 from twostage.data.token_cache import CacheMeta
+from twostage.engine.checkpoint import write_text_atomic
 from twostage.engine.run_files import (RunLoadError, load_run_weights, load_state_strict, read_model_json,
                                        recorded_kind, write_model_json)
 
@@ -84,7 +84,8 @@ def model_record(kind: str, model: nn.Module, meta: CacheMeta, *, batch_size: in
 
 
 def write_model(run_dir: str | Path, info: dict[str, Any], arch_keys: Iterable[str]) -> None:
-    """RUN/model.json from the main process (refuses a second architecture in one folder)."""
+    """RUN/model.json from the main process (refuses a second architecture in one folder). Called from
+    the tasks' `on_start`, i.e. once the engine has accepted the run."""
     if is_main_process():
         write_model_json(run_dir, info, ("kind", *arch_keys))
 
@@ -125,70 +126,8 @@ def check_resume(run_dir: str | Path, info: dict[str, Any], arch_keys: Iterable[
             "continue this run exactly. Resume with the cache it trained on, or train into a new --out folder.")
 
 
-def write_model_after_checks(task: Any, run_dir: str | Path, info: dict[str, Any], arch_keys: Iterable[str]) -> None:
-    """Write RUN/model.json once nothing can refuse the run any more.
-
-    A fresh folder (no checkpoint) gets it now. A run that resumes gets it when the engine hands the
-    task its saved state (`load_extra_state`), i.e. after the engine has accepted the config and read
-    the checkpoint: a refused resume (changed config, unreadable checkpoint) leaves every run record as
-    it was. Call `check_resume` first: what the record itself can check is refused before any work.
-    """
-    from twostage.engine import checkpoint as ckpt
-
-    arch_keys = tuple(arch_keys)
-    if ckpt.latest_checkpoint(Path(run_dir) / "checkpoints") is None:
-        write_model(run_dir, info, arch_keys)
-        return
-    load_extra_state = task.load_extra_state
-
-    def load_then_write(state: dict[str, Any]) -> None:
-        load_extra_state(state)
-        write_model(run_dir, info, arch_keys)
-
-    task.load_extra_state = load_then_write
-
-
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
-
-
-class DiskFullError(UserError, RuntimeError):
-    """A write failed because the disk (or the user's quota) is full; the message says what was kept."""
-
-    def __init__(self, message: str, errno_: int = errno.ENOSPC):
-        super().__init__(message)
-        self.errno = errno_
-
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def is_disk_full(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in DISK_FULL
-
-
-@contextlib.contextmanager
-def disk_full_is_a_user_error(run_dir: str | Path) -> Iterator[None]:
-    """Training into `run_dir`: a write that fails for lack of space (a checkpoint, a grid, a log)
-    becomes one line naming the last complete checkpoint, which is kept, and how to go on. The half
-    written checkpoint folder of this process is removed at once, to give the space back."""
-    from twostage.engine import checkpoint as ckpt
-
-    try:
-        yield
-    except OSError as err:
-        if not is_disk_full(err):
-            raise
-        folder = Path(run_dir) / "checkpoints"
-        for partial in folder.glob(f".tmp-*-{os.getpid()}"):
-            shutil.rmtree(partial, ignore_errors=True)
-        last = ckpt.latest_checkpoint(folder)
-        kept = (f"the last complete checkpoint {last} is intact, and re-running the same command resumes from it"
-                if last is not None else "no checkpoint had been written yet, so re-running the same command "
-                "starts the run over")
-        raise DiskFullError(f"no space left on the device of {run_dir} ({err.strerror or err} writing "
-                            f"{err.filename or 'a run file'}); {kept}. Free some space first (or lower "
-                            "train.keep_checkpoints)", err.errno) from err
 
 
 def compute_logs(step: int, flops_per_step: float, tokens_per_step: int) -> dict[str, float]:
@@ -201,13 +140,7 @@ def write_val_record(run_dir: str | Path, step: int, record: dict[str, Any]) -> 
     folder = Path(run_dir) / "val"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:07d}.json"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps({"step": step, **record}))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps({"step": step, **record}))
     return path
 
 
@@ -262,5 +195,5 @@ def sampling_precision(precision: str, device: torch.device) -> bool:
 
 
 __all__ = ["is_main_process", "check_val_cache", "model_record", "write_model", "check_resume",
-           "write_model_after_checks", "DiskFullError", "is_disk_full", "disk_full_is_a_user_error", "compute_logs",
-           "write_val_record", "grid_path", "load_generator_run", "check_sample_counts", "sampling_precision"]
+           "compute_logs", "write_val_record", "grid_path", "load_generator_run",
+           "check_sample_counts", "sampling_precision"]

@@ -10,7 +10,7 @@ package only measures with them.
     inception_score.py  IS-style score (10 splits)
     precision_recall.py improved precision / recall (k = 3)
     reference.py        reference statistics per dataset split, cached with their protocol
-    generation.py       evaluate_generation (samples .npz vs reference)
+    generation.py       evaluate_generation (samples .npz vs reference; FD_inf, KID, FD bootstrap interval)
     reconstruction.py   evaluate_reconstruction (rFD, PSNR, SSIM, perceptual distance)
     latent.py           codebook usage / perplexity, per-position CE, latent uniformity
     unbiased.py         FD extrapolated to N = inf, KID, bootstrap spread of FD

@@ -84,7 +84,8 @@ def to_uint8_nhwc(images) -> np.ndarray:
                 else "another scale"
             raise SamplesError(f"float images range over [{lo:.3g}, {hi:.3g}], which looks like {scale}, but float "
                                f"images must be in [-1, 1]; expected {SAMPLES_CONVENTION}. Convert [0, 1] images "
-                               f"with x * 2 - 1, or save uint8 images (round(x * 255) for [0, 1])")
+                               f"with x * 2 - 1, or save uint8 images (round(x * 255) for [0, 1]; "
+                               f"round((x + 1) * 127.5) for [-1, 1] images that have no dark pixel at all)")
         # round-half-away like (x + 1) * 127.5 + 0.5 then floor: the usual sample-saving rule
         x = np.clip(np.floor((x.astype(np.float64) + 1.0) * 127.5 + 0.5), 0, 255).astype(np.uint8)
     return x
@@ -150,11 +151,10 @@ def label_sampling(labels: np.ndarray | None) -> str:
     return f"unbalanced (per-class counts {counts.min()}..{counts.max()})"
 
 
-# Defaults of the estimators of unbiased.py in the generation metrics (costs measured on 2 CPU cores,
-# 2000 samples x 1280-d EfficientNet-Lite0 features, 10k reference features: see generation_metrics).
+# Settings of the estimators of unbiased.py in the generation metrics (costs: see generation_metrics).
 FDINF_NUM_SIZES = 5
-KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
-BOOTSTRAP_RESAMPLES = 200
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # clean-fid / torch-fidelity's KID settings
+BOOTSTRAP_RESAMPLES = 200  # the count to ask for; the bootstrap itself is off by default (its cost)
 CONFIDENCE = 0.95
 
 
@@ -181,7 +181,7 @@ def generation_metrics(
     fdinf_min_fraction: float | None = None,
     kid_subsets: int = KID_SUBSETS,
     kid_subset_size: int = KID_SUBSET_SIZE,
-    bootstrap_resamples: int = BOOTSTRAP_RESAMPLES,
+    bootstrap_resamples: int = 0,
     confidence: float = CONFIDENCE,
     record: dict | None = None,
 ) -> dict[str, float]:
@@ -191,23 +191,31 @@ def generation_metrics(
     IS-<net> and IS-<net>_std (samples shuffled with `seed` before the `is_splits` splits: sample
     files are grouped by class), Precision-/Recall-<net> (when the reference holds features).
     Optional, from twostage/metrics/unbiased.py (read its caveats):
-    - `fdinf`: FDinf-<net> and FDinf-<net>_stderr: FD at `fdinf_num_sizes` subset sizes from
-      fdinf_min_fraction * N to N (default default_fdinf_min_fraction(N, D)), extrapolated to N = inf. The
-      stderr is the regression's only (not the sampling error of the sample set); with N < 5 D the
-      subsets are small against D and FD_inf is rough (noted in `record`).
-    - `kid_subsets` > 0: KID-<net> and KID-<net>_stderr (unbiased MMD^2, cubic kernel, averaged over
-      kid_subsets subsets of kid_subset_size per side), against the reference's stored raw pool
-      features (`ref.pr_features`, up to 10k). A statistics file without raw features (mean and
-      covariance only) gives no KID; `record` says so.
-    - `bootstrap_resamples` > 0: FD-<net>_low / FD-<net>_high, the centered percentile interval
-      (level `confidence`) of FD over resamples of the sample set: where FD of another sample set of
-      this size would fall. Resampled FDs carry FD's small-N bias once more, hence centered.
+    - `fdinf` (on): FDinf-<net> and FDinf-<net>_stderr: FD at `fdinf_num_sizes` subset sizes from
+      fdinf_min_fraction * N to N (default default_fdinf_min_fraction(N, D)), extrapolated to
+      N = inf. The stderr is the regression's only, not the sampling error of the sample set; with
+      N < 5 D the subsets are small against D and FD_inf overshoots downwards (noted in `record`).
+      Measured (benchmarks/metric_variance.py, real test images vs the train split, D = 1280):
+      N = 2000 gave -0.43 +- 0.12 (std over 5 disjoint sets) where all 10k give 0.08.
+    - `kid_subsets` > 0 (on, 100 x 1000): KID-<net> and KID-<net>_stderr (unbiased MMD^2, cubic
+      kernel, averaged over kid_subsets subsets of kid_subset_size per side), against the
+      reference's stored raw pool features (`ref.pr_features`, up to 10k). A statistics file
+      without raw features (mean and covariance only) gives no KID; `record` says so. The stderr
+      describes the averaging over overlapping subsets; the spread over fresh sample sets was 3x
+      larger at N = 2000 (0.052e-3 vs 0.018e-3).
+    - `bootstrap_resamples` > 0 (off by default: one symmetric eigensolve per resample, 200
+      resamples take 2-3 min on 2 CPU cores, 18 s on 16): FD-<net>_low / FD-<net>_high, the
+      centered percentile interval (level `confidence`) of FD over resamples of the sample set,
+      where FD of another sample set of this size should fall. Resampled FDs carry FD's small-N
+      bias once more, hence centered. For a near-perfect model it is far too wide (real test
+      images, N = 2000: bootstrap std 0.17, spread over disjoint sets 0.025): FD is then a
+      degenerate statistic, for which the bootstrap is known to fail.
     Every estimator is seeded with `seed`. `record`, when given, receives the settings used (sizes,
     subset counts, seeds, skipped estimators and why), for the protocol record.
 
-    Cost on 2 CPU cores for N = 2000, D = 1280, 10k reference features (features already
-    extracted; extracting them takes ~3 min there): FD 0.5 s, FD_inf 2.4 s, KID (100 x 1000) ~8 s,
-    bootstrap (200 resamples) ~40 s."""
+    Seconds for N = 2000, D = 1280, 10k reference features, features already extracted, on 2 CPU
+    cores shared with other jobs (load 2.5-5; extracting the features takes 3-5 min there): FD 3-10,
+    FD_inf 5, KID 22-25, bootstrap (200) 105-186; on a 16-core host: 0.3, 0.5, 3.9, 18.5."""
     out: dict[str, float] = {}
     notes: dict = record if record is not None else {}
     pool = feats["pool"].numpy()
@@ -216,17 +224,20 @@ def generation_metrics(
     fd_name = metric_name("fd", network)
     out[fd_name] = frechet_distance(s.mu, s.sigma, ref.pool.mu, ref.pool.sigma)
     notes["metric_seed"] = seed
-    ref_sqrt = psd_sqrt(ref.pool.sigma) if bootstrap_resamples > 0 or fdinf else None  # shared by both
+    # A square root of the reference covariance, shared by the bootstrap and FD_inf (with N <= D they need none)
+    ref_sqrt = psd_sqrt(ref.pool.sigma) if (bootstrap_resamples > 0 or fdinf) and n > dim else None
     if bootstrap_resamples > 0:
         from twostage.metrics.unbiased import bootstrap_fd
 
         log.info("FD bootstrap interval: %d resamples of %d samples", bootstrap_resamples, n)
         boot = bootstrap_fd(pool, ref.pool.mu, ref.pool.sigma, num_resamples=bootstrap_resamples,
                             confidence=confidence, seed=seed, ref_sigma_sqrt=ref_sqrt)
-        out[fd_name + "_low"], out[fd_name + "_high"] = boot.centered
+        low, high = boot.centered
+        out[fd_name + "_low"], out[fd_name + "_high"] = max(low, 0.0), high  # FD >= 0
         notes["fd_bootstrap"] = {"num_resamples": bootstrap_resamples, "confidence": confidence, "seed": seed,
                                  "interval": "percentile interval of FD over resamples of the samples (with "
-                                             "replacement), shifted by -bias to center on FD"}
+                                             "replacement), shifted by -bias to center on FD, low end clipped "
+                                             "at 0; too wide for near-perfect models (FD degenerate)"}
     else:
         notes["fd_bootstrap"] = "off"
     if ref.spatial is not None and "spatial" in feats:
@@ -283,7 +294,8 @@ def generation_metrics(
             notes["kid"] = {"num_subsets": k.num_subsets, "subset_size": k.subset_size, "seed": seed,
                             "kernel": "(x.y / d + 1)^3", "reference_features": int(len(ref.pr_features)),
                             "reference": "the raw pool features stored with the reference statistics",
-                            "stderr": "std over subsets / sqrt(num_subsets)"}
+                            "stderr": "std over subsets / sqrt(num_subsets): the averaging only (subsets overlap "
+                                      "when num_subsets x subset_size > N), not the spread over new sample sets"}
     else:
         notes["kid"] = "off"
     return out
@@ -307,7 +319,7 @@ def evaluate_generation(
     fdinf: bool = True,
     kid_subsets: int = KID_SUBSETS,
     kid_subset_size: int = KID_SUBSET_SIZE,
-    bootstrap_resamples: int = BOOTSTRAP_RESAMPLES,
+    bootstrap_resamples: int = 0,
     progress: bool = True,
 ) -> tuple[dict[str, float], Protocol]:
     """All generation metrics of `samples` vs `reference` (e.g. "fashion-mnist:test"; statistics over

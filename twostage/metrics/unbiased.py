@@ -178,7 +178,11 @@ class _FixedReferenceFD:
     Precomputes A = ref_sigma^{1/2} and Y = (X - mean) A once. A resample with counts c (sum n) has
     mean shift d = c.Xc / n and A S A = Z^T Z with rows z_i = sqrt(c_i / (n-1)) (y_i - A d), so
     tr((S ref_sigma)^{1/2}) = sum sqrt(eig(Z Z^T or Z^T Z, the smaller)) (the eigen trick of frechet.py):
-    one O(N D^2) product and one symmetric eigensolve per resample, no square root of S."""
+    one O(N D^2) product and one symmetric eigensolve per resample, no square root of S.
+
+    With N <= D every Z Z^T is the smaller matrix, and Z Z^T = W^{1/2} (Xc - d) ref_sigma (Xc - d)^T
+    W^{1/2} (W = diag(c) / (n-1)) needs no square root of ref_sigma at all: P = Xc ref_sigma Xc^T is
+    precomputed, and each resample double-centres its rows and columns of P."""
 
     def __init__(self, x: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray,
                  ref_sigma_sqrt: np.ndarray | None = None):
@@ -186,7 +190,10 @@ class _FixedReferenceFD:
         self.n = len(x)
         self.xc = x - mu
         self.offset = mu - ref_mu
-        self.y = self.xc @ (psd_sqrt(ref_sigma) if ref_sigma_sqrt is None else ref_sigma_sqrt)
+        if self.n <= x.shape[1] and ref_sigma_sqrt is None:
+            self.p, self.y = self.xc @ ref_sigma @ self.xc.T, None
+        else:
+            self.p, self.y = None, self.xc @ (psd_sqrt(ref_sigma) if ref_sigma_sqrt is None else ref_sigma_sqrt)
         self.sq = np.einsum("ij,ij->i", self.xc, self.xc)
         self.tr_ref = float(np.trace(ref_sigma))
 
@@ -195,10 +202,15 @@ class _FixedReferenceFD:
         c = counts[keep].astype(np.float64)
         n = float(c.sum())  # N for a bootstrap resample, the subset size for a subset
         d = c @ self.xc[keep] / n
-        e = c @ self.y[keep] / n
         tr_s = (c @ self.sq[keep] - n * d @ d) / (n - 1)  # sum_i c_i |xc_i - d|^2 / (N-1)
-        z = (self.y[keep] - e) * np.sqrt(c / (n - 1))[:, None]
-        gram = z @ z.T if z.shape[0] < z.shape[1] else z.T @ z
+        w = np.sqrt(c / (n - 1))
+        if self.y is None:  # N <= D: the Gram matrix (xc_i - d) ref_sigma (xc_j - d)^T from P
+            pk = self.p[np.ix_(keep, keep)]
+            q = pk @ c / n  # xc_i ref_sigma d^T
+            gram = (pk - q[:, None] - q[None, :] + (c @ q) / n) * np.outer(w, w)
+        else:
+            z = (self.y[keep] - c @ self.y[keep] / n) * w[:, None]
+            gram = z @ z.T if z.shape[0] < z.shape[1] else z.T @ z
         tr_cross = float(np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None)).sum())
         diff = self.offset + d
         return max(float(diff @ diff + tr_s + self.tr_ref - 2.0 * tr_cross), 0.0)

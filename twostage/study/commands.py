@@ -19,8 +19,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from twostage.study.report import register_report
-
 DEMO_SPEC = "study_demo"
 DEMO_OUT = Path("runs/demo")
 
@@ -47,11 +45,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("dir", type=Path, help="study folder (holds study.yaml from its `study run`)")
     t.set_defaults(func=cmd_table)
 
-    register_report(sub)
+    # the report command's parser lives here, so `twostage --help` does not import matplotlib and scipy
+    r = sub.add_parser("report", help="verdicts, fits, compute-optimal frontiers and figures from DIR/results.parquet")
+    r.add_argument("dir", type=Path, help="study folder holding results.parquet")
+    r.add_argument("--out", type=Path, default=None, help="report folder (default DIR/report)")
+    r.add_argument("--bootstrap", type=_count, default=1000,
+                   help="resamples per fit, for the residual and the seed bootstrap (0: covariance intervals only)")
+    r.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    r.add_argument("--fit-points", choices=("frontier", "all"), default="frontier",
+                   help="fit each tokenizer's lower envelope of cell means (compute-optimal law) or every cell")
+    r.set_defaults(func=cmd_report)
 
     d = subparsers.add_parser("demo", help="the miniature Fashion-MNIST study (CPU, minutes) and its report")
     d.add_argument("--out", type=Path, default=DEMO_OUT, help=f"study folder (default {DEMO_OUT})")
     d.set_defaults(func=cmd_demo)
+
+
+def _count(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Fits, verdicts and figures of a study folder (twostage/study/report.py)."""
+    from twostage.study.report import cmd_report as report
+
+    return report(args)
 
 
 def _positive(text: str) -> int:

@@ -289,27 +289,6 @@ def build_report(directory: Path, out: Path | None = None, *, n_boot: int = 1000
     return {**paths, **{f"figure:{k}": v for k, v in figures.items()}}
 
 
-def register_report(sub: argparse._SubParsersAction) -> None:
-    """Add `report` to the `twostage study` action group (called by twostage/study/commands.py)."""
-    p = sub.add_parser("report", help="verdicts, fits, compute-optimal frontiers and figures from DIR/results.parquet",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", type=Path, help="study folder holding results.parquet")
-    p.add_argument("--out", type=Path, default=None, help="report folder (default DIR/report)")
-    p.add_argument("--bootstrap", type=_count, default=1000,
-                   help="resamples per fit, for the residual and the seed bootstrap (0: covariance intervals only)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--fit-points", choices=("frontier", "all"), default="frontier",
-                   help="fit each tokenizer's lower envelope of cell means (compute-optimal law) or every cell")
-    p.set_defaults(func=cmd_report)
-
-
-def _count(text: str) -> int:
-    n = int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     try:
         paths = build_report(args.dir, args.out, n_boot=args.bootstrap, seed=args.seed, fit_points=args.fit_points)

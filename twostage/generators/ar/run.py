@@ -25,14 +25,13 @@ from twostage.generators import runs
 from twostage.generators.ar.config import ARRunConfig
 from twostage.generators.ar.model import ARTransformer
 from twostage.generators.ar.sampler import ARSampler
-from twostage.generators.ar.task import MODULE, ARTask, check_token_cache
+from twostage.generators.ar.task import ARCH_KEYS, MODULE, ARTask, check_token_cache
 from twostage.generators.guidance import resolve_scale
 from twostage.generators.outputs import balanced_labels, load_decoder, sampling_progress, save_samples
 
 log = logging.getLogger(__name__)
 
 KIND = "ar"
-ARCH_KEYS = ("layers", "width", "heads", "vocab_size", "num_classes", "grid")
 
 
 def train_run(cfg: ARRunConfig, cache: str | Path, out: str | Path, *,
@@ -54,11 +53,10 @@ def train_run(cfg: ARRunConfig, cache: str | Path, out: str | Path, *,
     info = runs.model_record(KIND, task.model, data.meta, batch_size=cfg.train.batch_size, train_cache=cache,
                              val_cache=val_cache, train_samples=len(data))
     runs.check_resume(out, info, ARCH_KEYS, cache)  # another tokenizer's cache: refused, nothing written
-    runs.write_model_after_checks(task, out, info, ARCH_KEYS)
+    task.record = info  # model.json: written by the task once the engine has accepted the run
     log.info("AR %s: %.1fM parameters (%.1fM non-embedding), %.3g training FLOPs per step", cfg.model.size,
              info["parameters"] / 1e6, info["non_embedding_parameters"] / 1e6, info["train_flops_per_step"])
-    with runs.disk_full_is_a_user_error(out):
-        return train(task, cfg.train, data, out, full_config=cfg, resume_changes=resume_changes)
+    return train(task, cfg.train, data, out, full_config=cfg, resume_changes=resume_changes)
 
 
 def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", weights: str = "auto",

@@ -5,8 +5,9 @@ class replaced by the null class with probability `label_dropout` (for classifie
 arXiv 2207.12598). At each checkpoint (the engine forks the RNG around it, so the training RNG stream is
 untouched): validation cross-entropy overall (logged as val/loss) and per token position
 (RUN/val/step_XXXXXXX.json; the compression-generation study needs both), the training compute so
-far, and a grid of samples when the cache's tokenizer run can be loaded. Training itself:
-run.py's `train_run`.
+far, and a grid of samples when the cache's tokenizer run can be loaded. RUN/model.json (`record`, set
+by run.py's `train_run`, which trains the task) is written at `on_start`, once the engine has accepted
+the run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from twostage.generators.ar.model import ARTransformer
 from twostage.generators.outputs import Decoder, LazyDecoder, balanced_labels, save_image_grid
 
 MODULE = "gpt"  # key prefix of the model's weights in checkpoints
+ARCH_KEYS = ("layers", "width", "heads", "vocab_size", "num_classes", "grid")  # model.json: one model per folder
 
 
 def check_token_cache(meta: CacheMeta, where: Path) -> None:
@@ -38,6 +40,8 @@ def check_token_cache(meta: CacheMeta, where: Path) -> None:
 
 
 class ARTask(TaskBase):
+    record: dict[str, Any] | None = None  # RUN/model.json (runs.model_record), written at on_start
+
     def __init__(self, cfg: ARRunConfig, meta: CacheMeta, *, val_data: CacheDataset | None = None,
                  decoder: Callable[[torch.device], Decoder | None] | None = None):
         """`decoder(device)` makes the checkpoint-grid decoder (token ids (N, h, w) -> images in
@@ -68,7 +72,11 @@ class ARTask(TaskBase):
         ce = ctx.models[MODULE](tokens, labels, per_token_loss=True)
         return ce.mean(), {}
 
-    # -- checkpoints ----------------------------------------------------------------------------------
+    # -- run records ----------------------------------------------------------------------------------
+
+    def on_start(self, run_dir: Path, resumed: bool) -> None:
+        if self.record is not None:
+            runs.write_model(run_dir, self.record, ARCH_KEYS)
 
     def on_checkpoint(self, step: int, run_dir: Any, models: Mapping[str, nn.Module]) -> dict[str, float]:
         run_dir = Path(run_dir)
@@ -138,4 +146,4 @@ def validation_loss(model: nn.Module, data: CacheDataset, batch_size: int = 64, 
     return {"loss": sum(per_pos) / len(per_pos), "per_position": per_pos, "num_samples": n}
 
 
-__all__ = ["MODULE", "ARTask", "check_token_cache", "validation_loss"]
+__all__ = ["MODULE", "ARCH_KEYS", "ARTask", "check_token_cache", "validation_loss"]

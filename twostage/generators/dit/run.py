@@ -28,14 +28,13 @@ from twostage.generators import runs
 from twostage.generators.dit.config import DiTRunConfig
 from twostage.generators.dit.model import LightningDiT
 from twostage.generators.dit.sampler import SAMPLERS, evaluations
-from twostage.generators.dit.task import MODULE, DiTTask, LatentSpace, build_model, generate_latents
+from twostage.generators.dit.task import ARCH_KEYS, MODULE, DiTTask, LatentSpace, build_model, generate_latents
 from twostage.generators.guidance import resolve_scale
 from twostage.generators.outputs import balanced_labels, load_decoder, sampling_progress, save_samples
 
 log = logging.getLogger(__name__)
 
 KIND = "dit"
-ARCH_KEYS = ("layers", "width", "heads", "patch_size", "channels", "grid", "num_classes")
 TIME_CONVENTION = "t=0 noise, t=1 data; x_t = t x1 + (1 - t) eps; v = x1 - eps"
 
 
@@ -60,11 +59,10 @@ def train_run(cfg: DiTRunConfig, cache: str | Path, out: str | Path, *,
     info.update({"latent_mean": space.latent_mean, "latent_std": space.latent_std,
                  "time_convention": TIME_CONVENTION})
     runs.check_resume(out, info, ARCH_KEYS, cache)  # another tokenizer's cache: refused, nothing written
-    runs.write_model_after_checks(task, out, info, ARCH_KEYS)
+    task.record = info  # model.json: written by the task once the engine has accepted the run
     log.info("LightningDiT-%s/%d: %.1fM parameters, %.3g training FLOPs per step", cfg.model.size,
              cfg.model.patch_size, info["parameters"] / 1e6, info["train_flops_per_step"])
-    with runs.disk_full_is_a_user_error(out):
-        return train(task, cfg.train, data, out, full_config=cfg, resume_changes=resume_changes)
+    return train(task, cfg.train, data, out, full_config=cfg, resume_changes=resume_changes)
 
 
 def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", weights: str = "auto",

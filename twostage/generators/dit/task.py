@@ -8,7 +8,8 @@ convention in flow.py). The EMA copy of "dit" is what checkpoints sample from.
 At each checkpoint (the engine forks the RNG around it, so the training RNG stream is untouched): a validation
 flow loss with fixed noise and times (comparable across runs and steps) logged and written to
 RUN/val/step_XXXXXXX.json, the training compute so far, and a grid of samples decoded by the cache's
-tokenizer when one is available.
+tokenizer when one is available. RUN/model.json (`record`, set by run.py's `train_run`) is written at
+`on_start`, once the engine has accepted the run.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from twostage.generators.dit.sampler import guided_velocity, solve
 from twostage.generators.outputs import Decoder, LazyDecoder, balanced_labels, save_image_grid
 
 MODULE = "dit"  # key prefix of the model's weights in checkpoints
+ARCH_KEYS = ("layers", "width", "heads", "patch_size", "channels", "grid", "num_classes")  # one model per folder
 
 
 @dataclass
@@ -100,6 +102,8 @@ def generate_latents(model: nn.Module, labels: torch.Tensor, *, steps: int, samp
 
 
 class DiTTask(TaskBase):
+    record: dict[str, Any] | None = None  # RUN/model.json (runs.model_record + latent statistics), at on_start
+
     def __init__(self, cfg: DiTRunConfig, space: LatentSpace, *, val_dataset=None,
                  decoder: Callable[[torch.device], Decoder | None] | None = None) -> None:
         """`decoder(device)` makes the checkpoint-grid decoder (de-normalized latents -> images in
@@ -125,6 +129,10 @@ class DiTTask(TaskBase):
 
     def ema_modules(self) -> list[str]:
         return [MODULE]
+
+    def on_start(self, run_dir: Path, resumed: bool) -> None:
+        if self.record is not None:
+            runs.write_model(run_dir, self.record, ARCH_KEYS)
 
     # -- training -------------------------------------------------------------------------------------
 
@@ -214,4 +222,4 @@ class DiTTask(TaskBase):
         save_image_grid(decode(self.denormalize(z)), runs.grid_path(run_dir, step))
 
 
-__all__ = ["MODULE", "DiTTask", "LatentSpace", "build_model", "generate_latents"]
+__all__ = ["MODULE", "ARCH_KEYS", "DiTTask", "LatentSpace", "build_model", "generate_latents"]

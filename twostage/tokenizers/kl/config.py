@@ -51,7 +51,7 @@ class KLModelConfig:
     base_channels: int = field(default=128, metadata=check(gt=0))
     channel_mult: tuple[int, ...] | None = field(default=None, metadata=check(gt=0))
     enc_res_blocks: int = field(default=2, metadata=check(gt=0))
-    dec_res_blocks: int = field(default=2, metadata=check(gt=0))  # LDM's KL decoder: num_res_blocks + 1 = 3
+    dec_res_blocks: int = field(default=3, metadata=check(gt=0))  # LDM's KL decoder: num_res_blocks + 1 = 3
     norm_groups: int = field(default=32, metadata=check(gt=0))
     attn_heads: int = field(default=1, metadata=check(gt=0))
     mid_attn: bool = True
