@@ -117,6 +117,7 @@ def test_interrupted_study_resumes_without_redoing_finished_stages(data, tmp_pat
         assert r["params"] == model["non_embedding_parameters"]
         assert len(r["val_loss_per_position"]) == 16 and r["val_loss"] == pytest.approx(np.mean(r["val_loss_per_position"]))
         assert r["gfd_name"] == "FD-EffNetLite0" and r["gfd"] > 0 and 0 <= r["precision"] <= 1
+        assert r["gfd_inf"] is not None and r["kid"] is not None and r["kid_stderr"] >= 0  # FDinf, KID columns
         assert r["rfd"] > 0 and r["psnr"] > 0 and 0 < r["codebook_usage"] <= 1
         assert json.loads(r["gen_protocol"])["num_samples"] == 12
         assert json.loads(r["recon_protocol"])["num_samples"] == 6

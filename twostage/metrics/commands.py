@@ -37,6 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--cache-dir", help="reference statistics cache (default $TWOSTAGE_CACHE/reference_stats)")
     g.add_argument("--ref-max-images", type=int,
                    help="reference statistics over its first N images only (numbers then compare only at that N)")
+    g.add_argument("--no-fdinf", action="store_true", help="skip FDinf-<net> (FD extrapolated to N = inf)")
+    g.add_argument("--kid-subsets", type=int, default=100, metavar="K",
+                   help="KID-<net> over K subsets (0 skips KID; needs raw reference features)")
+    g.add_argument("--kid-subset-size", type=int, default=1000, metavar="M")
+    g.add_argument("--fd-bootstrap", type=int, default=0, metavar="R",
+                   help="FD-<net>_low/_high from R bootstrap resamples (e.g. 200; ~2-3 min on 2 CPU cores)")
+    g.add_argument("--metric-seed", type=int, default=0, help="seed of IS shuffling, P/R, FDinf, KID and bootstrap draws")
     _common(g)
     g.set_defaults(func=cmd_gen)
 
@@ -90,7 +97,9 @@ def cmd_gen(args: argparse.Namespace) -> int:
     result = api.evaluate_generation(args.samples, args.ref, network=args.network, weights=args.weights,
                                      batch_size=args.batch_size, device=args.device, precision=args.precision,
                                      resize=args.resize, cache_dir=args.cache_dir, is_splits=args.is_splits,
-                                     pr_k=args.pr_k, reference_max_images=args.ref_max_images, out=args.out)
+                                     pr_k=args.pr_k, reference_max_images=args.ref_max_images, out=args.out,
+                                     seed=args.metric_seed, fdinf=not args.no_fdinf, kid_subsets=args.kid_subsets,
+                                     kid_subset_size=args.kid_subset_size, bootstrap_resamples=args.fd_bootstrap)
     _print(result["metrics"], result["protocol"], result["path"])
     return 0
 

@@ -92,8 +92,11 @@ def evaluate_tokenizer_run(run: str | Path, *, split: str = "val", step: int | N
 def evaluate_samples_file(samples: str | Path, ref: str, *, network: str = "effnet-lite0", weights: str | None = None,
                           batch_size: int = 100, device: str = "auto", precision: str = "fp32", resize: str = "pad",
                           cache_dir: str | None = None, is_splits: int = 10, pr_k: int = 3,
-                          reference_max_images: int | None = None, out: str | Path | None = None) -> dict[str, Any]:
-    """FD, sFD, IS-style score and precision / recall of a samples .npz against a reference."""
+                          reference_max_images: int | None = None, out: str | Path | None = None, seed: int = 0,
+                          fdinf: bool = True, kid_subsets: int = 100, kid_subset_size: int = 1000,
+                          bootstrap_resamples: int = 0) -> dict[str, Any]:
+    """FD, sFD, IS-style score, precision / recall, FD-infinity and KID of a samples .npz against a
+    reference (twostage/metrics/generation.py; the FD bootstrap interval with bootstrap_resamples > 0)."""
     from twostage.backbones import load_feature_network
     from twostage.common.device import resolve_device
     from twostage.metrics.generation import evaluate_generation, load_samples
@@ -104,7 +107,9 @@ def evaluate_samples_file(samples: str | Path, ref: str, *, network: str = "effn
     metrics, proto = evaluate_generation(loaded, ref, net, batch_size=batch_size, device=resolve_device(device),
                                          precision=precision, resize=resize, cache_dir=cache_dir,
                                          is_splits=is_splits, pr_k=pr_k,
-                                         reference_max_images=reference_max_images)
+                                         reference_max_images=reference_max_images, seed=seed, fdinf=fdinf,
+                                         kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                                         bootstrap_resamples=bootstrap_resamples)
     path = Path(out) if out else Path(samples).with_suffix(f".eval-{net.name}.json")
     write_result(path, metrics, proto, command_line())
     return {"metrics": metrics, "protocol": proto.to_dict(), "path": path}

@@ -36,7 +36,10 @@ SCHEMA = pa.schema([
     ("batch_size", pa.int64()), ("params", pa.int64()), ("tokens_seen", pa.int64()),
     ("flops_per_token", pa.float64()), ("compute", pa.float64()),
     ("val_loss", pa.float64()), ("val_loss_per_position", pa.list_(pa.float64())),
-    ("gfd", pa.float64()), ("gfd_name", pa.string()), ("is_score", pa.float64()), ("precision", pa.float64()),
+    ("gfd", pa.float64()), ("gfd_name", pa.string()),
+    # less biased / less variable estimates of the same distance, when the evaluation computed them
+    ("gfd_low", pa.float64()), ("gfd_high", pa.float64()), ("gfd_inf", pa.float64()), ("gfd_inf_stderr", pa.float64()),
+    ("kid", pa.float64()), ("kid_stderr", pa.float64()), ("is_score", pa.float64()), ("precision", pa.float64()),
     ("recall", pa.float64()), ("gen_protocol", pa.string()),
     ("rfd", pa.float64()), ("psnr", pa.float64()), ("ssim", pa.float64()), ("codebook_usage", pa.float64()),
     ("latent_uniformity_gini", pa.float64()), ("latent_uniformity_entropy", pa.float64()),
@@ -53,13 +56,21 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+SUFFIXES = ("_std", "_stderr", "_low", "_high")  # companions of a metric, not metrics
+
+
 def _metric(metrics: dict[str, float], prefixes: tuple[str, ...]) -> tuple[str | None, float | None]:
-    """The first metric whose name is one of `prefixes` exactly or `prefix-<network>`."""
+    """The first metric whose name is one of `prefixes` exactly or `prefix-<network>` (not a companion)."""
     for name, value in metrics.items():
         for p in prefixes:
-            if name == p or name.startswith(f"{p}-") and not name.endswith("_std"):
+            if (name == p or name.startswith(f"{p}-")) and not name.endswith(SUFFIXES):
                 return name, float(value)
     return None, None
+
+
+def _companion(metrics: dict[str, float], name: str | None, suffix: str) -> float | None:
+    value = metrics.get(f"{name}{suffix}") if name else None
+    return None if value is None else float(value)
 
 
 def _wall(job: Job, root: Path) -> float:
@@ -137,10 +148,15 @@ def _evaluation_columns(spec: StudySpec, job: Job, plan: Plan, seed: int) -> dic
     evaluation = _json(paths.gen_json(gid, suffix))
     m = evaluation["metrics"]
     gfd_name, gfd = _metric(m, ("FD", "FID"))
+    inf_name, gfd_inf = _metric(m, ("FDinf", "FIDinf"))
+    kid_name, kid = _metric(m, ("KID",))
     samples = paths.samples(gid, suffix)
     grid = samples.with_suffix(".png")
     return {
         "eval_seed": seed, "gfd": gfd, "gfd_name": gfd_name, "is_score": _metric(m, ("IS",))[1],
+        "gfd_low": _companion(m, gfd_name, "_low"), "gfd_high": _companion(m, gfd_name, "_high"),
+        "gfd_inf": gfd_inf, "gfd_inf_stderr": _companion(m, inf_name, "_stderr"),
+        "kid": kid, "kid_stderr": _companion(m, kid_name, "_stderr"),
         "precision": _metric(m, ("Precision",))[1], "recall": _metric(m, ("Recall",))[1],
         "gen_protocol": json.dumps(evaluation.get("protocol", {})),
         "samples_npz": _rel(samples, plan.root), "grid_png": _rel(grid, plan.root) if grid.is_file() else None,
