@@ -28,7 +28,6 @@ resume either way bit for bit:
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -36,9 +35,8 @@ import numpy as np
 import torch
 
 from twostage.data.errors import DataError
-from twostage.data.loader import ResumableSampler
+from twostage.data.loader import LoaderPosition, ResumableSampler
 
-log = logging.getLogger(__name__)
 
 __all__ = ["DeviceCacheLoader", "device_cache_bytes", "device_cache_fits"]
 
@@ -87,7 +85,7 @@ def _to_device(array: np.ndarray, dtype: np.dtype, device: torch.device) -> torc
     return out
 
 
-class DeviceCacheLoader:
+class DeviceCacheLoader(LoaderPosition):
     """Infinite per-rank batch iterator over a CacheDataset held on `device` (see the module docstring).
 
     dataset: a `CacheDataset` (its data, labels, seed, random_variant, variants and item_dtype are
@@ -162,38 +160,6 @@ class DeviceCacheLoader:
         out = self.batch(self._epoch, self._batch)
         self._batch += 1
         return out
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    # -- position (as ResumableLoader) ----------------------------------------------------------------
-
-    @property
-    def epoch(self) -> int:
-        return self.state_dict()["epoch"]
-
-    def state_dict(self) -> dict[str, int]:
-        """The position: batches of `epoch` already returned by next(). A finished epoch reads as the next one at 0."""
-        if self._batch >= self.batches_per_epoch:
-            return {"epoch": self._epoch + 1, "batch_in_epoch": 0}
-        return {"epoch": self._epoch, "batch_in_epoch": self._batch}
-
-    def load_state_dict(self, state: dict[str, int], strict: bool = True) -> None:
-        """Continue from a saved position (of this loader or of a ResumableLoader built the same way)."""
-        try:
-            epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"a loader state needs integer 'epoch' and 'batch_in_epoch', got {state!r}") from None
-        if not strict and epoch >= 0 and batch > self.batches_per_epoch:
-            log.warning("saved position batch %d of epoch %d is past this loader's %d batches per epoch; "
-                        "continuing with epoch %d", batch, epoch, self.batches_per_epoch, epoch + 1)  # fmt: skip
-            epoch, batch = epoch + 1, 0
-        if epoch < 0 or not 0 <= batch <= self.batches_per_epoch:
-            raise DataError(
-                f"saved loader position epoch={epoch}, batch_in_epoch={batch} does not fit this loader's "
-                f"{self.batches_per_epoch} batches per epoch: the dataset, batch size or world size changed"
-            )
-        self._epoch, self._batch = epoch, batch
 
     def close(self) -> None:
         """Free the device copies."""

@@ -102,7 +102,59 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         return self.num_samples - self.start
 
 
-class ResumableLoader:
+class LoaderPosition:
+    """The resumable position of a loader that yields `batches_per_epoch` batches per epoch: what a
+    checkpoint saves ({"epoch", "batch_in_epoch"}) and how a resume restores it. Shared by the
+    DataLoader-based `ResumableLoader` and the GPU-resident `DeviceCacheLoader` (device_cache.py), so a
+    run can switch between them and still resume exactly."""
+
+    batches_per_epoch: int
+    _epoch: int
+    _batch: int
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    # -- position -----------------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self.state_dict()["epoch"]
+
+    def state_dict(self) -> dict[str, int]:
+        """The position: batches of `epoch` already returned by next(). A finished epoch reads as the next one at 0."""
+        if self._batch >= self.batches_per_epoch:
+            return {"epoch": self._epoch + 1, "batch_in_epoch": 0}
+        return {"epoch": self._epoch, "batch_in_epoch": self._batch}
+
+    def load_state_dict(self, state: dict[str, int], strict: bool = True) -> None:
+        """Continue from a saved position; the next batch is the one after the last one returned.
+
+        strict=False accepts a position beyond this loader's epoch length (a run resumed with another
+        world size or batch size, where exact resume is impossible anyway) by starting the next epoch.
+        """
+        try:
+            epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"a loader state needs integer 'epoch' and 'batch_in_epoch', got {state!r}") from None
+        if not strict and epoch >= 0 and batch > self.batches_per_epoch:
+            log.warning("saved position batch %d of epoch %d is past this loader's %d batches per epoch; "
+                        "continuing with epoch %d", batch, epoch, self.batches_per_epoch, epoch + 1)  # fmt: skip
+            epoch, batch = epoch + 1, 0
+        if epoch < 0 or not 0 <= batch <= self.batches_per_epoch:
+            raise DataError(
+                f"saved loader position epoch={epoch}, batch_in_epoch={batch} does not fit this loader's "
+                f"{self.batches_per_epoch} batches per epoch: the dataset, batch size or world size changed"
+            )
+        self._epoch, self._batch = epoch, batch
+        self._moved()
+
+
+    def _moved(self) -> None:
+        """Called after the position changed (a loader drops batches it prefetched for the old one)."""
+
+
+class ResumableLoader(LoaderPosition):
     """Infinite per-rank batch iterator with an exact, two-integer position (see module docstring).
 
     `batch_size` is per rank (the caller divides the global batch). drop_last=True (the default for
@@ -192,41 +244,7 @@ class ResumableLoader:
         if callable(report):
             report()
 
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    # -- position -----------------------------------------------------------------------------------
-
-    @property
-    def epoch(self) -> int:
-        return self.state_dict()["epoch"]
-
-    def state_dict(self) -> dict[str, int]:
-        """The position: batches of `epoch` already returned by next(). A finished epoch reads as the next one at 0."""
-        if self._batch >= self.batches_per_epoch:
-            return {"epoch": self._epoch + 1, "batch_in_epoch": 0}
-        return {"epoch": self._epoch, "batch_in_epoch": self._batch}
-
-    def load_state_dict(self, state: dict[str, int], strict: bool = True) -> None:
-        """Continue from a saved position; the next batch is the one after the last one returned.
-
-        strict=False accepts a position beyond this loader's epoch length (a run resumed with another
-        world size or batch size, where exact resume is impossible anyway) by starting the next epoch.
-        """
-        try:
-            epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"a loader state needs integer 'epoch' and 'batch_in_epoch', got {state!r}") from None
-        if not strict and epoch >= 0 and batch > self.batches_per_epoch:
-            log.warning("saved position batch %d of epoch %d is past this loader's %d batches per epoch; "
-                        "continuing with epoch %d", batch, epoch, self.batches_per_epoch, epoch + 1)  # fmt: skip
-            epoch, batch = epoch + 1, 0
-        if epoch < 0 or not 0 <= batch <= self.batches_per_epoch:
-            raise DataError(
-                f"saved loader position epoch={epoch}, batch_in_epoch={batch} does not fit this loader's "
-                f"{self.batches_per_epoch} batches per epoch: the dataset, batch size or world size changed"
-            )
-        self._epoch, self._batch = epoch, batch
+    def _moved(self) -> None:
         self._it = None  # any prefetched batches belong to the old position
 
     def close(self) -> None:
@@ -278,4 +296,4 @@ def eval_loader(
     )
 
 
-__all__ = ["ResumableLoader", "ResumableSampler", "ShardSampler", "eval_loader"]
+__all__ = ["LoaderPosition", "ResumableLoader", "ResumableSampler", "ShardSampler", "eval_loader"]
