@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from twostage.data.errors import DataError
-from twostage.data.loader import LoaderPosition, ResumableSampler
+from twostage.data.loader import LoaderPosition, ResumableSampler, batches_per_epoch
 
 
 __all__ = ["DeviceCacheLoader", "device_cache_bytes", "device_cache_fits"]
@@ -104,13 +104,7 @@ class DeviceCacheLoader(LoaderPosition):
         self.device = torch.device(device)
         self.sampler = ResumableSampler(len(dataset), rank=rank, world_size=world_size, shuffle=shuffle, seed=seed,
                                         drop_last=drop_last)
-        per_rank = self.sampler.num_samples
-        self.batches_per_epoch = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
-        if self.batches_per_epoch == 0:
-            raise DataError(
-                f"each of the {self.sampler.world_size} rank(s) gets {per_rank} samples per epoch, fewer than "
-                f"one batch of {batch_size}; use a smaller batch or more data"
-            )
+        self.batches_per_epoch = batches_per_epoch(self.sampler, batch_size, drop_last)
         dtype, self._widen16 = _storage(dataset.data)
         self.data = _to_device(dataset.data, dtype, self.device)
         self.labels = torch.from_numpy(np.asarray(dataset.labels).astype(np.int64)).to(self.device)

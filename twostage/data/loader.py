@@ -102,6 +102,18 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         return self.num_samples - self.start
 
 
+def batches_per_epoch(sampler: ResumableSampler, batch_size: int, drop_last: bool) -> int:
+    """Batches of one rank per epoch; a rank with less than one batch is the user's error."""
+    per_rank = sampler.num_samples
+    n = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+    if n == 0:
+        raise DataError(
+            f"each of the {sampler.world_size} rank(s) gets {per_rank} samples per epoch, fewer than "
+            f"one batch of {batch_size}; use a smaller batch or more data"
+        )
+    return n
+
+
 class LoaderPosition:
     """The resumable position of a loader that yields `batches_per_epoch` batches per epoch: what a
     checkpoint saves ({"epoch", "batch_in_epoch"}) and how a resume restores it. Shared by the
@@ -187,13 +199,7 @@ class ResumableLoader(LoaderPosition):
         self.sampler = ResumableSampler(
             len(dataset), rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
-        per_rank = self.sampler.num_samples
-        self.batches_per_epoch = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
-        if self.batches_per_epoch == 0:
-            raise DataError(
-                f"each of the {self.sampler.world_size} rank(s) gets {per_rank} samples per epoch, fewer than "
-                f"one batch of {batch_size}; use a smaller batch or more data"
-            )
+        self.batches_per_epoch = batches_per_epoch(self.sampler, batch_size, drop_last)
         workers = num_workers > 0
         # A private generator for the workers' base seed: DataLoader would otherwise draw it from the
         # global torch RNG at every epoch start, shifting the training loop's random numbers.
