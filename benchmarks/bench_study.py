@@ -56,6 +56,7 @@ STAGES = (
     ("tokenizer", "encode", "encode"),
     ("tokenizer", "recon", "tokenizer evaluation (eval recon)"),
     ("generator", "train", "generator training"),
+    ("pack", "train", "generator training"),
     ("generator", "sample", "sampling"),
     ("generator", "eval", "generation evaluation (eval gen)"),
 )

@@ -13,7 +13,8 @@ from twostage.data.token_cache import CacheDataset
 from twostage.cli import main
 from twostage.engine.run_files import RunLoadError, recorded_kind
 from twostage.generators.dit.config import DiTRunConfig
-from twostage.generators.dit.run import load_run, sample_noise, sample_run, train_run
+from twostage.generators.dit.run import load_run, sample_noise, sample_run
+from twostage.generators.training import train_run
 from twostage.tokenizers.base import load_tokenizer
 from twostage.tokenizers.kl.config import KLRunConfig
 from twostage.tokenizers.run import encode_run

@@ -28,7 +28,8 @@ from twostage.data.cache_writer import write_arrays  # noqa: E402
 from twostage.data.token_cache import CacheDataset, TokenCacheError  # noqa: E402
 from twostage.engine import checkpoint as ckpt  # noqa: E402
 from twostage.generators.ar.config import ARRunConfig  # noqa: E402
-from twostage.generators.ar.run import sample_run, train_run  # noqa: E402
+from twostage.generators.ar.run import sample_run  # noqa: E402
+from twostage.generators.training import train_run  # noqa: E402
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -213,3 +213,37 @@ def test_continuous_study_row(data, tmp_path):
     assert row["compute"] == pytest.approx(per_image * 2 * 8)  # 2 steps x batch 8
     assert json.loads(row["gen_protocol"])["steps"] == 2
     assert job_done(plan.generator_jobs[0], tmp_path / "out")
+
+
+def test_replicas_study_trains_each_grid_point_once_and_gives_the_same_runs(data, tmp_path, monkeypatch):
+    """generator_training: replicas packs the runs of one grid point (both tokenizers have one code
+    shape, two generator seeds) into one `generator train ... --pack` job; the runs, their ids and the
+    table are those of a separate study."""
+    spec = load_spec({**tiny_spec(data), "generator_training": "replicas", "seeds": {"generator": [0, 1]},
+                      "budgets": [2]})
+    out = tmp_path / "packed"
+    calls: list[list[str]] = []
+    real = runner_mod.invoke
+
+    def counted(argv, root):
+        calls.append(argv)
+        real(argv, root)
+
+    monkeypatch.setattr(runner_mod, "invoke", counted)
+    run_study(spec, out)
+    plan = build_plan(spec, out)
+    assert [j.kind for j in plan.jobs] == ["reference", "tokenizer", "tokenizer", "pack", *["generator"] * 4]
+    trains = [c for c in calls if c[:2] == ["generator", "train"]]
+    assert len(trains) == 1 and trains[0].count("--seeds") == 1
+    pack = plan.jobs[3]
+    assert all(pack.id in j.deps and [s.name for s in j.stages] == ["sample", "eval"] for j in plan.generator_jobs)
+    rows = read_table(out).to_pylist()
+    assert len(rows) == 4 and sorted((r["tokenizer_label"], r["generator_seed"]) for r in rows) == \
+        [("crt", 0), ("crt", 1), ("vq f4 K32", 0), ("vq f4 K32", 1)]
+    for r, gen in zip(rows, plan.generators):
+        assert r["run_id"] == generator_id(gen, spec) and r["val_loss"] > 0 and r["gfd"] > 0
+        assert r["wall_s_generator"] > 0
+        assert json.loads((out / r["generator_run"] / "run.json").read_text())["replica_of"]["replicas"] == 4
+    # the same spec trained separately names the same runs
+    separate = build_plan(load_spec({**tiny_spec(data), "seeds": {"generator": [0, 1]}, "budgets": [2]}), out)
+    assert [j.id for j in separate.generator_jobs] == [j.id for j in plan.generator_jobs]

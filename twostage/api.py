@@ -66,9 +66,21 @@ def train_generator(config: Any, cache: str | Path, out: str | Path, *, val_cach
     """Train (or resume) a generator of the config's kind on a cache; the last logs.
 
     resume_changes: accept changed optimizer / schedule settings on resume (recorded in run.json)."""
-    kind = registry.generator_kind(config.kind)
-    return kind.train_fn()(config, Path(cache), Path(out), val_cache=Path(val_cache) if val_cache else None,
-                           resume_changes=resume_changes)
+    from twostage.generators.training import train_run
+
+    return train_run(config, cache, out, val_cache=val_cache, resume_changes=resume_changes)
+
+
+def train_generator_replicas(config: Any, caches: list[str | Path], outs: list[str | Path], seeds: list[int],
+                             pack: str | Path, *, val_caches: list[str | Path] | None = None,
+                             resume_changes: bool = False) -> dict[str, float]:
+    """Train K replicas of one generator config as one run (replica k: train.seed seeds[k], cache
+    caches[k], run folder outs[k]; the joint run in `pack`, from which it resumes). Each replica's folder
+    is a normal run folder; on a GPU, K replicas of a small model cost about one run. See
+    twostage/engine/replicas.py for what is the same as K separate runs and what is not."""
+    from twostage.generators.training import train_replicas
+
+    return train_replicas(config, caches, outs, seeds, pack, val_caches=val_caches, resume_changes=resume_changes)
 
 
 def sample(run: str | Path, num: int, out: str | Path, **options: Any) -> Path:
@@ -108,5 +120,5 @@ def evaluate_generation(samples: str | Path, ref: str, **options: Any) -> dict[s
     return evaluate_samples_file(samples, ref, **options)
 
 
-__all__ = ["load_config", "train_tokenizer", "encode", "train_generator", "sample", "load_tokenizer", "load_generator",
+__all__ = ["load_config", "train_tokenizer", "encode", "train_generator", "train_generator_replicas", "sample", "load_tokenizer", "load_generator",
            "evaluate_reconstruction", "evaluate_generation"]

@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         kind, out = getattr(args, "out_kind", None), getattr(args, "out", None)
-        if kind is not None and out is not None and (problem := out_problem(out, kind)):
-            raise UserError(problem)  # before any work: no data loaded, no model built
+        for one in (out if isinstance(out, list) else [out]):  # several --out: replicas (generator train)
+            if kind is not None and one is not None and (problem := out_problem(one, kind)):
+                raise UserError(problem)  # before any work: no data loaded, no model built
         result = args.func(args)
     except ConfigError as err:  # nothing ran: the command line or config file needs a change
         print(f"config error: {err}", file=sys.stderr)

@@ -16,7 +16,8 @@ What a tokenizer kind provides (twostage/tokenizers/base.py documents the interf
 
 What a generator kind provides:
     config      the run config dataclass (`kind` field as above)
-    train       train_run(cfg, cache, out, val_cache=None, resume_changes=False) -> last logs
+    task        build_task(cfg, cache, out, val_cache=None) -> (Task, training data); trained alone or as
+                one of K replicas by twostage/generators/training.py
     load        load_run(run, device=, weights=, step=) -> (model, info)
     sample      sample_run(run, num, out, **options) -> the samples file
     cache       the cache kind it trains on; a study pairs each tokenizer with the generator of its cache
@@ -62,7 +63,7 @@ class TokenizerKind:
 class GeneratorKind:
     name: str
     config: str
-    train: str
+    task: str
     load: str
     sample: str
     cache: str
@@ -72,8 +73,8 @@ class GeneratorKind:
     def config_class(self) -> type:
         return _resolve(self.config)
 
-    def train_fn(self):
-        return _resolve(self.train)
+    def task_fn(self):
+        return _resolve(self.task)
 
     def load_fn(self):
         return _resolve(self.load)
@@ -164,12 +165,12 @@ register_tokenizer(TokenizerKind(
     tokenizer="twostage.tokenizers.kl.tokenizer:KLTokenizer", cache="latents",
     summary="KL-VAE with continuous latents, optional VA-VAE foundation alignment"))
 register_generator(GeneratorKind(
-    name="ar", config="twostage.generators.ar.config:ARRunConfig", train="twostage.generators.ar.run:train_run",
+    name="ar", config="twostage.generators.ar.config:ARRunConfig", task="twostage.generators.ar.run:build_task",
     load="twostage.generators.ar.run:load_run", sample="twostage.generators.ar.run:sample_run", cache="tokens",
     summary="Llama-style autoregressive transformer over token ids",
     options=("cfg_until", "temperature", "top_k", "top_p", "tokens_only")))
 register_generator(GeneratorKind(
-    name="dit", config="twostage.generators.dit.config:DiTRunConfig", train="twostage.generators.dit.run:train_run",
+    name="dit", config="twostage.generators.dit.config:DiTRunConfig", task="twostage.generators.dit.run:build_task",
     load="twostage.generators.dit.run:load_run", sample="twostage.generators.dit.run:sample_run", cache="latents",
     summary="LightningDiT rectified-flow transformer over continuous latents",
     options=("steps", "sampler", "shift", "cfg_interval")))

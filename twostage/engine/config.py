@@ -23,6 +23,9 @@ class TrainConfig:
     ckpt_every: int = field(default=1000, metadata=check(gt=0))
     keep_checkpoints: int = field(default=2, metadata=check(gt=0))
     num_workers: int = field(default=4, metadata=check(ge=0))
+    # Stage-2 caches held on the GPU and batched there (no workers): true, false, or null = when the
+    # cache fits (a bool, not on/off words: YAML reads `off` as false).
+    data_on_device: bool | None = None
     # Stop with a clear error instead of silently training on NaN/inf (checked every log_every steps,
     # so the hot loop never waits on the GPU).
     stop_on_nonfinite: bool = True

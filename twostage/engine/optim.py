@@ -17,11 +17,12 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
     decay, no_decay = [], []
     seen: set[int] = set()
     for module in modules:
+        stacked = getattr(module, "replica_dims", 0)  # replicas stacked in front (engine/replicas.py)
         for p in module.parameters():
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if p.ndim - stacked >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

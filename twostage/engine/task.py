@@ -65,6 +65,9 @@ class Phase:
     loss: LossFn
     # A phase can be skipped on some steps (e.g. the discriminator before its start step).
     active: Callable[[int], bool] = lambda step: True
+    # K > 1: the loss is the sum of K stacked replicas' losses (twostage/engine/replicas.py); the engine
+    # logs it divided by K and clips each replica's gradient on its own.
+    replicas: int = 1
 
 
 @dataclass

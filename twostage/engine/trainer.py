@@ -67,6 +67,7 @@ from twostage.engine.config import TrainConfig
 from twostage.engine.distributed import World, barrier, init_world, mean_across_ranks, resolve_device
 from twostage.engine.ema import EMA
 from twostage.engine.optim import build_optimizer, build_scheduler
+from twostage.engine.replicas import clip_per_replica_
 from twostage.engine.run_log import RunLog
 from twostage.engine.task import PhaseContext, Task
 
@@ -74,7 +75,7 @@ log = logging.getLogger(__name__)
 
 # Keys that may change between a run and its resumption without breaking exactness.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
-                     "train.progress", "train.num_workers", "train.compile"}
+                     "train.progress", "train.num_workers", "train.compile", "train.data_on_device"}
 # Keys (besides everything under an `optim` section) accepted only with resume_changes=True: they change
 # how the run continues, but not the model, the data order or the seed.
 OPT_IN_CHANGES = {"train.precision", "train.device", "train.stop_on_nonfinite", "train.ema_decay"}
@@ -134,7 +135,7 @@ def train(task: Task, cfg: TrainConfig, dataset, run_dir: Path, full_config: Any
 class _Trainer:
     def __init__(self, task: Task, cfg: TrainConfig, dataset, run_dir: Path, full_config: Any,
                  resume_changes: bool = False):
-        from twostage.data.loader import ResumableLoader
+        from twostage.data.loader import build_loader
 
         configlib.validate(cfg, "train")
         self.task, self.cfg, self.run_dir = task, cfg, run_dir
@@ -172,10 +173,12 @@ class _Trainer:
         self.phases = task.phases()
         self.wrapped = self._wrap_for_data_parallel()
 
-        self.loader = ResumableLoader(
-            dataset, batch_size=per_rank, seed=cfg.seed, num_workers=cfg.num_workers,
-            pin_memory=self.device.type == "cuda", rank=self.world.rank, world_size=self.world.size,
-        )
+        if self.world.distributed and any(p.replicas > 1 for p in self.phases):
+            raise configlib.ConfigError("stacked replicas train on one device; run them without torchrun "
+                                        "(or as separate runs, one per process)")
+        self.loader = build_loader(dataset, batch_size=per_rank, seed=cfg.seed, num_workers=cfg.num_workers,
+                                   device=self.device, rank=self.world.rank, world_size=self.world.size,
+                                   on_device=cfg.data_on_device)
         self.step = 0
         self.full_config = configlib.to_dict(full_config) if full_config is not None else {"train": configlib.to_dict(cfg)}
         self.log: RunLog | None = None  # opened once every check has passed (`_start`)
@@ -298,6 +301,11 @@ class _Trainer:
             seed_everything(self.cfg.seed + self.world.rank)  # per-rank streams for dropout / noise
             return False
         step, model, state, ema = ckpt.load_checkpoint(path)
+        if "replica_of" in state:
+            raise ckpt.CheckpointError(
+                f"{path} is replica {state.get('replica')} of the joint run {state['replica_of']} (K replicas trained "
+                "as one): it holds weights only. Resume the joint run (the same `generator train` command with "
+                "all its --out folders and --pack), or train into a new --out folder.")
         ckpt.load_module_tensors(self.task.modules, {k: v.to(self.device) for k, v in model.items()})
         if self.ema:
             if ema is None:
@@ -355,7 +363,7 @@ class _Trainer:
                 with self._autocast():
                     loss, logs = phase.loss(PhaseContext(batch, self.step, models, scratch, self.device))
                 (loss / accum).backward()
-            loss = loss.detach().float()
+            loss = loss.detach().float() / phase.replicas  # the replicas' mean loss
             first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), self.step, first_bad)
             for key, value in {"loss": loss, **logs}.items():
                 key = f"{phase.name}/{key}"
@@ -369,7 +377,10 @@ class _Trainer:
             opt, clip = self.optimizers[opt_name], self.specs[opt_name].config.grad_clip
             if clip is not None:
                 params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-                norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                if phase.replicas > 1:
+                    norm = clip_per_replica_(params, clip, phase.replicas).mean()
+                else:
+                    norm = torch.nn.utils.clip_grad_norm_(params, clip)
                 key = f"{opt_name}/grad_norm"
                 sums[key] = sums.get(key, 0.0) + norm.detach().float()
                 counts[key] = counts.get(key, 0) + 1

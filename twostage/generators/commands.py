@@ -50,9 +50,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a generator (resumes automatically when RUN has a checkpoint)")
     p.add_argument("config", help="preset name in twostage/presets/ (e.g. ar_fmnist_tiny, dit_fmnist) or a YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.size=L train.steps=1000")
-    p.add_argument("--tokens", required=True, type=Path, help="training cache (`twostage tokenizer encode`)")
-    p.add_argument("--val-tokens", type=Path, default=None, help="validation cache (loss at checkpoints)")
-    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--tokens", required=True, type=Path, nargs="+",
+                   help="training cache (`twostage tokenizer encode`); with replicas, one per --out")
+    p.add_argument("--val-tokens", type=Path, default=None, nargs="+",
+                   help="validation cache (loss at checkpoints); with replicas, one per --out")
+    p.add_argument("--out", required=True, type=Path, nargs="+",
+                   help="run folder; several: replicas of one config trained as one (needs --seeds, --pack)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="replicas: train.seed of each --out (twostage/engine/replicas.py)")
+    p.add_argument("--pack", type=Path, default=None,
+                   help="replicas: folder of the joint run (stacked checkpoints; an interrupted run resumes there)")
     p.add_argument("--resume-with-changes", action="store_true",
                    help="resume RUN although optimizer / schedule settings changed (recorded in run.json)")
     p.set_defaults(func=cmd_train)
@@ -84,11 +91,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train a generator of the config's kind into --out."""
     from twostage import api
 
+    from twostage.config import ConfigError
+
     cfg = api.load_config(args.config, args.overrides, group="generator")
-    last = api.train_generator(cfg, args.tokens, args.out, val_cache=args.val_tokens,
-                               resume_changes=args.resume_with_changes)
-    shown = {k: round(v, 4) for k, v in last.items() if k.endswith("loss") or k.startswith("perf/images")}
-    print(f"trained {args.out}: {shown}")
+    replicas = args.pack is not None or args.seeds is not None or len(args.out) > 1
+    if not replicas:
+        if len(args.tokens) > 1 or (args.val_tokens and len(args.val_tokens) > 1):
+            raise ConfigError("one --out takes one --tokens and one --val-tokens (several: replicas, with --seeds "
+                              "and --pack)")
+        out = args.out[0]
+        last = api.train_generator(cfg, args.tokens[0], out, val_cache=args.val_tokens[0] if args.val_tokens else None,
+                                   resume_changes=args.resume_with_changes)
+    else:
+        if args.pack is None or args.seeds is None:
+            raise ConfigError("replicas (several --out) need --seeds (one per --out) and --pack (the joint run's folder)")
+        k = len(args.out)
+        tokens = args.tokens * k if len(args.tokens) == 1 else args.tokens  # one cache for every replica
+        val = args.val_tokens * k if args.val_tokens and len(args.val_tokens) == 1 else args.val_tokens
+        out = args.pack
+        last = api.train_generator_replicas(cfg, tokens, args.out, args.seeds, args.pack, val_caches=val,
+                                            resume_changes=args.resume_with_changes)
+    shown = {k: round(v, 4) for k, v in last.items()
+             if (k.endswith("loss") or k.startswith("perf/images")) and "_r" not in k}
+    print(f"trained {out}: {shown}")
     return 0
 
 

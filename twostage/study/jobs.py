@@ -4,6 +4,7 @@
     DIR/caches/<tokenizer_id>_train/      token / latent caches (encode)
     DIR/caches/<tokenizer_id>_val/
     DIR/generators/<run_id>/              generator run (train) + samples.npz + eval/gen.json + done/
+    DIR/packs/<pack_id>/                  generator runs trained as replicas of one joint run (optional)
     DIR/reference/<ref_id>.npz            reference statistics over a subset (eval stats), when asked
 
 tokenizer_id = config_hash(resolved tokenizer config); run_id = config_hash of the resolved generator
@@ -38,8 +39,8 @@ class Stage:
 
 @dataclass
 class Job:
-    id: str  # "tok-<hash>", "gen-<hash>", "ref-<hash>"
-    kind: str  # tokenizer | generator | reference
+    id: str  # "tok-<hash>", "gen-<hash>", "ref-<hash>", "pack-<hash>"
+    kind: str  # tokenizer | generator | reference | pack (replicas trained as one: study/packs.py)
     folder: Path  # holds done/<stage>.json
     stages: list[Stage]
     deps: list[str] = field(default_factory=list)
@@ -248,8 +249,13 @@ def build_plan(spec: StudySpec, root: Path) -> Plan:
             refs[size] = reference_job(spec, size, paths)
     tok_jobs = [tokenizer_job(spec, t, paths) for t in toks]
     gen_jobs = [generator_job(spec, g, paths, refs[g.tokenizer.config.data.image_size]) for g in gens]
+    packs = []
+    if spec.generator_training == "replicas":
+        from twostage.study.packs import pack_jobs
+
+        packs = pack_jobs(spec, gens, gen_jobs, paths)
     jobs, seen = [], set()
-    for job in [*(r for r in refs.values() if r is not None), *tok_jobs, *gen_jobs]:
+    for job in [*(r for r in refs.values() if r is not None), *tok_jobs, *packs, *gen_jobs]:
         if job.id not in seen:  # two grid points with one config are one job
             seen.add(job.id)
             jobs.append(job)

@@ -122,6 +122,10 @@ class StudySpec:
     seeds: SeedSettings = field(default_factory=SeedSettings)
     sample: SampleSettings = field(default_factory=SampleSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    # How generator runs train: "separate" (a job each) or "replicas" (the runs of one grid point that
+    # differ only in seed or in a same-shaped tokenizer train as one stacked run, twostage/study/packs.py;
+    # the same runs and results, at about the cost of one run per group on a GPU).
+    generator_training: str = field(default="separate", metadata=check(choices=("separate", "replicas")))
 
     def check(self) -> None:
         if not self.tokenizers:

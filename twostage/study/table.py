@@ -168,6 +168,8 @@ def collect_rows(spec: StudySpec, plan: Plan) -> list[dict[str, Any]]:
     (tokenizer, tokenizer seed, size, budget, generator seed, evaluation seed)."""
     rows = []
     tok_jobs = {j.id: j for j in plan.tokenizer_jobs}
+    packs = {j.id: j for j in plan.jobs if j.id.startswith("pack-")}  # replicas trained as one: an equal share each
+    members = {pid: sum(pid in j.deps for j in plan.jobs) for pid in packs}
     for gen, job in zip(plan.generators, plan.generator_jobs):
         if not job_done(job, plan.root):
             continue
@@ -175,7 +177,8 @@ def collect_rows(spec: StudySpec, plan: Plan) -> list[dict[str, Any]]:
         run = {"study": spec.name, **_tokenizer_columns(gen, plan)}
         run.update(_generator_columns(gen, job, plan, run["tokens_per_image"]))
         run["wall_s_tokenizer"] = _wall(tok_job, plan.root)
-        run["wall_s_generator"] = _wall(job, plan.root)
+        run["wall_s_generator"] = _wall(job, plan.root) + sum(
+            _wall(packs[d], plan.root) / members[d] for d in job.deps if d in packs)
         rows += [{**run, **_evaluation_columns(spec, job, plan, seed)} for seed in spec.seeds.eval]
     return rows
 

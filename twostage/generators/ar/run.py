@@ -1,6 +1,6 @@
 """AR runs end to end: train on a token cache, load a run, sample N images to a samples file.
 
-    train_run(cfg, "caches/f8_train", "runs/ar_B", val_cache="caches/f8_val")
+    task, data = build_task(cfg, "caches/f8_train", "runs/ar_B", val_cache="caches/f8_val")
     model, info = load_run("runs/ar_B", device="cuda")
     sample_run("runs/ar_B", num=50_000, out="samples/ar_B_cfg2.npz", cfg_scale=2.0)
 
@@ -34,10 +34,11 @@ log = logging.getLogger(__name__)
 KIND = "ar"
 
 
-def train_run(cfg: ARRunConfig, cache: str | Path, out: str | Path, *,
-              val_cache: str | Path | None = None, resume_changes: bool = False) -> dict[str, float]:
-    """Train (or resume) an AR generator on a token cache into `out`; returns the last logs."""
-    from twostage.engine.trainer import seed_everything, train
+def build_task(cfg: ARRunConfig, cache: str | Path, out: str | Path, *,
+              val_cache: str | Path | None = None):
+    """(the Task, training data) of an AR generator on a token cache for run
+    folder `out` (checked against what `out` already holds; nothing written). twostage/generators/training.py trains it, alone or as one of K replicas."""
+    from twostage.engine.trainer import seed_everything
 
     cache, out = Path(cache), Path(out)
     data = CacheDataset(cache, seed=cfg.train.seed)
@@ -56,7 +57,7 @@ def train_run(cfg: ARRunConfig, cache: str | Path, out: str | Path, *,
     task.record = info  # model.json: written by the task once the engine has accepted the run
     log.info("AR %s: %.1fM parameters (%.1fM non-embedding), %.3g training FLOPs per step", cfg.model.size,
              info["parameters"] / 1e6, info["non_embedding_parameters"] / 1e6, info["train_flops_per_step"])
-    return train(task, cfg.train, data, out, full_config=cfg, resume_changes=resume_changes)
+    return task, data
 
 
 def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", weights: str = "auto",
@@ -138,4 +139,4 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
                         grid=grid if tok is not None else 0)
 
 
-__all__ = ["KIND", "train_run", "load_run", "sample_run"]
+__all__ = ["KIND", "build_task", "load_run", "sample_run"]

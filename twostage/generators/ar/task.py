@@ -6,7 +6,7 @@ arXiv 2207.12598). At each checkpoint (the engine forks the RNG around it, so th
 untouched): validation cross-entropy overall (logged as val/loss) and per token position
 (RUN/val/step_XXXXXXX.json; the compression-generation study needs both), the training compute so
 far, and a grid of samples when the cache's tokenizer run can be loaded. RUN/model.json (`record`, set
-by run.py's `train_run`, which trains the task) is written at `on_start`, once the engine has accepted
+by run.py's `build_task`, which trains the task) is written at `on_start`, once the engine has accepted
 the run.
 """
 

@@ -1,6 +1,6 @@
 """LightningDiT runs end to end: train on a latent cache, load a run, sample N images to a samples file.
 
-    train_run(cfg, "caches/kl_train", "runs/dit_B", val_cache="caches/kl_val")
+    task, data = build_task(cfg, "caches/kl_train", "runs/dit_B", val_cache="caches/kl_val")
     model, info = load_run("runs/dit_B", device="cuda")
     sample_run("runs/dit_B", 50_000, "samples/dit_B.npz", cfg_scale=1.5)
 
@@ -38,11 +38,12 @@ KIND = "dit"
 TIME_CONVENTION = "t=0 noise, t=1 data; x_t = t x1 + (1 - t) eps; v = x1 - eps"
 
 
-def train_run(cfg: DiTRunConfig, cache: str | Path, out: str | Path, *,
-              val_cache: str | Path | None = None, resume_changes: bool = False) -> dict[str, float]:
-    """Train (or resume) a LightningDiT on a latent cache into `out`; returns the last logs."""
+def build_task(cfg: DiTRunConfig, cache: str | Path, out: str | Path, *,
+              val_cache: str | Path | None = None):
+    """(the Task, training data) of a LightningDiT on a latent cache for run
+    folder `out` (checked against what `out` already holds; nothing written). twostage/generators/training.py trains it, alone or as one of K replicas."""
     from twostage.data.token_cache import CacheDataset
-    from twostage.engine.trainer import seed_everything, train
+    from twostage.engine.trainer import seed_everything
 
     cache, out = Path(cache), Path(out)
     data = CacheDataset(cache, seed=cfg.train.seed)
@@ -62,7 +63,7 @@ def train_run(cfg: DiTRunConfig, cache: str | Path, out: str | Path, *,
     task.record = info  # model.json: written by the task once the engine has accepted the run
     log.info("LightningDiT-%s/%d: %.1fM parameters, %.3g training FLOPs per step", cfg.model.size,
              cfg.model.patch_size, info["parameters"] / 1e6, info["train_flops_per_step"])
-    return train(task, cfg.train, data, out, full_config=cfg, resume_changes=resume_changes)
+    return task, data
 
 
 def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", weights: str = "auto",
@@ -155,4 +156,4 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     return save_samples(Path(out), images, labels, protocol, extra=extra, grid=grid)
 
 
-__all__ = ["KIND", "train_run", "load_run", "sample_run", "sample_noise"]
+__all__ = ["KIND", "build_task", "load_run", "sample_run", "sample_noise"]

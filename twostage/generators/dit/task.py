@@ -8,7 +8,7 @@ convention in flow.py). The EMA copy of "dit" is what checkpoints sample from.
 At each checkpoint (the engine forks the RNG around it, so the training RNG stream is untouched): a validation
 flow loss with fixed noise and times (comparable across runs and steps) logged and written to
 RUN/val/step_XXXXXXX.json, the training compute so far, and a grid of samples decoded by the cache's
-tokenizer when one is available. RUN/model.json (`record`, set by run.py's `train_run`) is written at
+tokenizer when one is available. RUN/model.json (`record`, set by run.py's `build_task`) is written at
 `on_start`, once the engine has accepted the run.
 """
 

@@ -1,0 +1,241 @@
+"""K replicas of one model trained as one: stacked weights, one vmapped loss, per-replica clipping.
+
+A study needs every cell trained with several seeds (and, on the same grid point, on several tokenizers
+with the same code shape). Trained one by one, each replica of a small generator runs hundreds of tiny
+kernels per step and leaves the GPU idle; stacked, one kernel serves all K (a (K, ...) weight and a
+(K, B, ...) batch under `torch.func.vmap`), so K replicas cost little more than one.
+
+Each replica stays *the same run* it would be alone, up to floating-point rounding:
+
+* initialization: each replica's Task is built after `seed_everything(its train.seed)`, exactly as
+  a single run builds it, and its weights are stacked afterwards;
+* data: each replica reads its own cache in its own order (twostage/data/stacked.py: one loader per
+  replica, seeded with that replica's seed);
+* loss: the phase's loss is the *sum* of the replicas' own losses, so each replica's gradient is the
+  gradient of its own loss (a mean over replicas would scale it by 1/K, which gradient clipping and
+  Adam's epsilon would notice);
+* optimizer: Adam(W) and the EMA act element by element, so one optimizer over stacked weights is K
+  optimizers; weight decay applies to the parameters a single run decays (`replica_dims`: the
+  stacked dimension does not count, twostage/engine/optim.py), and gradient clipping is per replica
+  (`clip_per_replica_`);
+* attention runs on SDPA's math backend inside the replicas' loss (the fused kernels fail under vmap);
+* random draws inside the loss (dropout, label dropout, noise, timesteps) use `vmap`'s
+  randomness="different": independent per replica, but not the stream a single run would draw, so a
+  packed run equals separate runs in distribution, and bit for bit only without randomness (tested).
+
+Every replica gets a normal run folder (config.yaml, run.json, model.json, validation records, sample
+grids, checkpoints with its own model / EMA weights) written at each checkpoint of the joint run, so
+sampling, evaluation and the study table read it like any other run; run.json's "replica_of" names
+the joint run folder, which holds the stacked checkpoints the joint run resumes from.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import twostage
+from twostage import config as configlib
+from twostage.engine import checkpoint as ckpt
+from twostage.engine.task import Phase, PhaseContext, Task, TaskBase
+
+
+class StackedModule(nn.Module):
+    """K modules of one architecture as one: every parameter becomes a (K, ...) parameter.
+
+    The first module is kept (outside the module tree, so its own weights are neither trained nor saved)
+    as the architecture that `functional_call` runs with one replica's slice of the stacked weights;
+    its buffers (e.g. RoPE tables) are shared by all replicas and must be equal in all of them."""
+
+    replica_dims = 1  # leading dimensions that index replicas (twostage/engine/optim.py reads it)
+
+    def __init__(self, modules: list[nn.Module]):
+        super().__init__()
+        if not modules:
+            raise ValueError("StackedModule needs at least one module")
+        base = modules[0]
+        self.names = [name for name, _ in base.named_parameters()]
+        shapes = {name: p.shape for name, p in base.named_parameters()}
+        params = []
+        for k, module in enumerate(modules):
+            named = dict(module.named_parameters())
+            if list(named) != self.names or any(named[n].shape != shapes[n] for n in self.names):
+                differ = [n for n in self.names if n not in named or named[n].shape != shapes[n]]
+                raise ValueError(f"replica {k} has another architecture than replica 0 (parameters "
+                                 f"{', '.join(differ[:4]) or 'names'} differ); replicas must share one model shape")
+            for name, buffer in module.named_buffers():
+                if not torch.equal(buffer, dict(base.named_buffers())[name]):
+                    raise ValueError(f"replica {k}'s buffer {name} differs from replica 0's; replicas share buffers")
+            params.append(named)
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.stack([p[n].detach() for p in params]), requires_grad=params[0][n].requires_grad)
+             for n in self.names])
+        self._base = [base]  # a list hides it from parameters(), state_dict() and the optimizer
+
+    @property
+    def base(self) -> nn.Module:
+        return self._base[0]
+
+    @property
+    def replicas(self) -> int:
+        return self.weights[0].shape[0]
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        """{parameter name of the architecture: (K, ...) tensor}: what `vmap` slices per replica."""
+        return dict(zip(self.names, self.weights))
+
+    def train(self, mode: bool = True) -> StackedModule:
+        super().train(mode)
+        self.base.train(mode)  # dropout in the functional calls follows the stacked module's mode
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.base._apply(fn, recurse)  # buffers (and the unused base weights) follow device and dtype
+        return self
+
+    def replica_state(self, k: int) -> dict[str, torch.Tensor]:
+        """The state dict replica k has as a plain module (its weight slices and the shared buffers)."""
+        state = {name: w[k].detach() for name, w in zip(self.names, self.weights)}
+        persistent = self.base.state_dict()
+        state.update({n: b for n, b in persistent.items() if n not in state})
+        return state
+
+    def replica(self, k: int) -> nn.Module:
+        """Replica k as an ordinary module (a copy; for validation, sample grids and its checkpoint)."""
+        module = copy.deepcopy(self.base)
+        module.load_state_dict(self.replica_state(k), strict=True)
+        module.train(self.training)
+        return module
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("a StackedModule is called through ReplicaTask's vmapped loss, one replica at a time")
+
+
+class _ReplicaView:
+    """What a replica's loss function sees as its model: the architecture called with one replica's
+    weights (inside vmap); attributes (null_class, num_tokens, ...) are the architecture's."""
+
+    def __init__(self, base: nn.Module, weights: dict[str, torch.Tensor]):
+        self._module, self._weights = base, weights
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self._module, self._weights, args, kwargs, strict=False)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+def clip_per_replica_(params: list[torch.Tensor], max_norm: float, replicas: int) -> torch.Tensor:
+    """Clip each replica's gradient (the slices [k] of every parameter's grad) to global norm `max_norm`,
+    as `clip_grad_norm_` does for one run; returns the K norms before clipping. No host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(replicas)
+    squares = torch.stack([g.detach().float().reshape(replicas, -1).square().sum(1) for g in grads]).sum(0)
+    norms = squares.sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype).view(replicas, *([1] * (g.ndim - 1))))
+    return norms
+
+
+class ReplicaTask(TaskBase):
+    """K Tasks of one kind and config (train.seed aside) trained as one (see the module docstring).
+
+    tasks: built per replica (seeded with that replica's seed); run_dirs: each replica's run folder;
+    configs: each replica's full config (written to its config.yaml)."""
+
+    def __init__(self, tasks: list[Task], run_dirs: list[Path], configs: list[Any]):
+        if not tasks or len(tasks) != len(run_dirs) or len(tasks) != len(configs):
+            raise ValueError("ReplicaTask needs as many run folders and configs as tasks (at least one)")
+        first = tasks[0]
+        if len(first.phases()) != 1:
+            raise ValueError("replicas are trained only for single-phase tasks (a generator), not GAN tokenizers")
+        self.tasks, self.run_dirs, self.configs = tasks, [Path(d) for d in run_dirs], configs
+        self.modules: dict[str, nn.Module] = {
+            name: StackedModule([t.modules[name] for t in tasks]) for name in first.modules}
+        self.device_name = ""
+
+    @property
+    def replicas(self) -> int:
+        return len(self.tasks)
+
+    def optimizers(self):
+        return self.tasks[0].optimizers()
+
+    def ema_modules(self) -> list[str]:
+        return self.tasks[0].ema_modules()
+
+    def phases(self) -> list[Phase]:
+        phase = self.tasks[0].phases()[0]
+        return [Phase(phase.name, phase.optimizers, self._stacked_loss(phase), phase.active, replicas=self.replicas)]
+
+    def _stacked_loss(self, phase: Phase):
+        names = list(self.modules)
+
+        def loss(ctx: PhaseContext):
+            stacked = {n: ctx.models[n] for n in names}
+
+            def one(weights: dict[str, dict[str, torch.Tensor]], batch: Any):
+                models = {n: _ReplicaView(stacked[n].base, weights[n]) for n in names}
+                value, logs = phase.loss(PhaseContext(batch, ctx.step, models, {}, ctx.device))
+                return value, {k: torch.as_tensor(v, device=ctx.device) for k, v in logs.items()}
+
+            # The fused attention kernels (flash / efficient / cuDNN) get strides under vmap they do not
+            # support: "LSE is not correctly aligned" in fp32 and NaN gradients in bf16 (H200, torch
+            # 2.11). The math backend is plain matmuls and softmax, which vmap batches correctly; at
+            # the sequence lengths of small generators it costs little.
+            with sdpa_kernel([SDPBackend.MATH]):
+                values, logs = vmap(one, randomness="different")({n: stacked[n].stacked() for n in names}, ctx.batch)
+            per_replica = {f"loss_r{k}": values[k].detach() for k in range(self.replicas)}
+            return values.sum(), {**{k: v.mean() for k, v in logs.items()}, **per_replica}
+
+        return loss
+
+    # -- run folders of the replicas --------------------------------------------------------------------
+
+    def on_start(self, run_dir: Path, resumed: bool) -> None:
+        first = next(iter(self.modules.values()))
+        device = next(first.parameters()).device
+        self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+            platform.processor() or platform.machine())
+        import yaml
+
+        for k, (task, out, cfg) in enumerate(zip(self.tasks, self.run_dirs, self.configs)):
+            out.mkdir(parents=True, exist_ok=True)
+            task.on_start(out, resumed)
+            ckpt.write_text_atomic(out / "config.yaml", yaml.safe_dump(configlib.to_dict(cfg), sort_keys=False))
+            meta = {"twostage": twostage.__version__, "torch": torch.__version__,
+                    "python": platform.python_version(), "device": str(device), "device_name": self.device_name,
+                    "replica_of": {"run": str(Path(run_dir).resolve()), "index": k, "replicas": self.replicas}}
+            ckpt.write_text_atomic(out / "run.json", json.dumps(meta, indent=2))
+
+    def on_checkpoint(self, step: int, run_dir: Any, models: Mapping[str, nn.Module]) -> dict[str, float]:
+        """Each replica's own checkpoint-time work (validation, grids) in its folder, then its checkpoint
+        (model and, with train.ema_decay, EMA weights), readable by every loader of single runs."""
+        logs: dict[str, float] = {}
+        has_ema = any(models[n] is not self.modules[n] for n in self.modules)
+        keep = int(self.configs[0].train.keep_checkpoints)
+        for k, (task, out) in enumerate(zip(self.tasks, self.run_dirs)):
+            own = {n: m.replica(k) for n, m in models.items()}
+            for key, value in (task.on_checkpoint(step, out, own) or {}).items():
+                logs[f"{key}_r{k}"] = float(value)
+            raw = {f"{n}.{key}": t.cpu().contiguous() for n, m in self.modules.items()
+                   for key, t in m.replica_state(k).items()}
+            ema = ({f"{n}.{key}": t.cpu().contiguous() for n, m in models.items()
+                    for key, t in m.replica_state(k).items()} if has_ema else None)
+            state = {"replica_of": str(Path(run_dir).resolve()), "replica": k, "replicas": self.replicas}
+            ckpt.save_checkpoint(out / "checkpoints", step, raw, state, ema=ema, keep=keep)
+        return logs
+
+
+__all__ = ["StackedModule", "ReplicaTask", "clip_per_replica_"]

@@ -1,0 +1,73 @@
+"""Generator runs of one grid point trained as stacked replicas: the study's `pack` jobs.
+
+With `generator_training: replicas` in a study spec, the generator runs that differ only in their seed
+or in their tokenizer (same kind, code shape and data; e.g. a tokenizer's seeds, or a tokenizer with and
+without a regularizer) train as one joint run: `twostage generator train ... --out R1 R2 ... --seeds
+...  --pack DIR/packs/<id>` (twostage/engine/replicas.py; on a GPU K small replicas cost about one run).
+
+Nothing else changes: each run keeps its folder DIR/generators/<run_id> and its id (the hash of its own
+config), so a packed and a separate study produce the same runs; the generator jobs then only sample and
+evaluate, after their pack job has trained them.
+"""
+
+from __future__ import annotations
+
+import json
+from twostage import config as configlib
+from twostage.study.jobs import Job, Paths, Stage, generator_id, tokenizer_id
+from twostage.study.spec import ResolvedGenerator, StudySpec
+
+MODES = ("separate", "replicas")
+
+
+def pack_key(gen: ResolvedGenerator) -> str:
+    """Runs with equal keys can be replicas of one joint run: the generator config apart from its seed,
+    and what fixes the shape of the tokenizer's cache (kind, tokens per image, codebook size or latent
+    channels, data settings)."""
+    data = configlib.to_dict(gen.config)
+    data["train"] = {k: v for k, v in data["train"].items() if k != "seed"}
+    tok = gen.tokenizer
+    cols = tok.config.study_columns()
+    shape = {"kind": tok.kind, "tokens": tok.tokens_per_image, "codebook_size": cols.get("codebook_size"),
+             "latent_channels": cols.get("latent_channels"), "data": configlib.to_dict(tok.config.data)}
+    return json.dumps({"generator": data, "preset": gen.preset, "cache_shape": shape}, sort_keys=True, default=str)
+
+
+def _without_seed(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.startswith("train.seed=")]
+
+
+def pack_jobs(spec: StudySpec, gens: list[ResolvedGenerator], gen_jobs: list[Job], paths: Paths) -> list[Job]:
+    """One training job per group of runs with one pack key (in grid order); the generator jobs lose
+    their train stage and depend on their pack job instead (changed in place)."""
+    groups: dict[str, list[int]] = {}
+    for i, gen in enumerate(gens):
+        groups.setdefault(pack_key(gen), []).append(i)
+    packs = []
+    for members in groups.values():
+        chosen, seen = [], set()
+        for i in members:  # one grid point listed twice (same config) is one run
+            if gen_jobs[i].id not in seen:
+                seen.add(gen_jobs[i].id)
+                chosen.append(i)
+        first = gens[chosen[0]]
+        pid = configlib.config_hash({"runs": [generator_id(gens[i], spec) for i in chosen]})
+        folder = paths.root / "packs" / pid
+        tids = [tokenizer_id(gens[i].tokenizer) for i in chosen]
+        argv = ["generator", "train", first.preset, *_without_seed(first.overrides),
+                "--tokens", *[str(paths.cache(t, "train")) for t in tids],
+                "--val-tokens", *[str(paths.cache(t, "val")) for t in tids],
+                "--out", *[str(gen_jobs[i].folder) for i in chosen],
+                "--seeds", *[str(gens[i].seed) for i in chosen], "--pack", str(folder)]
+        deps = list(dict.fromkeys(f"tok-{t}" for t in tids))
+        label = f"{first.label}, {len(chosen)} replicas"
+        pack = Job(f"pack-{pid}", "pack", folder, [Stage("train", argv)], deps=deps, label=label)
+        packs.append(pack)
+        for i in members:
+            job = gen_jobs[i]
+            job.stages = [s for s in job.stages if s.name != "train"]
+            job.deps = [pack.id, *[d for d in job.deps if not d.startswith("tok-")]]
+    return packs
+
+
+__all__ = ["MODES", "pack_key", "pack_jobs"]
