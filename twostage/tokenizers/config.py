@@ -52,6 +52,10 @@ class MonitorConfig:
 
     usage_window: int = field(default=100, metadata=check(gt=0))  # steps over which codebook usage counts
     grid_images: int = field(default=16, metadata=check(ge=0))  # reconstructions in each checkpoint grid
+    # Validation at each checkpoint on the first val_images images of the val split: PSNR, SSIM, rFD on the
+    # offline feature network, codebook usage (twostage/tokenizers/autoencoder_task.py). 0 = off: on a CPU
+    # each image costs two EfficientNet passes at 224 px (about 0.1 s).
+    val_images: int = field(default=0, metadata=check(ge=0))
 
 
 class TokenizerRun:
