@@ -24,7 +24,7 @@ from twostage.study.fit import FitResult
 from twostage.study.frontier import finite
 
 __all__ = ["tokenizer_colors", "metric_vs_compute", "differences_plot", "frontier_plot", "per_position",
-           "rfd_vs_gfd", "grid_thumbnail", "class_grid"]
+           "rfd_vs_gfd", "training_curves", "grid_thumbnail", "class_grid"]
 
 DPI = 100
 _MARKERS = "osD^vP*Xh"
@@ -218,6 +218,51 @@ def rfd_vs_gfd(path: Path, points: Sequence[Mapping], rfd_name: str, gfd_name: s
     ax.set_title("Reconstruction vs generation quality per tokenizer")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# training_curves: series key -> (line style, legend suffix)
+_CURVE_STYLES = {"rfd": ({"marker": "o", "ms": 3.5, "lw": 1.5}, ""),
+                 "psnr": ({"marker": "o", "ms": 3.5, "lw": 1.5}, ""),
+                 "train_usage": ({"lw": 1.0, "alpha": 0.8}, " (training window)"),
+                 "codebook_usage": ({"marker": "s", "ms": 4, "ls": "none"}, " (validation images)")}
+
+
+def training_curves(path: Path, title: str, rfd_name: str,
+                    seeds: Mapping[int, Mapping[str, Sequence[tuple[int, float]]]]) -> Path | None:
+    """One tokenizer's training curves in three panels against the training step: validation rFD (log
+    scale), validation PSNR, and codebook usage (the training log's window statistic as a line, the
+    validation images' usage as markers); one colour per seed. seeds: {seed: {"rfd", "psnr",
+    "codebook_usage", "train_usage": [(step, value), ...]}}. None when there is nothing to draw."""
+    if not any(pts for series in seeds.values() for pts in series.values()):
+        return None
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    fig = Figure(figsize=(13, 3.6))
+    axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
+    panels = [(axes[0], ("rfd",), f"validation {rfd_name}"), (axes[1], ("psnr",), "validation PSNR (dB)"),
+              (axes[2], ("train_usage", "codebook_usage"), "codebook usage (fraction of codes)")]
+    for ax, keys, ylabel in panels:
+        drawn = False
+        for i, (seed, series) in enumerate(sorted(seeds.items())):
+            for key in keys:
+                pts = series.get(key) or []
+                if not pts:
+                    continue
+                style, what = _CURVE_STYLES[key]
+                ax.plot(*zip(*pts), color=cmap(i % cmap.N), label=f"seed {seed}{what}", **style)
+                drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", va="center", color="gray")
+        elif keys == ("rfd",) and all(v > 0 for s in seeds.values() for _, v in s.get("rfd") or []):
+            ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -2,9 +2,10 @@
 summary.md, from twostage.study.report.analyze's result.
 
 report.html, in order: what the study found; warnings; figures (error bars: 95% intervals over seeds);
-sample grids (a row per class); cells (mean over seeds next to the evaluation's own noise); every
-pairwise comparison; compute-optimal tokenizer and law fits (intervals over residuals and over
-seeds); tokenizers (rFD vs gFD); the runs; the evaluation protocols last.
+each tokenizer's training curves with its convergence verdict; sample grids (a row per class); cells
+(mean over seeds next to the evaluation's own noise); every pairwise comparison; compute-optimal
+tokenizer and law fits (intervals over residuals and over seeds); tokenizers (rFD vs gFD); the runs;
+the evaluation protocols last.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import twostage
+from twostage.study.curves import PLATEAU
 from twostage.study.fit import PARAMS, FitResult
 from twostage.study.frontier import finite
 from twostage.study.protocols import COMPARABILITY, SAMPLING, plain
@@ -25,7 +27,7 @@ from twostage.study.verdicts import budget_line
 __all__ = ["findings", "render_html", "render_summary", "SECTIONS"]
 
 # The sections of report.html, in order (their element ids).
-SECTIONS = ("found", "figures", "grids", "cells", "comparisons", "fits", "tokenizers", "runs", "protocol")
+SECTIONS = ("found", "figures", "curves", "grids", "cells", "comparisons", "fits", "tokenizers", "runs", "protocol")
 
 
 def _e(x: float) -> str:
@@ -218,7 +220,38 @@ def _cells_html(a: dict) -> list[str]:
     return parts + ["</section>"]
 
 
-def render_html(a: dict, study: str, digest: str, figures: dict[str, Path], grids: list[tuple[bytes, str]]) -> str:
+def _curves_html(a: dict, figures: dict[str, Path]) -> list[str]:
+    """The tokenizers' training curves: a verdict table, then one figure per tokenizer."""
+    curves = a["curves"]
+    rfd = next((c.rfd_name for c in curves if c.rfd_name), "rFD")
+    parts = ['<section id="curves"><h2>Tokenizer training curves</h2>'
+             "<p>Each tokenizer run validates at every checkpoint on the first <code>monitor.val_images</code> images "
+             "of the val split (<code>RUN/val/step_*.json</code>): rFD, PSNR and codebook usage against the training "
+             "step, one line per tokenizer seed; the usage line is the training log's window statistic. A tokenizer "
+             f"has <b>plateaued</b> when, for every seed, the rFD of its last two checkpoints differs by less than "
+             f"{100 * PLATEAU:.0f}% of the last value (the percentages below are of the last value). The rFD of a few "
+             f"images is biased upward: compare along a curve, not with the {html.escape(a['rfd_name'])} column of "
+             "the tables (the evaluation's full split).</p>"]
+
+    def last(c, key: str, digits: int) -> str:
+        return "; ".join(f"seed {s.seed}: {_num(s.val[key][-1][1], digits)}" for s in c.seeds if s.val.get(key))
+
+    body = [[c.label, len(c.seeds), sum(bool(s.val.get("rfd")) for s in c.seeds),
+             max((s.val["rfd"][-1][0] for s in c.seeds if s.val.get("rfd")), default=None),
+             last(c, "rfd", 4), last(c, "psnr", 4), last(c, "codebook_usage", 3), c.verdict] for c in curves]
+    parts.append(_table(["tokenizer", "seeds", "seeds with a curve", "last step", f"last {rfd}", "last PSNR",
+                         "last usage (val)", "verdict"], body))
+    for c in curves:
+        if c.cell in figures:
+            caption = f"{c.label}: {c.verdict}"
+            parts.append(f'<figure class="wide">{_img(figures[c.cell].read_bytes(), caption)}'
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return parts + ["</section>"]
+
+
+def render_html(a: dict, study: str, digest: str, figures: dict[str, Path], grids: list[tuple[bytes, str]],
+                curve_figures: dict[str, Path]) -> str:
+    """report.html; `curve_figures`: tokenizer cell -> its training-curves figure (a["curves"] the verdicts)."""
     L, o, rows = a["labels"], a["options"], a["rows"]
     parts = [f"<h1>Study {html.escape(study)}: compression–generation trade-off</h1>",
              f"<p>{len(rows)} rows ({a['design']['generator_runs']} generator runs), {len(L)} tokenizers. Input "
@@ -236,6 +269,7 @@ def render_html(a: dict, study: str, digest: str, figures: dict[str, Path], grid
         wide = ' class="wide"' if path.name == "frontier.png" else ""  # one panel per series: give it the page width
         parts.append(f"<figure{wide}>{_img(path.read_bytes(), name)}<figcaption>{html.escape(name)}</figcaption></figure>")
     parts.append("</section>")
+    parts += _curves_html(a, curve_figures)
     if grids:
         parts.append('<section id="grids"><h2>Sample grids (best cell of each tokenizer, one seed)</h2><div class="grid">'
                      + "".join(f"<figure>{_img(d, c)}<figcaption>{html.escape(c)}</figcaption></figure>" for d, c in grids)
@@ -331,6 +365,9 @@ def render_summary(a: dict, study: str, digest: str) -> str:
     out += ["", "## Compute-optimal tokenizer (fitted laws)", ""]
     for s in a["series"]:
         out += [f"- **{s['name']}**: " + "; ".join(_optimal_lines(s, L))]
+    out += ["", f"## Tokenizer training curves (plateaued: last two checkpoints' rFD within {100 * PLATEAU:.0f}% of "
+            "the last value, every seed)", ""]
+    out += [f"- {c.label}: {c.verdict}" for c in a["curves"]]
     out += ["", f"## {a['rfd_name']} vs best {a['gfd_name']}", "", f"| tokenizer | {a['rfd_name']} | best {a['gfd_name']} | Pareto |",
             "|---|---|---|---|"]
     out += [f"| {L[p['tokenizer_id']]} | {_num(p['rfd'])} | {_num(p['best_gfd'])} | {'yes' if p['pareto'] else ''} |"

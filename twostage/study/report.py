@@ -18,6 +18,11 @@ Analysed series: val_loss separately per generator kind (AR cross-entropy in nat
 flow loss are different quantities), gFD (and FD-infinity, KID when the table has them) separately
 per gfd_name (an FD under another network or protocol is another metric). Within a series, one law
 per tokenizer cell.
+
+Each tokenizer's training curves (validation rFD, PSNR, codebook usage against step, one line per
+seed) are read from its run folders (twostage/study/curves.py) with a verdict on whether its rFD had
+plateaued; a tokenizer still improving at the end is also a warning, since its comparisons then
+measure training length too.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import pyarrow.parquet as pq
 
 import twostage
 from twostage.study import plots
+from twostage.study.curves import TokenizerCurves, tokenizer_curves
 from twostage.study.frontier import finite, pareto_rfd_gfd, tokenizer_labels
 from twostage.study.protocols import COMPARABILITY, protocol_summary, rfd_name
 from twostage.study.render import findings, render_html, render_summary
@@ -182,6 +188,19 @@ def _figures(a: dict, out: Path) -> dict[str, Path]:
     return figures
 
 
+def _curve_figures(curves: list[TokenizerCurves], out: Path) -> dict[str, Path]:
+    """tokenizer cell -> its training-curves figure (tokenizers without any curve get none)."""
+    figures = {}
+    for c in curves:
+        seeds = {s.seed: {**s.val, "train_usage": s.train_usage} for s in c.seeds}
+        stem = "".join(ch if ch.isascii() and ch.isalnum() else "_" for ch in c.cell)
+        path = plots.training_curves(out / f"tokenizer_curves_{stem}.png", f"{c.label}: {c.verdict}",
+                                     c.rfd_name or "rFD", seeds)
+        if path is not None:
+            figures[c.cell] = path
+    return figures
+
+
 def _curves(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per tokenizer cell, the per-position losses of every run of its largest-compute cell."""
     cells: dict[tuple[str, str], dict[tuple[int, int], dict]] = {}
@@ -263,7 +282,8 @@ def _fits_doc(a: dict, study: str, digest: str) -> dict[str, Any]:
             "verdicts": [{"series": s["name"], **c.to_dict(), "headline": any(c is h for h in s["headline"])}
                          for s in S for c in s["comparisons"]],
             "variance_components": [{"series": s["name"], **(s["components"] or {})} for s in S],
-            "rfd_vs_gfd": a["pareto"], "warnings": a["warnings"]}
+            "rfd_vs_gfd": a["pareto"], "tokenizer_curves": [c.brief() for c in a["curves"]],
+            "warnings": a["warnings"]}
 
 
 def build_report(directory: Path, out: Path | None = None, *, n_boot: int = 1000, seed: int = 0,
@@ -277,16 +297,21 @@ def build_report(directory: Path, out: Path | None = None, *, n_boot: int = 1000
     log.info("%d rows, %d tokenizers; fitting (%d bootstrap resamples per fit)", len(rows),
              len({r["tokenizer_id"] for r in rows}), n_boot)
     a = analyze(rows, n_boot=n_boot, seed=seed, fit_points=fit_points)
+    a["curves"] = tokenizer_curves(a["rows"], directory, a["labels"])
+    a["warnings"] += [f"tokenizer {c.label} was {c.verdict}: its comparisons measure training length too"
+                      for c in a["curves"] if c.status == "still improving"]
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(a, out)
+    curve_figures = _curve_figures(a["curves"], out)
     grids = _grids(a, directory)
     study = str(rows[0].get("study") or directory.name)
     paths = {"fits": out / "fits.json", "html": out / "report.html", "summary": out / "summary.md"}
     doc = _fits_doc(a, study, digest)
     paths["fits"].write_text(json.dumps(_no_nan(doc), indent=1, sort_keys=True, allow_nan=False) + "\n")
-    paths["html"].write_text(render_html(a, study, digest, figures, grids), encoding="utf-8")
+    paths["html"].write_text(render_html(a, study, digest, figures, grids, curve_figures), encoding="utf-8")
     paths["summary"].write_text(render_summary(a, study, digest), encoding="utf-8")
-    return {**paths, **{f"figure:{k}": v for k, v in figures.items()}}
+    return {**paths, **{f"figure:{k}": v for k, v in figures.items()},
+            **{f"figure:training curves {a['labels'][k]}": v for k, v in curve_figures.items()}}
 
 
 def cmd_report(args: argparse.Namespace) -> int:

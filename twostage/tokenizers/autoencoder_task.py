@@ -1,4 +1,4 @@
-"""What every tokenizer's training Task shares: images in, a PatchGAN, a perceptual loss, previews.
+"""What every tokenizer's training Task shares: images in, a PatchGAN, a perceptual loss, previews, validation.
 
 A tokenizer kind's Task (twostage/tokenizers/vq/task.py, twostage/tokenizers/kl/task.py) subclasses
 `AutoencoderTask` and writes only what differs: its modules and optimizers, and the autoencoder loss
@@ -12,7 +12,8 @@ A tokenizer kind's Task (twostage/tokenizers/vq/task.py, twostage/tokenizers/kl/
   previews       a fixed batch of training images reconstructed by the EMA weights at each checkpoint
                  (RUN/samples/recon_XXXXXXX.png) with its PSNR;
   validation     with monitor.val_images = N > 0, at each checkpoint the first N images of the val split
-                 reconstructed by the EMA weights and scored as `eval recon` scores a run (its
+                 reconstructed by the EMA weights (the raw ones without train.ema_decay, as the record's
+                 "weights" says) and scored as `eval recon` scores a run (its
                  `evaluate_reconstruction`, on the offline feature network): logged as val/psnr,
                  val/ssim, val/rFD-<network> and, for discrete codes, val/codebook_usage and
                  val/codebook_perplexity, and written with the protocol to RUN/val/step_XXXXXXX.json,
@@ -284,5 +285,6 @@ class AutoencoderTask(TaskBase):
                         "an FD needs at least 2", n, len(data))
             return None
         return data
+
 
 __all__ = ["AutoencoderTask", "batch_images", "uses_cuda"]

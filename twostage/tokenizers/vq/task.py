@@ -121,6 +121,10 @@ class VQTokenizerTask(AutoencoderTask):
     def preview_reconstruction(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x).recon
 
+    def validation_reconstruction(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(x)
+        return out.recon, out.quant.indices
+
     def on_checkpoint(self, step: int, run_dir: Any, ema: Mapping[str, nn.Module]) -> dict[str, float]:
         logs = super().on_checkpoint(step, run_dir, ema)
         if self.usage.last_seen is not None:
