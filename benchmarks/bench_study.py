@@ -57,6 +57,7 @@ STAGES = (
     ("tokenizer", "recon", "tokenizer evaluation (eval recon)"),
     ("generator", "train", "generator training"),
     ("pack", "train", "generator training"),
+    ("generator", "branch", "generator training"),
     ("generator", "sample", "sampling"),
     ("generator", "eval", "generation evaluation (eval gen)"),
 )

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from twostage import cli
+from twostage.config import ConfigError
 from twostage.generators.dit.model import ffn_hidden, forward_flops_per_image
 from twostage.study import runner as runner_mod
 from twostage.study.jobs import build_plan, generator_id, job_done, tokenizer_id
@@ -219,8 +220,9 @@ def test_replicas_study_trains_each_grid_point_once_and_gives_the_same_runs(data
     """generator_training: replicas packs the runs of one grid point (both tokenizers have one code
     shape, two generator seeds) into one `generator train ... --pack` job; the runs, their ids and the
     table are those of a separate study."""
-    spec = load_spec({**tiny_spec(data), "generator_training": "replicas", "seeds": {"generator": [0, 1]},
-                      "budgets": [2]})
+    base = tiny_spec(data)
+    spec = load_spec({**base, "generator_training": "replicas", "seeds": {"generator": [0, 1]}, "budgets": [2],
+                      "tokenizers": base["tokenizers"][:1]})
     out = tmp_path / "packed"
     calls: list[list[str]] = []
     real = runner_mod.invoke
@@ -232,18 +234,56 @@ def test_replicas_study_trains_each_grid_point_once_and_gives_the_same_runs(data
     monkeypatch.setattr(runner_mod, "invoke", counted)
     run_study(spec, out)
     plan = build_plan(spec, out)
-    assert [j.kind for j in plan.jobs] == ["reference", "tokenizer", "tokenizer", "pack", *["generator"] * 4]
+    assert [j.kind for j in plan.jobs] == ["reference", "tokenizer", "pack", *["generator"] * 2]
     trains = [c for c in calls if c[:2] == ["generator", "train"]]
     assert len(trains) == 1 and trains[0].count("--seeds") == 1
-    pack = plan.jobs[3]
+    pack = plan.jobs[2]
     assert all(pack.id in j.deps and [s.name for s in j.stages] == ["sample", "eval"] for j in plan.generator_jobs)
     rows = read_table(out).to_pylist()
-    assert len(rows) == 4 and sorted((r["tokenizer_label"], r["generator_seed"]) for r in rows) == \
-        [("crt", 0), ("crt", 1), ("vq f4 K32", 0), ("vq f4 K32", 1)]
+    assert len(rows) == 2 and sorted((r["tokenizer_label"], r["generator_seed"]) for r in rows) == \
+        [("vq f4 K32", 0), ("vq f4 K32", 1)]
     for r, gen in zip(rows, plan.generators):
         assert r["run_id"] == generator_id(gen, spec) and r["val_loss"] > 0 and r["gfd"] > 0
         assert r["wall_s_generator"] > 0
-        assert json.loads((out / r["generator_run"] / "run.json").read_text())["replica_of"]["replicas"] == 4
-    # the same spec trained separately names the same runs
-    separate = build_plan(load_spec({**tiny_spec(data), "seeds": {"generator": [0, 1]}, "budgets": [2]}), out)
-    assert [j.id for j in separate.generator_jobs] == [j.id for j in plan.generator_jobs]
+        assert json.loads((out / r["generator_run"] / "run.json").read_text())["replica_of"]["replicas"] == 2
+    # the same spec trained separately names the same runs; both tokenizers (one code shape) share packs
+    separate = build_plan(load_spec({**base, "seeds": {"generator": [0, 1]}, "budgets": [2]}), out)
+    assert [j.id for j in separate.generator_jobs][:2] == [j.id for j in plan.generator_jobs]
+    both = build_plan(load_spec({**base, "generator_training": "replicas", "seeds": {"generator": [0, 1]},
+                                 "budgets": [2]}), out)
+    assert [j.stages[0].argv.count("--out") for j in both.jobs if j.kind == "pack"] == [1]
+    assert len(next(j for j in both.jobs if j.kind == "pack").deps) == 2  # both tokenizers' jobs
+
+
+def test_budgets_from_the_longest_run_give_the_same_table(data, tmp_path):
+    """budget_runs: longest trains each grid point's largest budget once (checkpoints at the others) and
+    branches the shorter budgets from it: on the CPU the table equals the separate study's, number for
+    number; combined with replicas, only the longest runs are packed."""
+    import shutil
+
+    base = {**tiny_spec(data), "budgets": [3, 2]}
+    one = {**base, "tokenizers": base["tokenizers"][:1]}
+    separate, longest = tmp_path / "separate", tmp_path / "longest"
+    run_study(load_spec(one), separate)
+    for folder in ("reference", "tokenizers", "caches"):  # the same jobs, done: only the generators differ
+        shutil.copytree(separate / folder, longest / folder)
+    spec = load_spec({**one, "budget_runs": "longest"})
+    run_study(spec, longest)
+    plan = build_plan(spec, longest)
+    by_budget = {g.budget: j for g, j in zip(plan.generators, plan.generator_jobs)}
+    assert [s.name for s in by_budget[2].stages] == ["branch", "sample", "eval"] and by_budget[3].id in by_budget[2].deps
+    assert "train.ckpt_at=[2]" in by_budget[3].stages[0].argv
+    log = (longest / "commands.log").read_text()
+    assert log.count("generator train") == 1 and log.count("generator branch") == 1
+    a, b = read_table(separate).to_pylist(), read_table(longest).to_pylist()
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert x["run_id"] == y["run_id"] and x["train_steps"] == y["train_steps"]
+        assert x["val_loss"] == y["val_loss"] and x["gfd"] == y["gfd"] and x["compute"] == y["compute"]
+    packed = build_plan(load_spec({**base, "budget_runs": "longest", "generator_training": "replicas"}), tmp_path / "p")
+    packs = [j for j in packed.jobs if j.kind == "pack"]
+    assert len(packs) == 1 and "train.ckpt_at=[2]" in packs[0].stages[0].argv  # the two tokenizers' 3-step runs
+    with pytest.raises(ConfigError, match="depends on the run's length"):
+        build_plan(load_spec({**base, "budget_runs": "longest", "generators": {"ar": {
+            **base["generators"]["ar"], "overrides": [*base["generators"]["ar"]["overrides"], "optim.schedule=cosine",
+                                                     "optim.warmup_steps=0"]}}}), tmp_path / "c")

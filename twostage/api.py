@@ -83,6 +83,15 @@ def train_generator_replicas(config: Any, caches: list[str | Path], outs: list[s
     return train_replicas(config, caches, outs, seeds, pack, val_caches=val_caches, resume_changes=resume_changes)
 
 
+def branch_generator(run: str | Path, steps: int, out: str | Path) -> Path:
+    """The run folder of `run`'s config trained for `steps` steps, cut from `run`'s checkpoint at that step:
+    exactly that run when the learning-rate schedule does not depend on the run's length (refused
+    otherwise). See twostage/generators/branch.py."""
+    from twostage.generators.branch import branch_run
+
+    return branch_run(run, steps, out)
+
+
 def sample(run: str | Path, num: int, out: str | Path, **options: Any) -> Path:
     """Draw `num` samples with balanced labels from a generator run into OUT.npz (+ .json, .png grid).
 
@@ -120,5 +129,5 @@ def evaluate_generation(samples: str | Path, ref: str, **options: Any) -> dict[s
     return evaluate_samples_file(samples, ref, **options)
 
 
-__all__ = ["load_config", "train_tokenizer", "encode", "train_generator", "train_generator_replicas", "sample", "load_tokenizer", "load_generator",
-           "evaluate_reconstruction", "evaluate_generation"]
+__all__ = ["load_config", "train_tokenizer", "encode", "train_generator", "train_generator_replicas", "branch_generator",
+           "sample", "load_tokenizer", "load_generator", "evaluate_reconstruction", "evaluate_generation"]

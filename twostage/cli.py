@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "twostage.generators.commands",
     "twostage.metrics.commands",
     "twostage.study.commands",
+    "twostage.convert.commands",
 ]
 
 
@@ -38,6 +39,7 @@ OUT_KINDS = {
     "tokenizer reconstruct": OUT_FILE,
     "tokenizer probe": OUT_FILE,
     "generator train": OUT_FOLDER,
+    "generator branch": OUT_FOLDER,
     "generator sample": OUT_FILE,
     "eval gen": OUT_FILE,
     "eval recon": OUT_FILE,

@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -175,8 +175,10 @@ def save_checkpoint(
     state: dict[str, Any],
     ema: dict[str, torch.Tensor] | None = None,
     keep: int = 2,
+    protect: Iterable[int] = (),
 ) -> Path:
-    """Write checkpoint `step` atomically under `folder`; keep the newest `keep` checkpoints.
+    """Write checkpoint `step` atomically under `folder`; keep the newest `keep` checkpoints and those
+    of the steps in `protect`.
 
     A failed write (OSError, e.g. ENOSPC) removes the temporary folder before the error goes on, so the
     space is given back and the folder holds complete checkpoints only."""
@@ -204,8 +206,10 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_text_atomic(folder / LATEST, name + "\n")
+    kept = {f"step_{s:07d}" for s in protect}
     for old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -22,6 +22,9 @@ class TrainConfig:
     log_every: int = field(default=50, metadata=check(gt=0))
     ckpt_every: int = field(default=1000, metadata=check(gt=0))
     keep_checkpoints: int = field(default=2, metadata=check(gt=0))
+    # Extra checkpoints at these steps, never pruned: the shorter budgets of a study taken from one run
+    # (`twostage generator branch`, twostage/study/branches.py).
+    ckpt_at: list[int] = field(default_factory=list)
     num_workers: int = field(default=4, metadata=check(ge=0))
     # Stage-2 caches held on the GPU and batched there (no workers): true, false, or null = when the
     # cache fits (a bool, not on/off words: YAML reads `off` as false).
@@ -32,6 +35,8 @@ class TrainConfig:
     progress: bool = True
 
     def check(self) -> None:
+        if any(s <= 0 for s in self.ckpt_at):
+            raise ConfigError(f"train.ckpt_at={self.ckpt_at!r}: checkpoint steps must be positive")
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}"

@@ -234,7 +234,8 @@ class ReplicaTask(TaskBase):
             ema = ({f"{n}.{key}": t.cpu().contiguous() for n, m in models.items()
                     for key, t in m.replica_state(k).items()} if has_ema else None)
             state = {"replica_of": str(Path(run_dir).resolve()), "replica": k, "replicas": self.replicas}
-            ckpt.save_checkpoint(out / "checkpoints", step, raw, state, ema=ema, keep=keep)
+            ckpt.save_checkpoint(out / "checkpoints", step, raw, state, ema=ema, keep=keep,
+                                 protect=self.configs[0].train.ckpt_at)
         return logs
 
 

@@ -128,10 +128,20 @@ def write_model_json(run_dir: str | Path, info: dict[str, Any], arch_keys: Itera
     ckpt.write_text_atomic(path, json.dumps(info, indent=2, default=list))
 
 
+def write_val_record(run_dir: str | Path, step: int, record: dict[str, Any]) -> Path:
+    """RUN/val/step_XXXXXXX.json = {"step": step, **record}: what a run measured on held-out data at a
+    checkpoint (a generator's loss, a tokenizer's PSNR / rFD), with its protocol where it has one."""
+    folder = Path(run_dir) / "val"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:07d}.json"
+    ckpt.write_text_atomic(path, json.dumps({"step": step, **record}))
+    return path
+
+
 def _plain(value: Any) -> Any:
     """Tuples and lists compare equal after a JSON round trip."""
     return list(value) if isinstance(value, tuple) else value
 
 
 __all__ = ["RunLoadError", "RunWeights", "WEIGHTS", "recorded_kind", "checkpoint_path", "strip_prefixes",
-           "load_run_weights", "load_state_strict", "read_model_json", "write_model_json"]
+           "load_run_weights", "load_state_strict", "read_model_json", "write_model_json", "write_val_record"]

@@ -75,7 +75,8 @@ log = logging.getLogger(__name__)
 
 # Keys that may change between a run and its resumption without breaking exactness.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
-                     "train.progress", "train.num_workers", "train.compile", "train.data_on_device"}
+                     "train.progress", "train.num_workers", "train.compile", "train.data_on_device",
+                     "train.ckpt_at"}
 # Keys (besides everything under an `optim` section) accepted only with resume_changes=True: they change
 # how the run continues, but not the model, the data order or the seed.
 OPT_IN_CHANGES = {"train.precision", "train.device", "train.stop_on_nonfinite", "train.ema_decay"}
@@ -291,7 +292,8 @@ class _Trainer:
             }
             ema = ckpt.module_tensors(self.ema.modules) if self.ema else None
             ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, ckpt.module_tensors(self.task.modules),
-                                 state, ema=ema, keep=self.cfg.keep_checkpoints)
+                                 state, ema=ema, keep=self.cfg.keep_checkpoints,
+                                 protect=self.cfg.ckpt_at)
         barrier(self.world)
 
     def _resume(self) -> bool:
@@ -301,6 +303,11 @@ class _Trainer:
             seed_everything(self.cfg.seed + self.world.rank)  # per-rank streams for dropout / noise
             return False
         step, model, state, ema = ckpt.load_checkpoint(path)
+        if "converted_from" in state:
+            raise ckpt.CheckpointError(
+                f"{path} holds converted weights ({state['converted_from'].get('format', 'another format')}, "
+                "`twostage convert`) without an optimizer state, so there is no run to resume in this folder; "
+                "train into a new --out folder.")
         if "replica_of" in state:
             raise ckpt.CheckpointError(
                 f"{path} is replica {state.get('replica')} of the joint run {state['replica_of']} (K replicas trained "
@@ -533,7 +540,7 @@ class _Trainer:
             if bar is not None:
                 bar.update(1)
             do_log = self.step % cfg.log_every == 0 or self.step == cfg.steps
-            do_ckpt = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
+            do_ckpt = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or self.step in cfg.ckpt_at
             if do_log or do_ckpt:
                 self._check_finite(first_bad)  # before anything is logged or saved
             if do_log:

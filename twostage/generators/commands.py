@@ -64,6 +64,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="resume RUN although optimizer / schedule settings changed (recorded in run.json)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("branch", help="the run of a shorter budget, cut from a longer run's checkpoint "
+                                      "(constant schedules: the same run exactly)")
+    p.add_argument("run", type=Path, help="generator run folder trained for more steps (with a checkpoint at --step)")
+    p.add_argument("--step", type=int, required=True, help="the shorter run's train.steps")
+    p.add_argument("--out", required=True, type=Path, help="new run folder")
+    p.set_defaults(func=cmd_branch)
+
     p = sub.add_parser("sample", help="sample images with balanced labels into an .npz (+ .json, .png grid)")
     p.add_argument("run", type=Path, help="generator run folder")
     p.add_argument("--num", type=int, required=True, help="number of samples")
@@ -114,6 +121,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     shown = {k: round(v, 4) for k, v in last.items()
              if (k.endswith("loss") or k.startswith("perf/images")) and "_r" not in k}
     print(f"trained {out}: {shown}")
+    return 0
+
+
+def cmd_branch(args: argparse.Namespace) -> int:
+    """Write the --step-step run of RUN's config into --out (twostage/generators/branch.py)."""
+    from twostage import api
+
+    out = api.branch_generator(args.run, args.step, args.out)
+    print(f"branched {out} from {args.run} at step {args.step}")
     return 0
 
 

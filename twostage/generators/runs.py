@@ -26,7 +26,6 @@ A full disk while training is one line naming the checkpoint that is kept: the e
 
 from __future__ import annotations
 
-import json
 import operator
 import os
 from pathlib import Path
@@ -40,7 +39,6 @@ from twostage.common.device import resolve_device
 from twostage.common.errors import UserError
 from twostage.config import ConfigError
 from twostage.data.token_cache import CacheMeta
-from twostage.engine.checkpoint import write_text_atomic
 from twostage.engine.run_files import (RunLoadError, load_run_weights, load_state_strict, read_model_json,
                                        recorded_kind, write_model_json)
 
@@ -135,15 +133,6 @@ def compute_logs(step: int, flops_per_step: float, tokens_per_step: int) -> dict
     return {"compute/train_flops": step * flops_per_step, "compute/tokens_seen": float(step * tokens_per_step)}
 
 
-def write_val_record(run_dir: str | Path, step: int, record: dict[str, Any]) -> Path:
-    """RUN/val/step_XXXXXXX.json = {"step": step, **record} (record holds at least "loss")."""
-    folder = Path(run_dir) / "val"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:07d}.json"
-    write_text_atomic(path, json.dumps({"step": step, **record}))
-    return path
-
-
 def grid_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "samples" / f"step_{step:07d}.png"
 
@@ -195,5 +184,5 @@ def sampling_precision(precision: str, device: torch.device) -> bool:
 
 
 __all__ = ["is_main_process", "check_val_cache", "model_record", "write_model", "check_resume",
-           "compute_logs", "write_val_record", "grid_path", "load_generator_run",
+           "compute_logs", "grid_path", "load_generator_run",
            "check_sample_counts", "sampling_precision"]

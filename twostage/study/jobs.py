@@ -249,6 +249,10 @@ def build_plan(spec: StudySpec, root: Path) -> Plan:
             refs[size] = reference_job(spec, size, paths)
     tok_jobs = [tokenizer_job(spec, t, paths) for t in toks]
     gen_jobs = [generator_job(spec, g, paths, refs[g.tokenizer.config.data.image_size]) for g in gens]
+    if spec.budget_runs == "longest":
+        from twostage.study.branches import branch_jobs
+
+        branch_jobs(gens, gen_jobs)
     packs = []
     if spec.generator_training == "replicas":
         from twostage.study.packs import pack_jobs

@@ -42,7 +42,8 @@ def pack_jobs(spec: StudySpec, gens: list[ResolvedGenerator], gen_jobs: list[Job
     their train stage and depend on their pack job instead (changed in place)."""
     groups: dict[str, list[int]] = {}
     for i, gen in enumerate(gens):
-        groups.setdefault(pack_key(gen), []).append(i)
+        if any(s.name == "train" for s in gen_jobs[i].stages):  # not a budget branched from a longer run
+            groups.setdefault(pack_key(gen), []).append(i)
     packs = []
     for members in groups.values():
         chosen, seen = [], set()
@@ -54,7 +55,8 @@ def pack_jobs(spec: StudySpec, gens: list[ResolvedGenerator], gen_jobs: list[Job
         pid = configlib.config_hash({"runs": [generator_id(gens[i], spec) for i in chosen]})
         folder = paths.root / "packs" / pid
         tids = [tokenizer_id(gens[i].tokenizer) for i in chosen]
-        argv = ["generator", "train", first.preset, *_without_seed(first.overrides),
+        train = next(s for s in gen_jobs[chosen[0]].stages if s.name == "train").argv
+        argv = [*_without_seed(train[:train.index("--tokens")]),  # the run's own command, e.g. with train.ckpt_at
                 "--tokens", *[str(paths.cache(t, "train")) for t in tids],
                 "--val-tokens", *[str(paths.cache(t, "val")) for t in tids],
                 "--out", *[str(gen_jobs[i].folder) for i in chosen],

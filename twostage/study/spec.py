@@ -126,6 +126,10 @@ class StudySpec:
     # differ only in seed or in a same-shaped tokenizer train as one stacked run, twostage/study/packs.py;
     # the same runs and results, at about the cost of one run per group on a GPU).
     generator_training: str = field(default="separate", metadata=check(choices=("separate", "replicas")))
+    # How the budgets of a grid point are trained: "separate" (a run each) or "longest" (one run of the
+    # largest budget, the others cut from its checkpoints: exact for a constant schedule after warmup,
+    # refused otherwise; twostage/study/branches.py).
+    budget_runs: str = field(default="separate", metadata=check(choices=("separate", "longest")))
 
     def check(self) -> None:
         if not self.tokenizers:

@@ -220,7 +220,7 @@ class AutoencoderTask(TaskBase):
         """Score `model` (in eval mode) on the validation images; returns the val/* logs and writes them
         with their protocol to RUN/val/step_XXXXXXX.json. {} when the data has no val split."""
         from twostage.backbones import load_feature_network
-        from twostage.generators.runs import write_val_record
+        from twostage.engine.run_files import write_val_record
         from twostage.metrics.latent import codebook_usage
         from twostage.metrics.protocol import metric_name
         from twostage.metrics.reconstruction import evaluate_reconstruction

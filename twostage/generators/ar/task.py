@@ -23,6 +23,7 @@ from torch import nn
 from twostage.config import ConfigError
 from twostage.data.token_cache import CacheDataset, CacheMeta
 from twostage.engine.task import OptimSpec, Phase, PhaseContext, TaskBase
+from twostage.engine.run_files import write_val_record
 from twostage.generators import runs
 from twostage.generators.ar.config import ARRunConfig
 from twostage.generators.ar.model import ARTransformer
@@ -87,9 +88,9 @@ class ARTask(TaskBase):
             result = validation_loss(model, self.val_data, self.cfg.val.batch_size, self.cfg.val.max_samples,
                                      bf16=self._bf16(model))
             weights = "ema" if self.cfg.train.ema_decay else "raw"
-            runs.write_val_record(run_dir, step, {**result, "weights": weights,
-                                                  "train_flops": logs["compute/train_flops"],
-                                                  "tokens_seen": logs["compute/tokens_seen"]})
+            write_val_record(run_dir, step, {**result, "weights": weights,
+                                             "train_flops": logs["compute/train_flops"],
+                                             "tokens_seen": logs["compute/tokens_seen"]})
             logs["val/loss"] = result["loss"]
         if self.cfg.sample.grid_at_checkpoint > 0:
             self._sample_grid(model, step, run_dir, device)

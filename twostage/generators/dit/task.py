@@ -24,6 +24,7 @@ from torch import nn
 
 from twostage.config import ConfigError
 from twostage.engine.task import OptimSpec, Phase, PhaseContext, TaskBase
+from twostage.engine.run_files import write_val_record
 from twostage.generators import runs
 from twostage.generators.dit.config import DiTRunConfig
 from twostage.generators.dit.flow import flow_losses, interpolate, sample_time, velocity_target
@@ -200,9 +201,9 @@ class DiTTask(TaskBase):
             if self.val_dataset is not None and len(self.val_dataset):
                 result = self.validation_loss(model, device)
                 weights = "ema" if self.cfg.train.ema_decay else "raw"
-                runs.write_val_record(run_dir, step, {**result, "weights": weights,
-                                                      "train_flops": logs["compute/train_flops"],
-                                                      "tokens_seen": logs["compute/tokens_seen"]})
+                write_val_record(run_dir, step, {**result, "weights": weights,
+                                                 "train_flops": logs["compute/train_flops"],
+                                                 "tokens_seen": logs["compute/tokens_seen"]})
                 logs.update({f"val/{k}": v for k, v in result.items() if k != "num_samples"})
             if self.cfg.sample.grid_at_checkpoint > 0:
                 self._sample_grid(model, step, Path(run_dir), device)

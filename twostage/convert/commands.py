@@ -1,0 +1,39 @@
+"""`twostage convert FORMAT SRC --out RUN`: a published checkpoint as a twostage run folder.
+
+    twostage convert llamagen-vq vq_ds16_c2i.pt --out runs/llamagen_vq16 data.name=folder data.root=/data/imagenet
+    twostage tokenizer encode runs/llamagen_vq16 --split val --out caches/llamagen_vq16_val
+    twostage eval recon runs/llamagen_vq16 --max-images 1000
+
+The model section of the run's config is read off the weights; `data.key=value` overrides set the
+data that `tokenizer encode` and `eval recon` read from the run. --out must be a new or empty folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `convert` command to the top-level CLI."""
+    from twostage.cli import OUT_FOLDER
+    from twostage.convert import FORMATS
+
+    table = "\n".join(f"  {f.name}: {f.summary}\n      download: {f.download}" for f in FORMATS.values())
+    p = subparsers.add_parser("convert", help="a published checkpoint (e.g. LlamaGen's VQ) as a twostage run folder",
+                              description=f"{__doc__}\nFormats:\n{table}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("format", choices=list(FORMATS), metavar="FORMAT", help=f"one of: {', '.join(FORMATS)}")
+    p.add_argument("src", type=Path, metavar="SRC", help="the published checkpoint file (.pt or .safetensors)")
+    p.add_argument("overrides", nargs="*", help="data.key=value, e.g. data.name=folder data.root=/data/imagenet")
+    p.add_argument("--out", required=True, type=Path, help="run folder to create")
+    p.set_defaults(func=cmd_convert, out_kind=OUT_FOLDER)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert SRC into the run folder --out and say where it is."""
+    from twostage.convert import convert
+
+    out = convert(args.format, args.src, args.out, args.overrides)
+    print(f"converted {args.src} ({args.format}) -> {out} (config.yaml, checkpoints/step_0000000)")
+    return 0

@@ -1,0 +1,51 @@
+"""What a converter produces (`Converted`) and how it becomes a run folder (`write_run`).
+
+The folder has the layout a training run leaves (twostage/engine/run_files.py): config.yaml with the
+kind and a model section that rebuilds the architecture, and checkpoints/step_0000000/model.safetensors
+written by the engine's checkpoint writer (twostage/engine/checkpoint.py), keyed "<module>.<param>". Its
+state holds {"converted_from": ...} (the format, the source file and its sha256, what was dropped) in
+place of optimizer states: the weights are there to be used, not to resume a training run from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from twostage import config as configlib
+from twostage.common.errors import UserError
+from twostage.engine import checkpoint as ckpt
+
+STEP = 0  # a converted checkpoint is step 0 of its run folder
+
+
+@dataclass
+class Converted:
+    config: Any  # the run config dataclass (a registered kind's)
+    modules: dict[str, nn.Module]  # checkpoint module name -> model holding the converted weights
+    converted_from: dict[str, Any]  # JSON-able record of the source, stored in the checkpoint's state
+
+
+def check_out(out: Path) -> None:
+    """A new or empty folder only: converting over a run would mix two models' checkpoints."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder to create")
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; convert into a new folder")
+
+
+def write_run(out: Path, converted: Converted) -> Path:
+    """The checkpoint first, config.yaml last: a folder with a config.yaml is complete."""
+    check_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.save_checkpoint(out / "checkpoints", STEP, ckpt.module_tensors(converted.modules),
+                         {"converted_from": converted.converted_from}, keep=1)
+    ckpt.write_text_atomic(out / "config.yaml", yaml.safe_dump(configlib.to_dict(converted.config), sort_keys=False))
+    return out
+
+
+__all__ = ["STEP", "Converted", "check_out", "write_run"]
