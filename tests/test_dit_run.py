@@ -94,14 +94,14 @@ def test_dit_train_and_sample(tmp_path, caches):
     assert loaded["weights"] == "ema" and loaded["step"] == 3 and not model.training and len(loaded["checksum"]) == 64
     out = sample_run(run, 5, tmp_path / "s.npz", steps=2, sampler="heun", cfg_scale=1.5, batch_size=2, grid=4)
     with np.load(out) as f:
-        images, labels, protocol = f["images"], f["labels"], json.loads(str(f["protocol"]))
+        images, labels, protocol = f["arr_0"], f["arr_1"], json.loads(str(f["protocol"]))
     assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8 and labels.tolist() == [0, 0, 1, 1, 2]
     assert protocol["sampler"] == "flow-heun" and protocol["nfe"] == 4 and protocol["cfg_channels"] == "all"
     assert protocol["timestep_shift"] == 0.3 and out.with_suffix(".png").is_file()
     # a sample does not depend on the batch size
     again = sample_run(run, 5, tmp_path / "t.npz", steps=2, sampler="heun", cfg_scale=1.5, batch_size=5, grid=0)
     with np.load(again) as f:
-        assert np.array_equal(f["images"], images)
+        assert np.array_equal(f["arr_0"], images)
     assert torch.equal(sample_noise(range(3, 4), (2, 2), 7)[0], sample_noise(range(0, 5), (2, 2), 7)[3])
 
     # through the CLI, with the kind's own options; the run's cfg_scale (1: no guidance) by default

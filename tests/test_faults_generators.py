@@ -184,4 +184,4 @@ def test_sampling_shows_a_progress_bar_with_a_rate_on_a_terminal(trained, tmp_pa
     api.sample(run, 4, tmp_path / "t.npz", device="cpu", batch_size=3, grid=0, **options)
     assert "img/s" not in capsys.readouterr().err
     with np.load(tmp_path / "t.npz") as z:
-        assert len(z["labels"]) == 4
+        assert len(z["arr_1"]) == 4

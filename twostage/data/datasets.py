@@ -21,6 +21,19 @@ from twostage.data.transforms import ImageTransform
 
 Key = int | tuple[int, int]
 
+# The .npz members that hold images and labels, in the order looked for: ADM's layout first (arr_0 uint8
+# NHWC, arr_1 labels: what `generator sample` writes and what published reference batches hold), then
+# this package's older names (datasets and samples files written before the switch), then `samples`
+# (other samplers). Every reader of image .npz files resolves its keys here, so they accept the same files.
+NPZ_IMAGE_KEYS = ("arr_0", "images", "samples")
+NPZ_LABEL_KEYS = ("arr_1", "labels")
+
+
+def npz_keys(files: Sequence[str]) -> tuple[str | None, str | None]:
+    """(images key, labels key) among the member names of an .npz (`np.load(path).files`); None where absent."""
+    return (next((k for k in NPZ_IMAGE_KEYS if k in files), None),
+            next((k for k in NPZ_LABEL_KEYS if k in files), None))
+
 
 def split_key(key: Any) -> tuple[int, int | None]:
     """(index, epoch or None) from an int index or an (index, epoch) pair."""
@@ -81,19 +94,23 @@ class ArrayDataset(Dataset):
 
     @classmethod
     def from_npz(cls, path: str | Path, transform: ImageTransform | None = None, **kwargs: Any) -> ArrayDataset:
-        """Load `images` and `labels` (and optionally `class_names`) from an .npz file."""
+        """Load images and labels (`images` / `labels`, or ADM's `arr_0` / `arr_1`: see NPZ_IMAGE_KEYS) and
+        optionally `class_names` from an .npz file. An ADM batch without labels (the unconditional reference
+        batches, e.g. LSUN) is one class, label 0: a reference set needs its images only."""
         path = Path(path)
         if not path.is_file():
             raise DataError(f"{path}: no such .npz file")
         try:
             with np.load(path, allow_pickle=False) as z:
-                missing = [k for k in ("images", "labels") if k not in z.files]
-                if missing:
+                image_key, label_key = npz_keys(z.files)
+                if image_key is None or (label_key is None and image_key != "arr_0"):
+                    missing = [name for name, key in (("images", image_key), ("labels", label_key)) if key is None]
                     raise DataError(
-                        f"{path} lacks the key(s) {missing}; it has {sorted(z.files)}. Save it with "
-                        "np.savez(path, images=uint8 (N,H,W[,C]), labels=int (N,))"
+                        f"{path} lacks the key(s) {missing} (or ADM's arr_0 / arr_1); it has {sorted(z.files)}. "
+                        "Save it with np.savez(path, images=uint8 (N,H,W[,C]), labels=int (N,))"
                     )
-                images, labels = z["images"], z["labels"]
+                images = z[image_key]
+                labels = z[label_key] if label_key else np.zeros(len(images), np.int64)
                 names = [str(x) for x in z["class_names"]] if "class_names" in z.files else None
         except (OSError, ValueError) as err:
             raise DataError(f"{path}: not a readable .npz file ({err})") from None
@@ -140,4 +157,5 @@ class SubsetDataset(Dataset):
         return getattr(self.dataset, name)
 
 
-__all__ = ["ArrayDataset", "Key", "SubsetDataset", "split_indices", "split_key"]
+__all__ = ["ArrayDataset", "Key", "NPZ_IMAGE_KEYS", "NPZ_LABEL_KEYS", "SubsetDataset", "npz_keys", "split_indices",
+           "split_key"]

@@ -1,13 +1,17 @@
 """What every generator writes: sample files, preview grids, with balanced labels, decoded by its tokenizer.
 
-Samples file (read by `twostage eval gen`, twostage/metrics/generation.py):
+Samples file, in the layout of the ADM evaluator (guided-diffusion's `evaluations/evaluator.py` reads
+`np.load(f)["arr_0"]`), so the field's tools score it as it is:
 
-    FILE.npz   images   uint8 (N, H, W, 3)
-               labels   int64 (N,)
+    FILE.npz   arr_0    uint8 (N, H, W, 3) images (empty, (0, 0, 0, 3), when sampled with tokens_only)
+               arr_1    int64 (N,) class labels
                tokens   (N, h, w) code ids (discrete generators; int32)
                protocol JSON string: sampler, steps, cfg scale / interval, seed, precision, labels
     FILE.json  {"protocol": ..., "run": ..., "timing": ...}  (the same record, readable)
     FILE.png   a grid with one row per class
+
+It is read by `twostage.metrics.generation.load_samples` (`twostage eval gen`), which also reads files
+written before the switch (images under `images`, labels under `labels`; twostage.data.datasets.npz_keys).
 
 The three files are written to hidden temporary names first and renamed into place together, so a
 failed write (a full disk) or a kill leaves the previous samples file, its record and grid as they
@@ -60,14 +64,19 @@ def save_image_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: int | N
 def save_samples(path: Path, images: np.ndarray, labels: np.ndarray, protocol: dict[str, Any],
                  tokens: np.ndarray | None = None, extra: dict[str, Any] | None = None, grid: int = 64) -> Path:
     """Write FILE.npz, FILE.json and FILE.png (up to `grid` samples, a row per class; 0 = none), all or none: each goes
-    to a temporary name first, and only when all three are written are they renamed into place."""
+    to a temporary name first, and only when all three are written are they renamed into place.
+
+    `images` must already be uint8 (N, H, W, 3): the file promises the ADM layout to tools that do not
+    check it, so anything else is refused here rather than written."""
     from twostage.engine.checkpoint import DiskFullError, is_disk_full
 
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"samples must be uint8 (N, H, W, 3) images, got {images.dtype} of shape {images.shape}")
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_suffix(".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"images": images, "labels": labels.astype(np.int64), "protocol": np.array(json.dumps(protocol))}
+    arrays = {"arr_0": images, "arr_1": labels.astype(np.int64), "protocol": np.array(json.dumps(protocol))}
     if tokens is not None:
         arrays["tokens"] = tokens.astype(np.int32)
     targets = [path, path.with_suffix(".json")] + ([path.with_suffix(".png")] if grid > 0 and len(images) else [])

@@ -3,6 +3,8 @@
     twostage eval gen samples.npz --ref fashion-mnist:test            # FD/sFD/IS/P/R-EffNetLite0
     twostage eval gen samples.npz --ref folder:/data/imagenet:val --network inception-v3 \\
         --weights pt_inception-2015-12-05-6726825d.pth               # FID/sFID/IS/Precision/Recall
+    twostage eval gen samples.npz --ref VIRTUAL_imagenet256_labeled.npz --network inception-v3 \
+        --weights inception-2015-12-05.pt                             # ADM's reference batch, its mu/sigma
     twostage eval recon runs/vq_f8                                    # rFD, PSNR, SSIM, PD, codebook usage
     twostage eval stats fashion-mnist:test --image-size 32            # pre-compute reference statistics
 
@@ -29,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = sub.add_parser("gen", help="FD, sFD, IS-style score, precision/recall of a samples .npz")
     g.add_argument("samples", help="samples .npz (uint8 images under arr_0 or images)")
     g.add_argument("--ref", required=True, help="reference: fashion-mnist:test, folder:PATH[:val], npz:PATH[:val], "
-                                                "or a statistics .npz from `eval stats`")
+                                                "a statistics .npz from `eval stats`, or an ADM reference batch "
+                                                "(its mu/sigma with inception-v3, else features of its arr_0)")
     g.add_argument("--resize", default="pad", choices=("pad", "resize_crop"),
                    help="how reference images are brought to the samples' size (default pad: 28 -> 32)")
     g.add_argument("--pr-k", type=int, default=3, help="k of improved precision/recall")
@@ -66,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--max-images", type=int)
     s.add_argument("--cache-dir")
     _common(s, out=False)
-    s.add_argument("--out", help="also write the statistics to this .npz (usable as --ref)")
+    s.add_argument("--out", help="also write the statistics to this .npz (usable as --ref; ADM's keys mu, sigma, "
+                                 "mu_s, sigma_s)")
     s.set_defaults(func=cmd_stats)
 
 

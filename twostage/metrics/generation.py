@@ -2,13 +2,15 @@
 and the estimators of twostage/metrics/unbiased.py (FD extrapolated to N = inf, KID, a bootstrap
 interval of FD).
 
-Samples file (`load_samples`): an .npz with uint8 images under `arr_0` (the ADM evaluator layout,
-NHWC) or `images` / `samples`, optional labels under `arr_1` / `labels`, and an optional
-`protocol` entry (a JSON string written by the sampler: sampler, steps, cfg_scale, cfg_interval,
-seed, precision, label_sampling). Float images in [-1, 1] are accepted and quantized to uint8
-first, so in-memory samples and saved samples give the same numbers. Anything else (float images
-in [0, 1] or [0, 255], NaNs, an empty array, a file that is not an .npz archive) is refused with a
-`SamplesError` naming the convention, never scored.
+Samples file (`load_samples`, the one reader of samples files): an .npz with uint8 images under
+`arr_0` (the ADM evaluator layout, NHWC, as `generator sample` writes them) or `images` / `samples`
+(files written before the switch, other samplers), optional labels under `arr_1` / `labels` (the keys
+looked for: twostage.data.datasets.npz_keys), and an optional `protocol` entry (a JSON string written
+by the sampler: sampler, steps, cfg_scale, cfg_interval, seed, precision, label_sampling). Float
+images in [-1, 1] are accepted and quantized to uint8 first, so in-memory samples and saved samples
+give the same numbers. Anything else (float images in [0, 1] or [0, 255], NaNs, an empty array, a
+tokens-only file, a file that is not an .npz archive) is refused with a `SamplesError` naming the
+convention, never scored.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from twostage.backbones.base import FeatureNetwork
 from twostage.common.errors import UserError
+from twostage.data.datasets import npz_keys
 from twostage.metrics.extraction import extract_features
 from twostage.metrics.frechet import feature_stats, frechet_distance, psd_sqrt
 from twostage.metrics.inception_score import inception_score
@@ -114,13 +117,16 @@ def load_samples(path: str | Path) -> Samples:
     if not path.is_file():
         raise FileNotFoundError(f"samples file not found: {path}")
     with _open_npz(path) as z:
-        key = next((k for k in ("arr_0", "images", "samples") if k in z.files), None)
+        key, lkey = npz_keys(z.files)
         if key is None:
             raise SamplesError(f"{path}: no images; expected uint8 images under 'arr_0' (ADM layout), "
                                f"'images' or 'samples', found {z.files}")
         try:
-            images = to_uint8_nhwc(z[key])
-            lkey = next((k for k in ("arr_1", "labels") if k in z.files), None)
+            raw = z[key]
+            if len(raw) == 0 and "tokens" in z.files:
+                raise SamplesError("it holds tokens only (sampled with --tokens-only): sample again without "
+                                   "--tokens-only to get images to score")
+            images = to_uint8_nhwc(raw)
             labels = z[lkey] if lkey else None
             proto = json.loads(str(z["protocol"])) if "protocol" in z.files else {}
         except SamplesError as err:
