@@ -43,7 +43,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from twostage.study.jobs import Plan, build_plan, read_marker  # noqa: E402
+from twostage.study.jobs import read_marker  # noqa: E402
+from twostage.study.plan import Plan, build_plan  # noqa: E402
 from twostage.study.runner import SPEC_FILE  # noqa: E402
 from twostage.study.spec import load_spec  # noqa: E402
 

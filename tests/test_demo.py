@@ -14,7 +14,7 @@ import yaml
 from twostage import cli
 from twostage.study import commands
 from twostage.study import runner as runner_mod
-from twostage.study.jobs import build_plan
+from twostage.study.plan import build_plan
 from twostage.study.spec import load_spec
 
 MIN_LAW_POINTS = 4  # twostage/study/fit.py: a law with L_min free needs 4 distinct compute values

@@ -16,7 +16,7 @@ from test_device_cache import latent_cache, same, take, token_cache  # noqa: E40
 from twostage.config import ConfigError, from_dict  # noqa: E402
 from twostage.data import DataError, ResumableLoader  # noqa: E402
 from twostage.data.device_cache import DeviceCacheLoader  # noqa: E402
-from twostage.data.loader import build_loader  # noqa: E402
+from twostage.data.train_loader import build_loader  # noqa: E402
 from twostage.data.stacked import StackedDatasets, StackedLoader, stack_batches  # noqa: E402
 from twostage.data.token_cache import CacheDataset  # noqa: E402
 from twostage.engine.config import TrainConfig  # noqa: E402

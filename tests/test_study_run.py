@@ -13,7 +13,8 @@ from twostage import cli
 from twostage.config import ConfigError
 from twostage.generators.dit.model import ffn_hidden, forward_flops_per_image
 from twostage.study import runner as runner_mod
-from twostage.study.jobs import build_plan, generator_id, job_done, tokenizer_id
+from twostage.study.jobs import generator_id, job_done, tokenizer_id
+from twostage.study.plan import build_plan
 from twostage.study.runner import StageError, run_parallel, run_study
 from twostage.study.spec import load_spec
 from twostage.study.table import SCHEMA, read_table

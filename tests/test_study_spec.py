@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from twostage.config import PRESET_DIR, ConfigError
-from twostage.study.jobs import build_plan, generator_id, tokenizer_id
+from twostage.study.jobs import generator_id, tokenizer_id
+from twostage.study.plan import build_plan
 from twostage.study.spec import load_spec, resolve_grid
 
 BASE = {

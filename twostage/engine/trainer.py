@@ -136,7 +136,7 @@ def train(task: Task, cfg: TrainConfig, dataset, run_dir: Path, full_config: Any
 class _Trainer:
     def __init__(self, task: Task, cfg: TrainConfig, dataset, run_dir: Path, full_config: Any,
                  resume_changes: bool = False):
-        from twostage.data.loader import build_loader
+        from twostage.data.train_loader import build_loader
 
         configlib.validate(cfg, "train")
         self.task, self.cfg, self.run_dir = task, cfg, run_dir

@@ -93,7 +93,8 @@ def _positive(text: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from twostage.study.jobs import build_plan, read_marker
+    from twostage.study.jobs import read_marker
+    from twostage.study.plan import build_plan
     from twostage.study.runner import StageError, run_study
     from twostage.study.spec import load_spec
 
@@ -117,7 +118,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from twostage.study.jobs import build_plan, job_done
+    from twostage.study.jobs import job_done
+    from twostage.study.plan import build_plan
     from twostage.study.runner import SPEC_FILE
     from twostage.study.spec import load_spec
     from twostage.study.table import write_table

@@ -218,53 +218,5 @@ def generator_job(spec: StudySpec, gen: ResolvedGenerator, paths: Paths, ref: Jo
     return Job(f"gen-{gid}", "generator", run, stages, deps=deps, label=f"{gen.tokenizer.label} / {gen.label}")
 
 
-@dataclass
-class Plan:
-    """Every job of a study in a runnable order (references, tokenizers, then generators)."""
-
-    root: Path
-    jobs: list[Job]
-    tokenizers: list[ResolvedTokenizer]
-    generators: list[ResolvedGenerator]
-    generator_jobs: list[Job]  # parallel to `generators`
-    tokenizer_jobs: list[Job]  # parallel to `tokenizers`
-
-    def by_id(self, job_id: str) -> Job:
-        for job in self.jobs:
-            if job.id == job_id:
-                return job
-        close = ", ".join(j.id for j in self.jobs[:8])
-        raise KeyError(f"no job {job_id!r} in this study (jobs: {close}{' ...' if len(self.jobs) > 8 else ''})")
-
-
-def build_plan(spec: StudySpec, root: Path) -> Plan:
-    from twostage.study.spec import resolve_grid
-
-    toks, gens = resolve_grid(spec)
-    paths = Paths(Path(root))
-    refs: dict[int, Job | None] = {}
-    for tok in toks:
-        size = tok.config.data.image_size
-        if size not in refs:
-            refs[size] = reference_job(spec, size, paths)
-    tok_jobs = [tokenizer_job(spec, t, paths) for t in toks]
-    gen_jobs = [generator_job(spec, g, paths, refs[g.tokenizer.config.data.image_size]) for g in gens]
-    if spec.budget_runs == "longest":
-        from twostage.study.branches import branch_jobs
-
-        branch_jobs(gens, gen_jobs)
-    packs = []
-    if spec.generator_training == "replicas":
-        from twostage.study.packs import pack_jobs
-
-        packs = pack_jobs(spec, gens, gen_jobs, paths)
-    jobs, seen = [], set()
-    for job in [*(r for r in refs.values() if r is not None), *tok_jobs, *packs, *gen_jobs]:
-        if job.id not in seen:  # two grid points with one config are one job
-            seen.add(job.id)
-            jobs.append(job)
-    return Plan(paths.root, jobs, toks, gens, gen_jobs, tok_jobs)
-
-
-__all__ = ["Stage", "Job", "Plan", "Paths", "build_plan", "eval_suffix", "tokenizer_id", "generator_id", "fingerprint",
+__all__ = ["Stage", "Job", "Paths", "eval_suffix", "tokenizer_id", "generator_id", "fingerprint",
            "read_marker", "write_marker", "clear_markers_after", "job_done", "tokenizer_cell", "generator_cell"]

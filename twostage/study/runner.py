@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 from twostage import config as configlib
-from twostage.study.jobs import Job, Plan, build_plan, clear_markers_after, job_done, read_marker, write_marker
+from twostage.study.jobs import Job, clear_markers_after, job_done, read_marker, write_marker
+from twostage.study.plan import Plan, build_plan
 from twostage.study.spec import StudySpec
 
 log = logging.getLogger(__name__)

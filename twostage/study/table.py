@@ -20,7 +20,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from twostage.study import flops as flopslib
-from twostage.study.jobs import (Job, Paths, Plan, eval_suffix, generator_cell, job_done, read_marker, tokenizer_cell,
+from twostage.study.plan import Plan
+from twostage.study.jobs import (Job, Paths, eval_suffix, generator_cell, job_done, read_marker, tokenizer_cell,
                                  tokenizer_id)
 from twostage.study.spec import ResolvedGenerator, StudySpec
 

@@ -1,0 +1,61 @@
+"""A study's plan: every job of its grid in a runnable order, built from the spec before anything runs.
+
+    plan = build_plan(spec, "runs/study_crt")     # loads and checks every config; writes nothing
+
+The jobs themselves (ids, stages as command lines, done markers) are in twostage/study/jobs.py; the
+plan adds the two ways a study can train its generator runs together: stacked replicas
+(twostage/study/packs.py) and budgets cut from the longest run (twostage/study/branches.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from twostage.study.branches import branch_jobs
+from twostage.study.jobs import Job, Paths, generator_job, reference_job, tokenizer_job
+from twostage.study.packs import pack_jobs
+from twostage.study.spec import ResolvedGenerator, ResolvedTokenizer, StudySpec, resolve_grid
+
+
+@dataclass
+class Plan:
+    """Every job of a study in a runnable order (references, tokenizers, then generators)."""
+
+    root: Path
+    jobs: list[Job]
+    tokenizers: list[ResolvedTokenizer]
+    generators: list[ResolvedGenerator]
+    generator_jobs: list[Job]  # parallel to `generators`
+    tokenizer_jobs: list[Job]  # parallel to `tokenizers`
+
+    def by_id(self, job_id: str) -> Job:
+        for job in self.jobs:
+            if job.id == job_id:
+                return job
+        close = ", ".join(j.id for j in self.jobs[:8])
+        raise KeyError(f"no job {job_id!r} in this study (jobs: {close}{' ...' if len(self.jobs) > 8 else ''})")
+
+
+def build_plan(spec: StudySpec, root: Path) -> Plan:
+    toks, gens = resolve_grid(spec)
+    paths = Paths(Path(root))
+    refs: dict[int, Job | None] = {}
+    for tok in toks:
+        size = tok.config.data.image_size
+        if size not in refs:
+            refs[size] = reference_job(spec, size, paths)
+    tok_jobs = [tokenizer_job(spec, t, paths) for t in toks]
+    gen_jobs = [generator_job(spec, g, paths, refs[g.tokenizer.config.data.image_size]) for g in gens]
+    if spec.budget_runs == "longest":
+        branch_jobs(gens, gen_jobs)
+    packs = pack_jobs(spec, gens, gen_jobs, paths) if spec.generator_training == "replicas" else []
+    jobs, seen = [], set()
+    for job in [*(r for r in refs.values() if r is not None), *tok_jobs, *packs, *gen_jobs]:
+        if job.id not in seen:  # two grid points with one config are one job
+            seen.add(job.id)
+            jobs.append(job)
+    return Plan(paths.root, jobs, toks, gens, gen_jobs, tok_jobs)
+
+
+__all__ = ["Plan", "build_plan"]
