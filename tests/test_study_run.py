@@ -284,6 +284,8 @@ def test_budgets_from_the_longest_run_give_the_same_table(data, tmp_path):
     packed = build_plan(load_spec({**base, "budget_runs": "longest", "generator_training": "replicas"}), tmp_path / "p")
     packs = [j for j in packed.jobs if j.kind == "pack"]
     assert len(packs) == 1 and "train.ckpt_at=[2]" in packs[0].stages[0].argv  # the two tokenizers' 3-step runs
+    branched = [j for j in packed.generator_jobs if j.stages[0].name == "branch"]
+    assert len(branched) == 2 and all(packs[0].id in j.deps for j in branched)  # not waiting for sampling
     with pytest.raises(ConfigError, match="depends on the run's length"):
         build_plan(load_spec({**base, "budget_runs": "longest", "generators": {"ar": {
             **base["generators"]["ar"], "overrides": [*base["generators"]["ar"]["overrides"], "optim.schedule=cosine",

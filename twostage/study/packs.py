@@ -39,7 +39,8 @@ def _without_seed(overrides: list[str]) -> list[str]:
 
 def pack_jobs(spec: StudySpec, gens: list[ResolvedGenerator], gen_jobs: list[Job], paths: Paths) -> list[Job]:
     """One training job per group of runs with one pack key (in grid order); the generator jobs lose
-    their train stage and depend on their pack job instead (changed in place)."""
+    their train stage and depend on their pack job instead, and so do budgets branched from them
+    (study/branches.py: they need the trained folder, not the run's sampling). Changed in place."""
     groups: dict[str, list[int]] = {}
     for i, gen in enumerate(gens):
         if any(s.name == "train" for s in gen_jobs[i].stages):  # not a budget branched from a longer run
@@ -69,6 +70,10 @@ def pack_jobs(spec: StudySpec, gens: list[ResolvedGenerator], gen_jobs: list[Job
             job = gen_jobs[i]
             job.stages = [s for s in job.stages if s.name != "train"]
             job.deps = [pack.id, *[d for d in job.deps if not d.startswith("tok-")]]
+    trained_by = {gen_jobs[i].id: p.id for p in packs for i in range(len(gens)) if p.id in gen_jobs[i].deps}
+    for job in gen_jobs:
+        if job.stages and job.stages[0].name == "branch":
+            job.deps = list(dict.fromkeys(trained_by.get(d, d) for d in job.deps))
     return packs
 
 
