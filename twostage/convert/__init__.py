@@ -3,9 +3,12 @@
     import twostage.convert as tc
     tc.convert("llamagen-vq", "vq_ds16_c2i.pt", "runs/llamagen_vq16", ["data.name=folder", "data.root=/data/imagenet"])
     tok = twostage.load_tokenizer("runs/llamagen_vq16")
+    tc.convert("llamagen-gpt", "c2i_B_256.pt", "runs/llamagen_gpt_b", tokenizer="runs/llamagen_vq16")
+    gen, info = twostage.load_generator("runs/llamagen_gpt_b")
 
 A converted checkpoint is an ordinary run folder (config.yaml and checkpoints/step_0000000/, written by
-twostage/convert/run_folder.py), so every command that reads a run (`tokenizer encode`, `eval recon`,
+twostage/convert/run_folder.py; a generator's also model.json, naming the tokenizer run given with
+`tokenizer=` / `--tokenizer`, whose codes the generator's vocabulary are), so every command that reads a run (`tokenizer encode`, `eval recon`,
 the API's loaders) works on it unchanged. The checkpoint's state records where the weights came from
 ({"converted_from": ...}). Each format is one module holding its key mapping; `FORMATS` lists them with
 where their published weights are downloaded (`twostage convert --help` prints the table).
@@ -34,6 +37,8 @@ class Format:
     summary: str  # one line for `--help`
     download: str  # where the published checkpoints are
     sections: tuple[str, ...] = ("data",)  # config sections a user may set (the rest comes from the weights)
+    model_keys: tuple[str, ...] = ()  # model fields a user may set: what the weights' shapes cannot tell
+    tokenizer: str = ""  # what --tokenizer must name, for a generator format ("": it takes none)
 
     def converter_fn(self) -> Callable:
         module, _, attr = self.converter.partition(":")
@@ -48,6 +53,14 @@ FORMATS: dict[str, Format] = {
                        "-> a vq tokenizer run",
                download="https://huggingface.co/FoundationVision/LlamaGen/resolve/main/vq_ds16_c2i.pt (VQ-16), "
                         "https://huggingface.co/FoundationVision/LlamaGen/resolve/main/vq_ds8_c2i.pt (VQ-8)"),
+        Format(name="llamagen-gpt", converter="twostage.convert.llamagen_gpt:convert_llamagen_gpt",
+               summary="LlamaGen class-conditional GPT-B / L / XL / XXL / XXXL (c2i_*.pt) -> an ar generator run "
+                       "(needs --tokenizer: the VQ run whose codes it predicts, e.g. from llamagen-vq)",
+               download="https://huggingface.co/FoundationVision/LlamaGen/resolve/main/c2i_B_256.pt (GPT-B, "
+                        "256px with VQ-16; also c2i_L_256.pt, c2i_XL_384.pt, c2i_XXL_384.pt, c2i_3B_384.pt, "
+                        "listed in LlamaGen's README)",
+               sections=("sample",), model_keys=("heads",),
+               tokenizer="the VQ tokenizer run whose codes the GPT predicts (e.g. `twostage convert llamagen-vq`)"),
     )
 }
 
@@ -64,24 +77,39 @@ def find_format(name: str) -> Format:
 def check_overrides(fmt: Format, overrides: Sequence[str]) -> None:
     """Only the sections a format leaves to the user (data: what `encode` / `eval recon` read) may be set:
     the model section is read off the weights and must describe them exactly."""
-    bad = [k for k in parse_overrides(list(overrides)) if k not in fmt.sections]
+    parsed = parse_overrides(list(overrides))
+    bad = [f"{k}.*" for k in parsed if k not in fmt.sections and k != "model"]
+    if "model" in parsed:
+        model = parsed["model"] if isinstance(parsed["model"], dict) and fmt.model_keys else {"*": None}
+        bad += [f"model.{k}" for k in model if k not in fmt.model_keys]
     if bad:
-        raise ConfigError(f"convert {fmt.name} takes overrides of {', '.join(fmt.sections)}.* only "
-                          f"(got {', '.join(bad)}.*): the model section is read from the checkpoint")
+        allowed = ", ".join([f"{s}.*" for s in fmt.sections] + [f"model.{k}" for k in fmt.model_keys])
+        raise ConfigError(f"convert {fmt.name} takes overrides of {allowed} only "
+                          f"(got {', '.join(bad)}): the model section is read from the checkpoint")
 
 
-def convert(format: str, src: str | Path, out: str | Path, overrides: Sequence[str] = ()) -> Path:
-    """Convert the published checkpoint `src` of `format` into the new run folder `out`; returns `out`."""
+def convert(format: str, src: str | Path, out: str | Path, overrides: Sequence[str] = (), *,
+            tokenizer: str | Path | None = None) -> Path:
+    """Convert the published checkpoint `src` of `format` into the new run folder `out`; returns `out`.
+
+    `tokenizer`: for a generator format (`Format.tokenizer`), the tokenizer run whose codes it models."""
     from twostage.common.hashing import file_sha256
     from twostage.convert.run_folder import check_out, write_run
 
     fmt = find_format(format)
     check_overrides(fmt, overrides)
+    if fmt.tokenizer and tokenizer is None:
+        raise ConfigError(f"convert {fmt.name} needs --tokenizer RUN: {fmt.tokenizer}")
+    if not fmt.tokenizer and tokenizer is not None:
+        raise ConfigError(f"convert {fmt.name} takes no --tokenizer (it converts a tokenizer)")
+    if tokenizer is not None and not (Path(tokenizer) / "config.yaml").is_file():
+        raise FileNotFoundError(f"--tokenizer {tokenizer} is not a run folder (it has no config.yaml)")
     src, out = Path(src), Path(out)
     if not src.is_file():
         raise FileNotFoundError(f"{src} is not a file (download it first: {fmt.download})")
     check_out(out)
-    converted = fmt.converter_fn()(src, list(overrides))
+    extra = {"tokenizer": Path(tokenizer)} if fmt.tokenizer else {}
+    converted = fmt.converter_fn()(src, list(overrides), **extra)
     converted.converted_from = {"format": fmt.name, "file": str(src.resolve()), "sha256": file_sha256(src),
                                 **converted.converted_from}
     return write_run(out, converted)

@@ -3,9 +3,13 @@
     twostage convert llamagen-vq vq_ds16_c2i.pt --out runs/llamagen_vq16 data.name=folder data.root=/data/imagenet
     twostage tokenizer encode runs/llamagen_vq16 --split val --out caches/llamagen_vq16_val
     twostage eval recon runs/llamagen_vq16 --max-images 1000
+    twostage convert llamagen-gpt c2i_B_256.pt --tokenizer runs/llamagen_vq16 --out runs/llamagen_gpt_b
+    twostage generator sample runs/llamagen_gpt_b --num 1000 --out samples/llamagen_gpt_b.npz
 
 The model section of the run's config is read off the weights; `data.key=value` overrides set the
-data that `tokenizer encode` and `eval recon` read from the run. --out must be a new or empty folder.
+data that `tokenizer encode` and `eval recon` read from the run (a generator format takes
+`sample.key=value`, and model fields the shapes cannot tell, e.g. model.heads). A generator format
+needs --tokenizer, the run whose codes it predicts. --out must be a new or empty folder.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("format", choices=list(FORMATS), metavar="FORMAT", help=f"one of: {', '.join(FORMATS)}")
     p.add_argument("src", type=Path, metavar="SRC", help="the published checkpoint file (.pt or .safetensors)")
-    p.add_argument("overrides", nargs="*", help="data.key=value, e.g. data.name=folder data.root=/data/imagenet")
+    p.add_argument("overrides", nargs="*", help="data.key=value, e.g. data.name=folder data.root=/data/imagenet "
+                                                "(a generator format: sample.key=value, model.heads=N)")
+    p.add_argument("--tokenizer", type=Path, metavar="RUN", default=None,
+                   help="generator formats: the tokenizer run whose codes the generator predicts")
     p.add_argument("--out", required=True, type=Path, help="run folder to create")
     p.set_defaults(func=cmd_convert, out_kind=OUT_FOLDER)
 
@@ -34,6 +41,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """Convert SRC into the run folder --out and say where it is."""
     from twostage.convert import convert
 
-    out = convert(args.format, args.src, args.out, args.overrides)
-    print(f"converted {args.src} ({args.format}) -> {out} (config.yaml, checkpoints/step_0000000)")
+    out = convert(args.format, args.src, args.out, args.overrides, tokenizer=args.tokenizer)
+    files = "config.yaml, model.json" if (out / "model.json").is_file() else "config.yaml"
+    print(f"converted {args.src} ({args.format}) -> {out} ({files}, checkpoints/step_0000000)")
     return 0

@@ -4,7 +4,9 @@ The folder has the layout a training run leaves (twostage/engine/run_files.py): 
 kind and a model section that rebuilds the architecture, and checkpoints/step_0000000/model.safetensors
 written by the engine's checkpoint writer (twostage/engine/checkpoint.py), keyed "<module>.<param>". Its
 state holds {"converted_from": ...} (the format, the source file and its sha256, what was dropped) in
-place of optimizer states: the weights are there to be used, not to resume a training run from.
+place of optimizer states: the weights are there to be used, not to resume a training run from. A
+generator's folder also has model.json (twostage/generators/runs.py: its vocabulary, classes, grid and
+tokenizer run), which the generator loaders and `generator sample` read.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from twostage import config as configlib
 from twostage.common.errors import UserError
 from twostage.engine import checkpoint as ckpt
+from twostage.engine.run_files import write_model_json
 
 STEP = 0  # a converted checkpoint is step 0 of its run folder
 
@@ -28,6 +31,7 @@ class Converted:
     config: Any  # the run config dataclass (a registered kind's)
     modules: dict[str, nn.Module]  # checkpoint module name -> model holding the converted weights
     converted_from: dict[str, Any]  # JSON-able record of the source, stored in the checkpoint's state
+    model_json: dict[str, Any] | None = None  # a generator run's model.json record (None: a tokenizer run)
 
 
 def check_out(out: Path) -> None:
@@ -44,6 +48,8 @@ def write_run(out: Path, converted: Converted) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ckpt.save_checkpoint(out / "checkpoints", STEP, ckpt.module_tensors(converted.modules),
                          {"converted_from": converted.converted_from}, keep=1)
+    if converted.model_json is not None:
+        write_model_json(out, converted.model_json, ())
     ckpt.write_text_atomic(out / "config.yaml", yaml.safe_dump(configlib.to_dict(converted.config), sort_keys=False))
     return out
 

@@ -9,6 +9,10 @@ the pair is rotated by the angle pos * freq_j, freq_j = base ** (-j / F): the fr
 LlamaGen's 2D RoPE (arXiv 2406.06525). Prefix tokens get angle 0, i.e. the identity, so they carry no
 position. Attention scores between rotated queries and keys then depend only on the 2D offset.
 
+`prefix_rope="zero"` gives the prefix rows cos = sin = 0 instead, which zeroes the prefix tokens'
+queries and keys: what LlamaGen's own table does (its class token rows are zeros), needed only to run
+converted LlamaGen GPT weights exactly (twostage/convert/llamagen_gpt.py).
+
 The tables are precomputed once per (prefix, grid) as cos / sin of shape (prefix + h*w, D), laid out
 per dim, so applying them is one multiply-add (one fused kernel under torch.compile).
 
@@ -39,9 +43,13 @@ def grid_positions(grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     return idx // w, idx % w
 
 
+PREFIX_ROPE = ("identity", "zero")  # what the prefix rows of the tables do to a prefix token's queries / keys
+
+
 def rope_2d_tables(grid: tuple[int, int], head_dim: int, prefix: int = 0, base: float = 10000.0,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables (prefix + h*w, head_dim) float32; the first `prefix` rows are the identity.
+                   prefix_rope: str = "identity") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables (prefix + h*w, head_dim) float32; the first `prefix` rows are the identity
+    (cos 1, sin 0), or with prefix_rope="zero" cos = sin = 0 (LlamaGen's table).
 
     Angles are computed in float64: float32 positions times the fastest frequency lose the low bits
     that distinguish far positions.
@@ -52,8 +60,13 @@ def rope_2d_tables(grid: tuple[int, int], head_dim: int, prefix: int = 0, base: 
     col_angles = cols[:, None].double() * freqs
     # Per-dim layout [row pair-first, row pair-second, col pair-first, col pair-second], each F wide.
     angles = torch.cat([row_angles, row_angles, col_angles, col_angles], dim=-1)  # (h*w, D)
+    if prefix_rope not in PREFIX_ROPE:
+        raise ValueError(f"prefix_rope must be one of {PREFIX_ROPE}, got {prefix_rope!r}")
     angles = torch.cat([torch.zeros(prefix, head_dim, dtype=torch.float64), angles])
-    return angles.cos().float(), angles.sin().float()
+    cos, sin = angles.cos(), angles.sin()
+    if prefix_rope == "zero":
+        cos[:prefix] = 0.0
+    return cos.float(), sin.float()
 
 
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -73,4 +86,4 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + rotate_pairs(xf) * sin).to(x.dtype)
 
 
-__all__ = ["rope_frequencies", "grid_positions", "rope_2d_tables", "rotate_pairs", "apply_rope"]
+__all__ = ["PREFIX_ROPE", "rope_frequencies", "grid_positions", "rope_2d_tables", "rotate_pairs", "apply_rope"]

@@ -44,6 +44,9 @@ class ARModelConfig:
     ffn_dropout: float = field(default=0.1, metadata=check(ge=0, lt=1))
     attn_dropout: float = field(default=0.0, metadata=check(ge=0, lt=1))
     rope_base: float = field(default=10000.0, metadata=check(gt=0))
+    # RoPE of the class token: identity (no position; twostage) or zero (cos = sin = 0, which zeroes its
+    # queries and keys in every layer: LlamaGen's table, set by `twostage convert llamagen-gpt`).
+    prefix_rope: str = field(default="identity", metadata=check(choices=("identity", "zero")))
     norm_eps: float = field(default=1e-5, metadata=check(gt=0))
     init_std: float = field(default=0.02, metadata=check(gt=0))
 

@@ -5,7 +5,8 @@
     ce = model(tokens, labels, per_token_loss=True)  # (B, N) float32 cross-entropy
 
 Blocks are pre-norm (RMSNorm) with fused-qkv attention through scaled_dot_product_attention (flash
-attention on GPUs), 2D RoPE on the token grid (twostage/nn/rope.py; the class prefix unrotated) and a
+attention on GPUs), 2D RoPE on the token grid (twostage/nn/rope.py; the class prefix unrotated, or with
+`model.prefix_rope=zero` its queries and keys zeroed as in LlamaGen) and a
 SwiGLU feed-forward whose gate and up projections are one matrix (twostage/nn/layers.py). The label
 embedding has num_classes + 1 rows: the last is the null class of classifier-free guidance (arXiv
 2207.12598; label dropout happens in the training task).
@@ -89,7 +90,7 @@ class ARTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(layers))
         self.norm = RMSNorm(width, cfg.norm_eps)
         self.head = nn.Linear(width, vocab_size, bias=False)
-        cos, sin = rope_2d_tables(self.grid, self.head_dim, PREFIX, cfg.rope_base)
+        cos, sin = rope_2d_tables(self.grid, self.head_dim, PREFIX, cfg.rope_base, cfg.prefix_rope)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -109,7 +110,7 @@ class ARTransformer(nn.Module):
     def _apply(self, fn, recurse=True):
         # `.to(bfloat16)` would round the RoPE tables to 3 significant digits; rebuild them in fp32.
         super()._apply(fn, recurse)
-        cos, sin = rope_2d_tables(self.grid, self.head_dim, PREFIX, self.cfg.rope_base)
+        cos, sin = rope_2d_tables(self.grid, self.head_dim, PREFIX, self.cfg.rope_base, self.cfg.prefix_rope)
         self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
         return self
 

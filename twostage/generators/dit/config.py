@@ -7,11 +7,16 @@ velocity-direction loss, AdamW lr 2e-4 betas (0.9, 0.95) no weight decay, EMA 0.
 0.1, Euler sampling with timestep shift 0.3 and a CFG interval. As with the AR generator, everything
 that depends on the cache (latent channels, grid, classes, latent statistics) is read from the cache
 when training starts and recorded in the run's model.json.
+
+Two options, off by default (a config without them trains exactly as before): `flow.shift_base_dim`,
+RAE's dimension-dependent time shift (flow.py: `dimension_shift`), and the `repa:` section, REPA's
+representation alignment of one block's tokens (repa.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from twostage.config import ConfigError, check
 from twostage.engine.config import TrainConfig
@@ -73,6 +78,35 @@ class FlowConfig:
     direction_weight: float = field(default=1.0, metadata=check(ge=0))  # velocity-direction loss; 0 = MSE only
     # Train on latents normalized per channel with the cache's mean / std (LightningDiT does).
     normalize_latents: bool = True
+    # RAE's dimension-dependent time shift (arXiv 2510.11690): alpha = sqrt(m / n), m = latent C*H*W,
+    # n = this base dimension (RAE: 4096); applied to the training times and composed with sample.shift on
+    # the sampling grid (flow.py: dimension_shift). None: off.
+    shift_base_dim: int | None = field(default=None, metadata=check(gt=0))
+
+
+@dataclass
+class RepaConfig:
+    """REPA (arXiv 2410.06940): align the tokens after block `layer` with a frozen encoder's features of
+    the clean image, through a trained MLP projector, by negative cosine (twostage/generators/dit/repa.py).
+
+    The DiT trains on latents, so the clean image is the cache's tokenizer decoding the clean latent.
+    """
+
+    enabled: bool = False
+    layer: int = field(default=8, metadata=check(gt=0))  # 1-based: the output of block `layer` (REPA: 8 on XL, 4 on B)
+    weight: float = field(default=0.5, metadata=check(ge=0))  # lambda
+    projector_dim: int = field(default=2048, metadata=check(gt=0))  # hidden width of the projector MLP
+    # Frozen feature network (twostage.backbones.load_feature_network); its spatial feature map is resampled
+    # to the DiT's token grid. effnet-lite0 is the offline default; dinov2 (REPA's) needs encoder_weights.
+    encoder: str = field(default="effnet-lite0", metadata=check(choices=("effnet-lite0", "dinov2")))
+    encoder_weights: Path | None = None
+    # Steps after which the term is off (HASTE-style early stop); None: never.
+    stop_step: int | None = field(default=None, metadata=check(gt=0))
+
+    def check(self) -> None:
+        if self.enabled and self.encoder == "dinov2" and self.encoder_weights is None:
+            raise ConfigError("repa.encoder=dinov2 needs repa.encoder_weights=PATH (a local DINOv2 checkpoint), "
+                              "or use repa.encoder=effnet-lite0 (offline default)")
 
 
 @dataclass
@@ -137,6 +171,13 @@ class DiTRunConfig:
     label_dropout: float = field(default=0.1, metadata=check(ge=0, le=1))
     val: DiTValConfig = field(default_factory=DiTValConfig)
     sample: DiTSampleConfig = field(default_factory=DiTSampleConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
+
+    def check(self) -> None:
+        layers = self.model.shape[0]
+        if self.repa.enabled and self.repa.layer > layers:
+            raise ConfigError(f"repa.layer={self.repa.layer} (1-based block index) but the model has {layers} "
+                              f"blocks; choose 1..{layers}")
 
 
-__all__ = ["DIT_SHAPES", "DiTModelConfig", "FlowConfig", "DiTOptimConfig", "DiTTrainConfig", "DiTSampleConfig", "DiTValConfig", "DiTRunConfig"]
+__all__ = ["DIT_SHAPES", "DiTModelConfig", "FlowConfig", "RepaConfig", "DiTOptimConfig", "DiTTrainConfig", "DiTSampleConfig", "DiTValConfig", "DiTRunConfig"]

@@ -9,7 +9,9 @@ TIME CONVENTION (the only place it is defined; everything in twostage uses it):
 
 `NOISE_T` and `DATA_T` name the two ends so code never hard-codes which end is which. The timestep
 shift t' = s t / (1 + (s - 1) t) is written for this data-side convention: s < 1 moves the points of
-a time grid towards the noise end (LightningDiT samples with s = 0.3).
+a time grid towards the noise end (LightningDiT samples with s = 0.3). RAE's dimension-dependent
+shift alpha = sqrt(m / n), written for noise-at-one time, is this same map with s = 1 / alpha
+(`dimension_shift`); shifts compose by multiplying s.
 
 Training losses: the MSE between predicted and target velocity plus LightningDiT's velocity-direction
 loss, mean over positions of 1 - cos(v_hat, v) with the cosine taken over the channel axis. All
@@ -19,6 +21,8 @@ functions are elementwise tensor code without host synchronization.
 from __future__ import annotations
 
 from typing import Callable
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +82,24 @@ def shift_time(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
+def dimension_shift(latent_dim: int, base_dim: int | None) -> float:
+    """RAE's dimension-dependent time shift (arXiv 2510.11690) as the s of `shift_time`: sqrt(n / m).
+
+    RAE writes it with sigma = 1 as noise: alpha = sqrt(m / n), m = latent C*H*W, n = base_dim, and
+    sigma' = alpha sigma / (1 + (alpha - 1) sigma). With sigma = 1 - t and t' = 1 - sigma':
+        t' = 1 - alpha (1 - t) / (1 + (alpha - 1)(1 - t)) = t / (alpha - (alpha - 1) t)
+           = (t / alpha) / (1 + (1 / alpha - 1) t) = shift_time(t, 1 / alpha).
+    So alpha > 1 (a latent larger than the base) gives s < 1: times move towards t = 0, the noise end.
+    In odds, t' / (1 - t') = s t / (1 - t): two shifts compose into their product, the inverse of s is
+    1 / s. base_dim None: 1.0 (off).
+    """
+    if base_dim is None:
+        return 1.0
+    if latent_dim <= 0 or base_dim <= 0:
+        raise ValueError(f"dimensions must be > 0, got latent {latent_dim} and base {base_dim}")
+    return math.sqrt(base_dim / latent_dim)
+
+
 def velocity_direction_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Per-sample mean over positions of 1 - cos(pred, target), cosine over channels (dim 1). (N,)."""
     cos = F.cosine_similarity(pred.float(), target.float(), dim=1, eps=eps)
@@ -102,4 +124,4 @@ def flow_losses(pred: torch.Tensor, target: torch.Tensor, direction_weight: floa
 
 
 __all__ = ["NOISE_T", "DATA_T", "TIME_SAMPLERS", "interpolate", "velocity_target", "sample_time", "shift_time",
-           "velocity_direction_loss", "flow_losses"]
+           "dimension_shift", "velocity_direction_loss", "flow_losses"]

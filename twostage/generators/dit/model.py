@@ -2,6 +2,7 @@
 
     model = DIT_MODELS["B"](in_channels=32, grid=(16, 16), num_classes=1000, patch_size=1)
     v = model(x_t, t, labels)          # x_t (N, C, H, W), t (N,) in [0, 1] (1 = data), labels (N,)
+    v, h = model(x_t, t, labels, hidden_at=4)   # also the tokens (N, T, width) after block 4 (1-based; REPA)
 
 Architecture: patchify (a linear map of p x p patches) + fixed 2D sin-cos positions -> blocks ->
 AdaLN-modulated final norm -> linear -> unpatchify. Each block is pre-norm with RMSNorm, modulated by
@@ -142,6 +143,9 @@ class LightningDiT(nn.Module):
             cos, sin = rope_2d_tables(self.tokens_grid, width // heads, prefix=0, base=cfg.rope_base)
             self.register_buffer("rope_cos", cos[:, None, None], persistent=False)
             self.register_buffer("rope_sin", sin[:, None, None], persistent=False)
+        # The dimension-dependent time shift (flow.dimension_shift) the network trains with; not a weight:
+        # set by task.build_model from the run config, read by task.generate_latents for the sampling grid.
+        self.time_shift: float = 1.0
         self.reset_parameters()
 
     @property
@@ -173,8 +177,13 @@ class LightningDiT(nn.Module):
         x = x.reshape(n, gh, gw, c, p, p).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(n, c, gh * p, gw * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Velocity (N, C, H, W) at x_t; t (N,) in [0, 1] with 1 = data (see flow.py)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, hidden_at: int | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Velocity (N, C, H, W) at x_t; t (N,) in [0, 1] with 1 = data (see flow.py).
+
+        hidden_at k (1-based): also return the tokens (N, T, width) after block k, T in patch-grid
+        row-major order (REPA aligns them, repa.py).
+        """
         if x.shape[1:] != (self.in_channels, *self.grid):
             raise ValueError(f"expected latents (N, {self.in_channels}, {self.grid[0]}, {self.grid[1]}), "
                              f"got {tuple(x.shape)}")
@@ -183,10 +192,18 @@ class LightningDiT(nn.Module):
             h = h + self.pos.to(h.dtype)
         c = F.silu(self.t_embed(t) + self.y_embed(labels))
         rope = (self.rope_cos, self.rope_sin) if self.cfg.rope else None
-        for block in self.blocks:
+        hidden = None
+        for i, block in enumerate(self.blocks, start=1):
             h = block(h, c, rope)
+            if i == hidden_at:
+                hidden = h
         shift, scale = self.final_ada(c).unsqueeze(1).chunk(2, dim=-1)
-        return self.unpatchify(self.final(modulate(rms_norm(h, self.eps), shift, scale)))
+        v = self.unpatchify(self.final(modulate(rms_norm(h, self.eps), shift, scale)))
+        if hidden_at is None:
+            return v
+        if hidden is None:
+            raise ValueError(f"hidden_at={hidden_at}: the model has blocks 1..{len(self.blocks)}")
+        return v, hidden
 
     # -- accounting -----------------------------------------------------------------------------------
 

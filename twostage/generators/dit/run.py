@@ -145,7 +145,9 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     protocol = {
         "num_samples": num, "label_sampling": "balanced", "sampler": f"flow-{settings['sampler']}",
         "steps": settings["steps"], "nfe": evaluations(settings["steps"], settings["sampler"]),
-        "timestep_shift": settings["shift"], "cfg_scale": settings["cfg_scale"],
+        # the grid's shift: the sampling setting times the dimension-dependent shift the run trained with
+        "timestep_shift": settings["shift"] * model.time_shift, "sample_shift": settings["shift"],
+        "dimension_shift": model.time_shift, "cfg_scale": settings["cfg_scale"],
         "cfg_interval": list(settings["cfg_interval"]), "cfg_channels": "all",
         "time_convention": "t=0 noise, t=1 data", "seed": seed, "batch_size": batch,
         "precision": "bf16" if use_bf16 else "fp32", "weights": info["weights"], "step": info["step"],

@@ -27,7 +27,11 @@ VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 def time_grid(steps: int, shift: float = 1.0) -> list[float]:
-    """steps + 1 increasing times from NOISE_T to DATA_T, uniform then shifted (host floats)."""
+    """steps + 1 increasing times from NOISE_T to DATA_T, uniform then shifted (host floats).
+
+    `shift` is the one s of flow.shift_time; a run trained with RAE's dimension-dependent shift passes
+    sample.shift times flow.dimension_shift (shifts compose by multiplying; generate_latents does this).
+    """
     if steps < 1:
         raise ValueError(f"need at least one sampling step, got {steps}")
     return [float(shift_time(NOISE_T + (DATA_T - NOISE_T) * i / steps, shift)) for i in range(steps + 1)]

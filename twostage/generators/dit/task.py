@@ -5,6 +5,11 @@ the null class with probability `label_dropout`, draw t (logit-normal) and noise
 velocity x_1 - eps at x_t (MSE + velocity-direction loss, LightningDiT arXiv 2501.01423; time
 convention in flow.py). The EMA copy of "dit" is what checkpoints sample from.
 
+Options (off by default): `flow.shift_base_dim` shifts the drawn times with RAE's dimension-dependent
+shift (flow.dimension_shift; the same shift multiplies the sampling shift in `generate_latents`), and
+`repa.enabled` adds REPA's alignment term, logged as flow/repa, with its projector as a second trained
+module "repa" (repa.py: the clean images are the cache's tokenizer decoding the clean latents).
+
 At each checkpoint (the engine forks the RNG around it, so the training RNG stream is untouched): a validation
 flow loss with fixed noise and times (comparable across runs and steps) logged and written to
 RUN/val/step_XXXXXXX.json, the training compute so far, and a grid of samples decoded by the cache's
@@ -27,12 +32,15 @@ from twostage.engine.task import OptimSpec, Phase, PhaseContext, TaskBase
 from twostage.engine.run_files import write_val_record
 from twostage.generators import runs
 from twostage.generators.dit.config import DiTRunConfig
-from twostage.generators.dit.flow import flow_losses, interpolate, sample_time, velocity_target
+from twostage.generators.dit.flow import (dimension_shift, flow_losses, interpolate, sample_time, shift_time,
+                                          velocity_target)
 from twostage.generators.dit.model import LightningDiT
+from twostage.generators.dit.repa import Projector, RepaTargets, repa_active, repa_loss
 from twostage.generators.dit.sampler import guided_velocity, solve
-from twostage.generators.outputs import Decoder, LazyDecoder, balanced_labels, save_image_grid
+from twostage.generators.outputs import Decoder, LazyDecoder, balanced_labels, load_decoder, save_image_grid
 
 MODULE = "dit"  # key prefix of the model's weights in checkpoints
+REPA = "repa"  # key prefix of REPA's projector (only in runs with repa.enabled; not part of the generator)
 ARCH_KEYS = ("layers", "width", "heads", "patch_size", "channels", "grid", "num_classes")  # one model per folder
 
 
@@ -76,7 +84,9 @@ class LatentSpace:
 
 
 def build_model(cfg: DiTRunConfig, space: LatentSpace) -> LightningDiT:
-    return LightningDiT(cfg.model, space.channels, space.grid, space.num_classes)
+    model = LightningDiT(cfg.model, space.channels, space.grid, space.num_classes)
+    model.time_shift = dimension_shift(space.channels * space.grid[0] * space.grid[1], cfg.flow.shift_base_dim)
+    return model
 
 
 @torch.no_grad()
@@ -88,7 +98,8 @@ def generate_latents(model: nn.Module, labels: torch.Tensor, *, steps: int, samp
 
     cfg_scale follows the one guidance rule (twostage/generators/guidance.py; 1 = none). The noise is
     `noise` when given, else drawn from `generator`. `model` may be a compiled wrapper; then pass
-    `noise` and `null_label` (the wrapper need not expose the model's attributes).
+    `noise` and `null_label` (the wrapper need not expose the model's attributes). The grid's shift is
+    `shift` times the model's `time_shift` (the dimension-dependent shift it trained with; 1 when off).
     """
     device = labels.device
     if noise is None:
@@ -99,19 +110,32 @@ def generate_latents(model: nn.Module, labels: torch.Tensor, *, steps: int, samp
     dtype = torch.bfloat16 if precision == "bf16" else None
     ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     with ctx:
-        return solve(fn, noise, steps, sampler, shift).float()
+        return solve(fn, noise, steps, sampler, shift * getattr(model, "time_shift", 1.0)).float()
 
 
 class DiTTask(TaskBase):
     record: dict[str, Any] | None = None  # RUN/model.json (runs.model_record + latent statistics), at on_start
 
     def __init__(self, cfg: DiTRunConfig, space: LatentSpace, *, val_dataset=None,
-                 decoder: Callable[[torch.device], Decoder | None] | None = None) -> None:
-        """`decoder(device)` makes the checkpoint-grid decoder (de-normalized latents -> images in
-        [-1, 1]) at the first checkpoint; default: the cache's tokenizer."""
+                 decoder: Callable[[torch.device], Decoder | None] | None = None,
+                 repa_network: nn.Module | None = None) -> None:
+        """`decoder(device)` makes the decoder (de-normalized latents -> images in [-1, 1]) of the
+        checkpoint grids, at the first checkpoint, and of REPA's targets, at the first step; default: the
+        cache's tokenizer. `repa_network` replaces the feature network named by repa.encoder."""
         self.cfg, self.space = cfg, space
         self.model = build_model(cfg, space)
         self.modules: dict[str, nn.Module] = {MODULE: self.model}
+        self.repa: RepaTargets | None = None
+        if cfg.repa.enabled:
+            r = cfg.repa
+            if decoder is None and not space.tokenizer_run:
+                raise ConfigError("repa.enabled needs the tokenizer run that wrote the cache (to decode latents "
+                                  "into images), and the cache names none")
+            decode = decoder or (lambda device: load_decoder(space.tokenizer_run, device,
+                                                             space.tokenizer_checksum).decode)
+            self.repa = RepaTargets.build(r.encoder, r.encoder_weights, decode, self.model.tokens_grid,
+                                          network=repa_network)
+            self.modules[REPA] = Projector(self.model.width, r.projector_dim, self.repa.channels)
         self.val_dataset = val_dataset
         self.decoder = (LazyDecoder.from_tokenizer_run(space.tokenizer_run, space.tokenizer_checksum)
                         if decoder is None else LazyDecoder(decoder))
@@ -123,7 +147,7 @@ class DiTTask(TaskBase):
     # -- Task protocol --------------------------------------------------------------------------------
 
     def optimizers(self) -> dict[str, OptimSpec]:
-        return {MODULE: OptimSpec([MODULE], self.cfg.optim)}
+        return {MODULE: OptimSpec([MODULE, REPA] if self.repa is not None else [MODULE], self.cfg.optim)}
 
     def phases(self) -> list[Phase]:
         return [Phase("flow", [MODULE], self.flow_loss)]
@@ -150,6 +174,11 @@ class DiTTask(TaskBase):
         mean, std = self._device_stats(latents.device)
         return latents.float() * std + mean
 
+    def shift_times(self, t: torch.Tensor) -> torch.Tensor:
+        """Drawn times after the dimension-dependent shift (unchanged when it is off)."""
+        s = self.model.time_shift
+        return t if s == 1.0 else shift_time(t, s)
+
     def _losses(self, model: nn.Module, x1: torch.Tensor, labels: torch.Tensor, t: torch.Tensor,
                 noise: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pred = model(interpolate(x1, noise, t), t, labels)
@@ -157,15 +186,26 @@ class DiTTask(TaskBase):
 
     def flow_loss(self, ctx: PhaseContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         latents, labels = ctx.batch
-        x1 = self.normalize(latents.to(ctx.device, non_blocking=True))
+        latents = latents.to(ctx.device, non_blocking=True)
+        x1 = self.normalize(latents)
         labels = labels.to(ctx.device, non_blocking=True).long()
         n = x1.shape[0]
         if self.cfg.label_dropout > 0:  # classifier-free guidance: learn the unconditional model on the null class
             drop = torch.rand(n, device=ctx.device) < self.cfg.label_dropout
             labels = torch.where(drop, torch.full_like(labels, self.space.num_classes), labels)
         f = self.cfg.flow
-        t = sample_time(n, kind=f.time_sampling, mean=f.logit_mean, std=f.logit_std, device=ctx.device)
-        return self._losses(ctx.models[MODULE], x1, labels, t, torch.randn_like(x1))
+        t = self.shift_times(sample_time(n, kind=f.time_sampling, mean=f.logit_mean, std=f.logit_std,
+                                         device=ctx.device))
+        noise = torch.randn_like(x1)
+        r = self.cfg.repa
+        if self.repa is None or not repa_active(ctx.step, r.stop_step):
+            return self._losses(ctx.models[MODULE], x1, labels, t, noise)
+        features = self.repa(latents.float())  # (N, T, D): decoder + encoder, frozen, no gradients
+        pred, hidden = ctx.models[MODULE](interpolate(x1, noise, t), t, labels, hidden_at=r.layer)
+        loss, logs = flow_losses(pred, velocity_target(x1, noise), f.direction_weight)
+        align = repa_loss(ctx.models[REPA](hidden), features)
+        logs["repa"] = align.detach()
+        return loss + r.weight * align, logs
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
@@ -183,7 +223,8 @@ class DiTTask(TaskBase):
             x1 = self.normalize(torch.stack([torch.as_tensor(a) for a, _ in items]).to(device))
             labels = torch.tensor([int(b) for _, b in items], device=device)
             g = torch.Generator().manual_seed(v.seed * 1_000_003 + start)
-            t = sample_time(len(items), kind=f.time_sampling, mean=f.logit_mean, std=f.logit_std, generator=g)
+            t = self.shift_times(sample_time(len(items), kind=f.time_sampling, mean=f.logit_mean, std=f.logit_std,
+                                             generator=g))
             noise = torch.randn(x1.shape, generator=g)
             loss, logs = self._losses(model, x1, labels, t.to(device), noise.to(device))
             for key, value in {"loss": loss, **logs}.items():
@@ -223,4 +264,4 @@ class DiTTask(TaskBase):
         save_image_grid(decode(self.denormalize(z)), runs.grid_path(run_dir, step))
 
 
-__all__ = ["MODULE", "ARCH_KEYS", "DiTTask", "LatentSpace", "build_model", "generate_latents"]
+__all__ = ["MODULE", "REPA", "ARCH_KEYS", "DiTTask", "LatentSpace", "build_model", "generate_latents"]
