@@ -50,7 +50,7 @@ from twostage import config as configlib
 from twostage.config import parse_overrides
 from twostage.convert import ConversionError
 from twostage.convert.run_folder import Converted
-from twostage.convert.source import read_state_dict
+from twostage.convert.source import gather_state, listing, read_state_dict
 from twostage.data.token_cache import CacheMeta
 from twostage.generators.ar.config import AR_SHAPES, ARRunConfig
 from twostage.generators.ar.model import ARTransformer
@@ -112,11 +112,6 @@ def permute_qk(wqkv: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(3 * width, width)
 
 
-def _listing(keys: Sequence[str], n: int = 4) -> str:
-    shown = ", ".join(keys[:n])
-    return f"{shown} and {len(keys) - n} more" if len(keys) > n else shown
-
-
 def peer_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(the state without torch.compile's prefix and without the non-weights, the dropped keys)."""
     state = {k[len(COMPILED):] if k.startswith(COMPILED) else k: v for k, v in state.items()}
@@ -128,10 +123,10 @@ def architecture(state: dict[str, torch.Tensor], src: Path, heads: int | None) -
     """The `model` section (ARModelConfig fields) and the vocab / classes of the GPT in `state`."""
     missing = [k for k in ANCHORS if k not in state]
     if missing:
-        found = f"{len(state)} tensor{'' if len(state) == 1 else 's'}, e.g. {_listing(sorted(state), 3) or 'none'}"
+        found = f"{len(state)} tensor{'' if len(state) == 1 else 's'}, e.g. {listing(sorted(state), 3) or 'none'}"
         hint = " (a text-conditional model?)" if any(k.startswith("cls_embedding.cap_proj") for k in state) else ""
         raise ConversionError(f"{src} is not a LlamaGen class-conditional GPT state dict{hint}: it has no "
-                              f"{_listing(missing)} ({found})")
+                              f"{listing(missing)} ({found})")
     vocab, width = state["tok_embeddings.weight"].shape
     layers = 0
     while f"layers.{layers}.attention.wqkv.weight" in state:
@@ -164,26 +159,9 @@ def architecture(state: dict[str, torch.Tensor], src: Path, heads: int | None) -
 def mapped_state(model: ARTransformer, state: dict[str, torch.Tensor], src: Path) -> dict[str, torch.Tensor]:
     """`model`'s state dict filled from the LlamaGen tensors; every tensor of `state` used."""
     ours = model.state_dict()
-    sources = {key: peer_keys(key) for key in ours}
-    used = {name for names in sources.values() for name in names}
-    missing = sorted(used - set(state))
-    unknown = sorted(set(state) - used)
-    if missing or unknown:
-        parts = ([f"it lacks {_listing(missing)}"] if missing else []) + \
-                ([f"it has tensors no LlamaGen GPT of this shape has: {_listing(unknown)}"] if unknown else [])
-        raise ConversionError(f"{src} does not match the LlamaGen GPT architecture its shapes describe: "
-                              + "; ".join(parts))
+    out = gather_state(ours, {key: peer_keys(key) for key in ours}, state, src, "LlamaGen GPT of this shape")
     heads = model.cfg.shape[2]
-    out = {}
-    for key, names in sources.items():
-        want = (ours[key].shape[0] // len(names), *ours[key].shape[1:])
-        for name in names:
-            if tuple(state[name].shape) != want:
-                raise ConversionError(f"{src}: {name} has shape {tuple(state[name].shape)}; the architecture read "
-                                      f"from the other tensors needs {want}")
-        tensor = torch.cat([state[n] for n in names]) if len(names) > 1 else state[names[0]]
-        out[key] = permute_qk(tensor, heads) if key.endswith(".attn.qkv.weight") else tensor
-    return out
+    return {key: permute_qk(t, heads) if key.endswith(".attn.qkv.weight") else t for key, t in out.items()}
 
 
 def tokenizer_meta(tokenizer: Path, vocab: int, num_classes: int, src: Path) -> CacheMeta:

@@ -41,7 +41,7 @@ import torch
 from twostage import config as configlib
 from twostage.convert import ConversionError
 from twostage.convert.run_folder import Converted
-from twostage.convert.source import read_state_dict
+from twostage.convert.source import gather_state, listing, read_state_dict
 from twostage.tokenizers.base import MODULE
 from twostage.tokenizers.vq.config import VQRunConfig
 from twostage.tokenizers.vq.model import VQModel
@@ -80,11 +80,6 @@ def peer_keys(key: str) -> list[str]:
     return [key]
 
 
-def _listing(keys: Sequence[str], n: int = 4) -> str:
-    shown = ", ".join(keys[:n])
-    return f"{shown} and {len(keys) - n} more" if len(keys) > n else shown
-
-
 def _level_widths(state: dict[str, torch.Tensor], side: str) -> list[int]:
     """Output channels of the first res block of each level of the encoder or decoder, in key order."""
     widths = []
@@ -104,8 +99,8 @@ def architecture(state: dict[str, torch.Tensor], src: Path) -> dict:
     """The `model` section (VQConfig fields) of the LlamaGen VQ model whose weights `state` holds."""
     missing = [k for k in ANCHORS if k not in state]
     if missing:
-        found = f"{len(state)} tensor{'' if len(state) == 1 else 's'}, e.g. {_listing(sorted(state), 3) or 'none'}"
-        raise ConversionError(f"{src} is not a LlamaGen VQ tokenizer state dict: it has no {_listing(missing)} "
+        found = f"{len(state)} tensor{'' if len(state) == 1 else 's'}, e.g. {listing(sorted(state), 3) or 'none'}"
+        raise ConversionError(f"{src} is not a LlamaGen VQ tokenizer state dict: it has no {listing(missing)} "
                               f"({found})")
     base, in_channels = state["encoder.conv_in.weight"].shape[:2]
     encoder, decoder = _level_widths(state, "encoder"), _level_widths(state, "decoder")[::-1]
@@ -133,24 +128,7 @@ def architecture(state: dict[str, torch.Tensor], src: Path) -> dict:
 def mapped_state(model: VQModel, state: dict[str, torch.Tensor], src: Path) -> dict[str, torch.Tensor]:
     """`model`'s state dict filled from the LlamaGen tensors; every tensor of `state` used or in DROPPED."""
     ours = model.state_dict()
-    sources = {key: peer_keys(key) for key in ours}
-    used = {name for names in sources.values() for name in names}
-    missing = sorted(used - set(state))
-    unknown = sorted(set(state) - used - set(DROPPED))
-    if missing or unknown:
-        parts = ([f"it lacks {_listing(missing)}"] if missing else []) + \
-                ([f"it has tensors no LlamaGen VQ model has: {_listing(unknown)}"] if unknown else [])
-        raise ConversionError(f"{src} does not match the LlamaGen VQ architecture its shapes describe: "
-                              + "; ".join(parts))
-    out = {}
-    for key, names in sources.items():
-        want = (ours[key].shape[0] // len(names), *ours[key].shape[1:])
-        for name in names:
-            if tuple(state[name].shape) != want:
-                raise ConversionError(f"{src}: {name} has shape {tuple(state[name].shape)}; the architecture read "
-                                      f"from the other tensors needs {want}")
-        out[key] = torch.cat([state[n] for n in names]) if len(names) > 1 else state[names[0]]
-    return out
+    return gather_state(ours, {key: peer_keys(key) for key in ours}, state, src, "LlamaGen VQ model", DROPPED)
 
 
 def convert_llamagen_vq(src: Path, overrides: Sequence[str]) -> Converted:

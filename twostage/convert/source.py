@@ -48,4 +48,34 @@ def _torch_load(path: Path) -> Any:
         raise ConversionError(f"{path} cannot be read as a weights-only torch checkpoint: {first}") from None
 
 
-__all__ = ["read_state_dict"]
+def listing(keys: Sequence[str], n: int = 4) -> str:
+    """The first n keys, and how many more: for one-line error messages."""
+    shown = ", ".join(keys[:n])
+    return f"{shown} and {len(keys) - n} more" if len(keys) > n else shown
+
+
+def gather_state(ours: dict[str, torch.Tensor], sources: dict[str, list[str]], state: dict[str, torch.Tensor],
+                 src: Path, what: str, ignored: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Our state dict from the peer's: `sources[key]` names the peer tensors that make our `key` (several
+    are concatenated along dim 0, e.g. separate q, k, v into one fused qkv). Every peer tensor is used or
+    in `ignored`; a missing, extra or misshapen tensor is one ConversionError naming it (`what`: the
+    architecture, e.g. "LlamaGen VQ model")."""
+    used = {name for names in sources.values() for name in names}
+    missing = sorted(used - set(state))
+    unknown = sorted(set(state) - used - set(ignored))
+    if missing or unknown:
+        parts = ([f"it lacks {listing(missing)}"] if missing else []) + \
+                ([f"it has tensors no {what} has: {listing(unknown)}"] if unknown else [])
+        raise ConversionError(f"{src} does not match the {what} architecture its shapes describe: " + "; ".join(parts))
+    out = {}
+    for key, names in sources.items():
+        want = (ours[key].shape[0] // len(names), *ours[key].shape[1:])
+        for name in names:
+            if tuple(state[name].shape) != want:
+                raise ConversionError(f"{src}: {name} has shape {tuple(state[name].shape)}; the architecture read "
+                                      f"from the other tensors needs {want}")
+        out[key] = torch.cat([state[n] for n in names]) if len(names) > 1 else state[names[0]]
+    return out
+
+
+__all__ = ["read_state_dict", "listing", "gather_state"]
