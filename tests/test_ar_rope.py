@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from twostage.nn.rope import apply_rope, rope_2d_tables, rope_frequencies
@@ -67,3 +68,17 @@ def test_tables_without_a_prefix_are_the_grid_rows_of_the_prefixed_ones():
     cos0, sin0 = rope_2d_tables((3, 4), 16)
     cos1, sin1 = rope_2d_tables((3, 4), 16, prefix=1)
     assert cos0.shape == (12, 16) and torch.equal(cos0, cos1[1:]) and torch.equal(sin0, sin1[1:])
+
+
+def test_a_zero_prefix_erases_the_class_tokens_queries_and_keys():
+    """prefix_rope="zero" (LlamaGen's table, for converted checkpoints): the prefix rows are cos = sin = 0,
+    so the rotated query / key of the class token vanish; the grid rows are those of the default table."""
+    cos, sin = rope_2d_tables((2, 3), 8, prefix=1, prefix_rope="zero")
+    ref_cos, ref_sin = rope_2d_tables((2, 3), 8, prefix=1)
+    assert torch.equal(cos[1:], ref_cos[1:]) and torch.equal(sin[1:], ref_sin[1:])
+    x = torch.randn(2, 7, 1, 8)  # (batch, prefix + h*w, heads, head_dim)
+    out = apply_rope(x, cos[:, None], sin[:, None])
+    assert torch.count_nonzero(out[:, 0]) == 0
+    assert torch.equal(out[:, 1:], apply_rope(x, ref_cos[:, None], ref_sin[:, None])[:, 1:])
+    with pytest.raises(ValueError, match="prefix_rope"):
+        rope_2d_tables((2, 3), 8, prefix=1, prefix_rope="none")
