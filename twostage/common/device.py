@@ -1,6 +1,8 @@
-"""One rule for turning a device name into a torch.device."""
+"""One rule for turning a device name into a torch.device, and one for naming the hardware behind it."""
 
 from __future__ import annotations
+
+import platform
 
 import torch
 
@@ -25,4 +27,11 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
-__all__ = ["resolve_device"]
+def device_name(device: torch.device) -> str:
+    """The hardware a device is: the GPU's name, or the CPU's (what run records and protocols say)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+__all__ = ["resolve_device", "device_name"]

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -42,9 +41,9 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import twostage
 from twostage import config as configlib
 from twostage.engine import checkpoint as ckpt
+from twostage.engine.run_files import run_environment
 from twostage.engine.task import Phase, PhaseContext, Task, TaskBase
 
 
@@ -64,6 +63,7 @@ class StackedModule(nn.Module):
         base = modules[0]
         self.names = [name for name, _ in base.named_parameters()]
         shapes = {name: p.shape for name, p in base.named_parameters()}
+        shared = dict(base.named_buffers())
         params = []
         for k, module in enumerate(modules):
             named = dict(module.named_parameters())
@@ -72,7 +72,7 @@ class StackedModule(nn.Module):
                 raise ValueError(f"replica {k} has another architecture than replica 0 (parameters "
                                  f"{', '.join(differ[:4]) or 'names'} differ); replicas must share one model shape")
             for name, buffer in module.named_buffers():
-                if not torch.equal(buffer, dict(base.named_buffers())[name]):
+                if not torch.equal(buffer, shared[name]):
                     raise ValueError(f"replica {k}'s buffer {name} differs from replica 0's; replicas share buffers")
             params.append(named)
         self.weights = nn.ParameterList(
@@ -163,7 +163,6 @@ class ReplicaTask(TaskBase):
         self.tasks, self.run_dirs, self.configs = tasks, [Path(d) for d in run_dirs], configs
         self.modules: dict[str, nn.Module] = {
             name: StackedModule([t.modules[name] for t in tasks]) for name in first.modules}
-        self.device_name = ""
 
     @property
     def replicas(self) -> int:
@@ -204,18 +203,15 @@ class ReplicaTask(TaskBase):
     # -- run folders of the replicas --------------------------------------------------------------------
 
     def on_start(self, run_dir: Path, resumed: bool) -> None:
-        first = next(iter(self.modules.values()))
-        device = next(first.parameters()).device
-        self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-            platform.processor() or platform.machine())
         import yaml
 
+        first = next(iter(self.modules.values()))
+        environment = run_environment(next(first.parameters()).device)
         for k, (task, out, cfg) in enumerate(zip(self.tasks, self.run_dirs, self.configs)):
             out.mkdir(parents=True, exist_ok=True)
             task.on_start(out, resumed)
             ckpt.write_text_atomic(out / "config.yaml", yaml.safe_dump(configlib.to_dict(cfg), sort_keys=False))
-            meta = {"twostage": twostage.__version__, "torch": torch.__version__,
-                    "python": platform.python_version(), "device": str(device), "device_name": self.device_name,
+            meta = {**environment,
                     "replica_of": {"run": str(Path(run_dir).resolve()), "index": k, "replicas": self.replicas}}
             ckpt.write_text_atomic(out / "run.json", json.dumps(meta, indent=2))
 
@@ -226,15 +222,13 @@ class ReplicaTask(TaskBase):
         has_ema = any(models[n] is not self.modules[n] for n in self.modules)
         keep = int(self.configs[0].train.keep_checkpoints)
         for k, (task, out) in enumerate(zip(self.tasks, self.run_dirs)):
-            own = {n: m.replica(k) for n, m in models.items()}
+            own = {n: m.replica(k) for n, m in models.items()}  # EMA copies when the run keeps them
             for key, value in (task.on_checkpoint(step, out, own) or {}).items():
                 logs[f"{key}_r{k}"] = float(value)
-            raw = {f"{n}.{key}": t.cpu().contiguous() for n, m in self.modules.items()
-                   for key, t in m.replica_state(k).items()}
-            ema = ({f"{n}.{key}": t.cpu().contiguous() for n, m in models.items()
-                    for key, t in m.replica_state(k).items()} if has_ema else None)
+            raw = {n: m.replica(k) for n, m in self.modules.items()} if has_ema else own
             state = {"replica_of": str(Path(run_dir).resolve()), "replica": k, "replicas": self.replicas}
-            ckpt.save_checkpoint(out / "checkpoints", step, raw, state, ema=ema, keep=keep,
+            ckpt.save_checkpoint(out / "checkpoints", step, ckpt.module_tensors(raw), state,
+                                 ema=ckpt.module_tensors(own) if has_ema else None, keep=keep,
                                  protect=self.configs[0].train.ckpt_at)
         return logs
 

@@ -22,6 +22,7 @@ from typing import Any, Iterable
 import torch
 import yaml
 
+from twostage.common.device import device_name
 from twostage.common.errors import UserError
 from twostage.common.hashing import file_sha256
 from twostage.engine import checkpoint as ckpt
@@ -128,6 +129,16 @@ def write_model_json(run_dir: str | Path, info: dict[str, Any], arch_keys: Itera
     ckpt.write_text_atomic(path, json.dumps(info, indent=2, default=list))
 
 
+def run_environment(device: torch.device) -> dict[str, Any]:
+    """What run.json records of the software and hardware a run trained with."""
+    import platform
+
+    import twostage
+
+    return {"twostage": twostage.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device), "device_name": device_name(device)}
+
+
 def write_val_record(run_dir: str | Path, step: int, record: dict[str, Any]) -> Path:
     """RUN/val/step_XXXXXXX.json = {"step": step, **record}: what a run measured on held-out data at a
     checkpoint (a generator's loss, a tokenizer's PSNR / rFD), with its protocol where it has one."""
@@ -144,4 +155,5 @@ def _plain(value: Any) -> Any:
 
 
 __all__ = ["RunLoadError", "RunWeights", "WEIGHTS", "recorded_kind", "checkpoint_path", "strip_prefixes",
-           "load_run_weights", "load_state_strict", "read_model_json", "write_model_json", "write_val_record"]
+           "load_run_weights", "load_state_strict", "read_model_json", "write_model_json", "write_val_record",
+           "run_environment"]

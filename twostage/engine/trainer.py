@@ -48,7 +48,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import random
 import time
 from pathlib import Path
@@ -60,7 +59,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import twostage
 from twostage import config as configlib
 from twostage.engine import checkpoint as ckpt
 from twostage.engine.config import TrainConfig
@@ -68,6 +66,7 @@ from twostage.engine.distributed import World, barrier, init_world, mean_across_
 from twostage.engine.ema import EMA
 from twostage.engine.optim import build_optimizer, build_scheduler
 from twostage.engine.replicas import clip_per_replica_
+from twostage.engine.run_files import run_environment
 from twostage.engine.run_log import RunLog
 from twostage.engine.task import PhaseContext, Task
 
@@ -243,8 +242,7 @@ class _Trainer:
             ckpt.write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.full_config, sort_keys=False))
             params = {n: sum(p.numel() for p in m.parameters()) for n, m in self.task.modules.items()}
             meta: dict[str, Any] = {
-                "twostage": twostage.__version__, "torch": torch.__version__, "python": platform.python_version(),
-                "device": str(self.device), "device_name": _device_name(self.device), "world_size": self.world.size,
+                **run_environment(self.device), "world_size": self.world.size,
                 "precision": "bf16" if self.autocast_dtype else "fp32", "parameters": params,
             }
             history = _read_changes(self.run_dir / "run.json")
@@ -303,16 +301,8 @@ class _Trainer:
             seed_everything(self.cfg.seed + self.world.rank)  # per-rank streams for dropout / noise
             return False
         step, model, state, ema = ckpt.load_checkpoint(path)
-        if "converted_from" in state:
-            raise ckpt.CheckpointError(
-                f"{path} holds converted weights ({state['converted_from'].get('format', 'another format')}, "
-                "`twostage convert`) without an optimizer state, so there is no run to resume in this folder; "
-                "train into a new --out folder.")
-        if "replica_of" in state:
-            raise ckpt.CheckpointError(
-                f"{path} is replica {state.get('replica')} of the joint run {state['replica_of']} (K replicas trained "
-                "as one): it holds weights only. Resume the joint run (the same `generator train` command with "
-                "all its --out folders and --pack), or train into a new --out folder.")
+        if "optimizers" not in state:
+            raise ckpt.CheckpointError(_weights_only_message(path, state))
         ckpt.load_module_tensors(self.task.modules, {k: v.to(self.device) for k, v in model.items()})
         if self.ema:
             if ema is None:
@@ -585,10 +575,18 @@ def _progress(cfg: TrainConfig, start: int, world: World):
     return tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+def _weights_only_message(path: Path, state: dict[str, Any]) -> str:
+    """Why a checkpoint without optimizer state cannot be resumed, and what to do instead, by its origin."""
+    if "replica_of" in state:
+        return (f"{path} is replica {state.get('replica')} of the joint run {state['replica_of']} (K replicas trained "
+                "as one): it holds weights only. Resume the joint run (the same `generator train` command with "
+                "all its --out folders and --pack), or train into a new --out folder.")
+    if "converted_from" in state:
+        origin = state["converted_from"].get("format", "another format")
+        return (f"{path} holds converted weights ({origin}, `twostage convert`) without an optimizer state, so "
+                "there is no run to resume in this folder; train into a new --out folder.")
+    return (f"{path} holds weights without an optimizer state, so there is no run to resume in this folder; "
+            "train into a new --out folder.")
 
 
 def _abs_sums(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

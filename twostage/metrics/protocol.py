@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 import twostage
+from twostage.common.device import device_name
 
 __all__ = ["Protocol", "metric_name", "device_description", "write_result"]
 
@@ -50,9 +50,8 @@ def metric_name(kind: str, network: str) -> str:
 def device_description(device: str | torch.device | None = None) -> str:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    cpu = platform.processor() or platform.machine()
-    return f"cpu:{cpu} ({torch.get_num_threads()} threads)"
+        return f"cuda:{device_name(device)}"
+    return f"cpu:{device_name(device)} ({torch.get_num_threads()} threads)"
 
 
 @dataclass
