@@ -6,7 +6,7 @@ replicas are not batched from one shared loader; `StackedLoader` runs K ordinary
 replica and seed, and stacks their batches along a new leading axis:
 
     data = StackedDatasets([CacheDataset(cache, seed=s) for s in seeds], seeds)
-    loader = build_loader(data, batch_size=per_rank, ...)   # twostage/data/loader.py
+    loader = build_loader(data, batch_size=per_rank, ...)   # twostage/data/train_loader.py
     tokens, labels = next(loader)                            # (K, B, L), (K, B)
 
 A StackedLoader's position is the list of its loaders' positions, so it resumes exactly whenever
@@ -58,23 +58,23 @@ class StackedDatasets:
             raise ConfigError("StackedDatasets needs at least one replica (got no datasets)")
         if len(self.datasets) != len(self.seeds):
             raise ConfigError(f"StackedDatasets got {len(self.datasets)} datasets but {len(self.seeds)} seeds; "
-                            "give one seed per replica")
+                              "give one seed per replica")
         first, length = _signature(self.datasets[0][0]), len(self.datasets[0])
         for i, (dataset, seed) in enumerate(zip(self.datasets, self.seeds)):
             if isinstance(dataset, CacheDataset) and dataset.seed != seed:
                 raise ConfigError(f"replica {i}: {_name(dataset)} was opened with seed {dataset.seed} but the "
-                                f"replica's seed is {seed}; open it as CacheDataset(folder, seed={seed}) so its "
-                                "variants are those of a separate run")
+                                  f"replica's seed is {seed}; open it as CacheDataset(folder, seed={seed}) so its "
+                                  "variants are those of a separate run")
             if i == 0:
                 continue
             if len(dataset) != length:
                 raise ConfigError(f"replica {i}: {_name(dataset)} has {len(dataset)} items, replica 0 "
-                                f"({_name(self.datasets[0])}) has {length}; stacked replicas need equal lengths")
+                                  f"({_name(self.datasets[0])}) has {length}; stacked replicas need equal lengths")
             signature = _signature(dataset[0])
             if signature != first:
                 raise ConfigError(f"replica {i}: {_name(dataset)} has items {signature}, replica 0 "
-                                f"({_name(self.datasets[0])}) has {first}; stacked replicas need items of one "
-                                "structure, shape and dtype")
+                                  f"({_name(self.datasets[0])}) has {first}; stacked replicas need items of one "
+                                  "structure, shape and dtype")
 
     @property
     def replicas(self) -> int:

@@ -18,18 +18,13 @@ import json
 
 from twostage import config as configlib
 from twostage.config import ConfigError
-from twostage.study.jobs import Job, Stage, tokenizer_id
+from twostage.study.jobs import Job, Stage, config_without, tokenizer_id
 from twostage.study.spec import ResolvedGenerator
-
-MODES = ("separate", "longest")
-
 
 def budget_key(gen: ResolvedGenerator) -> str:
     """Runs with equal keys differ only in their budget (train.steps)."""
-    data = configlib.to_dict(gen.config)
-    data["train"] = {k: v for k, v in data["train"].items() if k != "steps"}
-    return json.dumps({"generator": data, "preset": gen.preset, "tokenizer": tokenizer_id(gen.tokenizer)},
-                      sort_keys=True, default=str)
+    return configlib.config_hash({"generator": config_without(gen.config, "steps"), "preset": gen.preset,
+                                  "tokenizer": tokenizer_id(gen.tokenizer)})
 
 
 def branch_jobs(gens: list[ResolvedGenerator], gen_jobs: list[Job]) -> None:
@@ -66,4 +61,4 @@ def branch_jobs(gens: list[ResolvedGenerator], gen_jobs: list[Job]) -> None:
             short.deps = [job.id, *[d for d in short.deps if not d.startswith("tok-")]]
 
 
-__all__ = ["MODES", "budget_key", "branch_jobs"]
+__all__ = ["budget_key", "branch_jobs"]

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run only this job id (repeatable; its dependencies must be done); no table")
     p.add_argument("--gpus", type=int, default=None,
                    help="spread jobs over this many GPUs (default: all visible; 1 GPU and 1 job per GPU: in-process)")
-    p.add_argument("--jobs-per-gpu", type=_positive, default=1,
+    p.add_argument("--jobs-per-gpu", type=_at_least(1), default=1,
                    help="jobs sharing one GPU at a time (small models leave most of an H100 idle; default 1)")
     p.add_argument("--dry-run", action="store_true", help="list the jobs and their finished stages; run nothing")
     p.set_defaults(func=cmd_run)
@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r = sub.add_parser("report", help="verdicts, fits, compute-optimal frontiers and figures from DIR/results.parquet")
     r.add_argument("dir", type=Path, help="study folder holding results.parquet")
     r.add_argument("--out", type=Path, default=None, help="report folder (default DIR/report)")
-    r.add_argument("--bootstrap", type=_count, default=1000,
+    r.add_argument("--bootstrap", type=_at_least(0), default=1000,
                    help="resamples per fit, for the residual and the seed bootstrap (0: covariance intervals only)")
     r.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     r.add_argument("--fit-points", choices=("frontier", "all"), default="frontier",
@@ -71,11 +71,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.set_defaults(func=cmd_demo)
 
 
-def _count(text: str) -> int:
-    n = int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
+def _at_least(minimum: int):
+    """An argparse type: an integer >= minimum (a bad value is argparse's one-line usage error)."""
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {n}")
+        return n
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return parse
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -83,13 +87,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     from twostage.study.report import cmd_report as report
 
     return report(args)
-
-
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -98,20 +98,23 @@ def tokenizer_id(tok: ResolvedTokenizer) -> str:
     return configlib.config_hash(tok.config)
 
 
-def _without_seed(config: Any) -> dict:
+def config_without(config: Any, *train_keys: str) -> dict:
+    """The config as a dict without these `train` keys: what runs that differ only in them share (a
+    grid cell: all seeds; a pack of replicas; the budgets of one run)."""
     data = configlib.to_dict(config)
-    data["train"] = {k: v for k, v in data["train"].items() if k != "seed"}
+    data["train"] = {k: v for k, v in data["train"].items() if k not in train_keys}
     return data
 
 
 def tokenizer_cell(tok: ResolvedTokenizer) -> str:
     """The tokenizer's point on the study grid, the same for all its seeds (replicates share it)."""
-    return configlib.config_hash(_without_seed(tok.config))
+    return configlib.config_hash(config_without(tok.config, "seed"))
 
 
 def generator_cell(gen: ResolvedGenerator) -> str:
     """The generator run's point on the grid (tokenizer cell, size, budget, ...), the same for all seeds."""
-    return configlib.config_hash({"generator": _without_seed(gen.config), "tokenizer": tokenizer_cell(gen.tokenizer)})
+    return configlib.config_hash({"generator": config_without(gen.config, "seed"),
+                                  "tokenizer": tokenizer_cell(gen.tokenizer)})
 
 
 def cache_settings(spec: StudySpec) -> dict:
@@ -218,5 +221,5 @@ def generator_job(spec: StudySpec, gen: ResolvedGenerator, paths: Paths, ref: Jo
     return Job(f"gen-{gid}", "generator", run, stages, deps=deps, label=f"{gen.tokenizer.label} / {gen.label}")
 
 
-__all__ = ["Stage", "Job", "Paths", "eval_suffix", "tokenizer_id", "generator_id", "fingerprint",
+__all__ = ["Stage", "Job", "Paths", "config_without", "eval_suffix", "tokenizer_id", "generator_id", "fingerprint",
            "read_marker", "write_marker", "clear_markers_after", "job_done", "tokenizer_cell", "generator_cell"]

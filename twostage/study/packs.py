@@ -12,28 +12,23 @@ evaluate, after their pack job has trained them.
 
 from __future__ import annotations
 
-import json
 from twostage import config as configlib
-from twostage.study.jobs import Job, Paths, Stage, generator_id, tokenizer_id
+from twostage.study.jobs import Job, Paths, Stage, config_without, generator_id, tokenizer_id
 from twostage.study.spec import ResolvedGenerator, StudySpec
-
-MODES = ("separate", "replicas")
-
 
 def pack_key(gen: ResolvedGenerator) -> str:
     """Runs with equal keys can be replicas of one joint run: the generator config apart from its seed,
     and what fixes the shape of the tokenizer's cache (kind, tokens per image, codebook size or latent
     channels, data settings)."""
-    data = configlib.to_dict(gen.config)
-    data["train"] = {k: v for k, v in data["train"].items() if k != "seed"}
     tok = gen.tokenizer
     cols = tok.config.study_columns()
     shape = {"kind": tok.kind, "tokens": tok.tokens_per_image, "codebook_size": cols.get("codebook_size"),
              "latent_channels": cols.get("latent_channels"), "data": configlib.to_dict(tok.config.data)}
-    return json.dumps({"generator": data, "preset": gen.preset, "cache_shape": shape}, sort_keys=True, default=str)
+    return configlib.config_hash({"generator": config_without(gen.config, "seed"), "preset": gen.preset,
+                                  "cache_shape": shape})
 
 
-def _without_seed(overrides: list[str]) -> list[str]:
+def _without_seed_override(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.startswith("train.seed=")]
 
 
@@ -57,7 +52,7 @@ def pack_jobs(spec: StudySpec, gens: list[ResolvedGenerator], gen_jobs: list[Job
         folder = paths.root / "packs" / pid
         tids = [tokenizer_id(gens[i].tokenizer) for i in chosen]
         train = next(s for s in gen_jobs[chosen[0]].stages if s.name == "train").argv
-        argv = [*_without_seed(train[:train.index("--tokens")]),  # the run's own command, e.g. with train.ckpt_at
+        argv = [*_without_seed_override(train[:train.index("--tokens")]),  # the run's own command, e.g. with train.ckpt_at
                 "--tokens", *[str(paths.cache(t, "train")) for t in tids],
                 "--val-tokens", *[str(paths.cache(t, "val")) for t in tids],
                 "--out", *[str(gen_jobs[i].folder) for i in chosen],
@@ -77,4 +72,4 @@ def pack_jobs(spec: StudySpec, gens: list[ResolvedGenerator], gen_jobs: list[Job
     return packs
 
 
-__all__ = ["MODES", "pack_key", "pack_jobs"]
+__all__ = ["pack_key", "pack_jobs"]
