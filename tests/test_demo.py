@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import yaml
 
+from test_faults_support import npz_splits
 from twostage import cli
 from twostage.study import commands
 from twostage.study import runner as runner_mod
@@ -101,12 +101,7 @@ TINY_VQ = ["model.base_channels=8", "model.channel_mult=[1,2,2]", "model.enc_res
 def test_demo_end_to_end_on_tiny_data_fits_a_law_per_tokenizer(tmp_path, monkeypatch):
     """The demo's path with a tiny spec: 2 tokenizers x 4 budgets as parallel subprocess jobs, then a
     report whose every series has a fitted law for both tokenizers and no 'not enough points'."""
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 32), ("val", 16)):
-        np.savez(data / f"{split}.npz", images=rng.integers(0, 256, size=(n, 16, 16), dtype=np.uint8),
-                 labels=np.arange(n) % 4)
+    data = npz_splits(tmp_path / "data", train=32, val=16)
     spec = {
         "name": "demo-tiny", "data": {"name": "npz", "root": str(data), "image_size": 16},
         "tokenizer": {"steps": 2, "overrides": [*TINY_VQ, *TRAIN], "encode_batch_size": 16, "num_workers": 0},

@@ -19,7 +19,7 @@ import yaml
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from test_faults_support import (AR_TRAIN, TINY_DATA, TINY_TRAIN, TINY_VQ, assert_bit_identical,  # noqa: E402
-                                 log_text, make_npz, run, start, token_cache, train_tokenizer)
+                                 log_text, make_npz, npz_splits, run, start, token_cache, train_tokenizer)
 
 from twostage import cli  # noqa: E402
 from twostage import config as configlib  # noqa: E402
@@ -113,12 +113,7 @@ def tiny_study(data: Path) -> dict:
 def test_sigkill_during_a_study_stage_resumes_and_finishes(tmp_path, monkeypatch):
     from twostage.study.table import read_table
 
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("val", 8)):
-        np.savez(data / f"{split}.npz", images=rng.integers(0, 256, size=(n, 16, 16), dtype=np.uint8),
-                 labels=np.arange(n) % 4)
+    data = npz_splits(tmp_path / "data", train=16, val=8)
     spec_file = tmp_path / "study.yaml"
     spec_file.write_text(yaml.safe_dump(tiny_study(data)))
     monkeypatch.setenv("TWOSTAGE_CACHE", str(tmp_path / "cache"))  # reference statistics stay in the test

@@ -55,6 +55,17 @@ def token_cache(folder: Path, n: int = 24, seed: int = 0, checksum: str = "abc")
     return write_arrays(folder, meta, np.stack([plain, plain[:, ::-1]], axis=1), labels)
 
 
+def npz_splits(folder: Path, train: int, val: int) -> Path:
+    """`folder` with train.npz / val.npz of random grayscale 16x16 images, 4 classes: the data of the
+    tiny studies the tests run (an `npz` dataset root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("val", val)):
+        np.savez(folder / f"{split}.npz", images=rng.integers(0, 256, size=(n, 16, 16), dtype=np.uint8),
+                 labels=np.arange(n) % 4)
+    return folder
+
+
 def make_npz(folder: Path, n: int = 12, seed: int = 0) -> Path:
     """Random grayscale 16x16 images with 3 classes."""
     folder.mkdir(parents=True, exist_ok=True)

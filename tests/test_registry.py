@@ -6,11 +6,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 import toy_kind
+from test_faults_support import npz_splits
 from twostage import cli, registry
 from twostage.config import ConfigError
 from twostage.study.runner import run_study
@@ -45,12 +45,7 @@ def pool_kind():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pool_data")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 24), ("val", 8)):
-        np.savez(folder / f"{split}.npz", images=rng.integers(0, 256, size=(n, 16, 16), dtype=np.uint8),
-                 labels=np.arange(n) % 4)
-    return folder
+    return npz_splits(tmp_path_factory.mktemp("pool_data"), train=24, val=8)
 
 
 TRAIN = {"steps": 3, "batch_size": 4, "ckpt_every": 3, "log_every": 1, "num_workers": 0, "device": "cpu",

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
+from test_faults_support import npz_splits
 from twostage import cli
 from twostage.config import ConfigError
 from twostage.generators.dit.model import ffn_hidden, forward_flops_per_image
@@ -46,12 +47,7 @@ def tiny_spec(data) -> dict:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("study_data")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 32), ("val", 12)):
-        np.savez(folder / f"{split}.npz", images=rng.integers(0, 256, size=(n, 16, 16), dtype=np.uint8),
-                 labels=np.arange(n) % 4)
-    return folder
+    return npz_splits(tmp_path_factory.mktemp("study_data"), train=32, val=12)
 
 
 @pytest.fixture(autouse=True)
