@@ -29,11 +29,8 @@ Made with commit ce98ec41803a74a90ce68c40ababa9eaeffeb4ec (2024-06-30) of Founda
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,24 +41,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_convert_llamagen_vq import golden_tensor, golden_values, weights_sha256  # noqa: E402
 
+from peer import load_peer  # noqa: E402
+
 PEER_FILES = ("autoregressive/models/gpt.py", "utils/drop_path.py")
 LAYERS, WIDTH, HEADS, VOCAB, CLASSES, GRID = 2, 64, 4, 64, 10, 4
 LABELS = [3, 7, CLASSES, 0]  # CLASSES: the null class
 SEED = 0
-
-
-def load_peer(git_dir: Path, rev: str) -> tuple[object, str]:
-    """LlamaGen's gpt module at `rev` (imported from an exported copy) and the full commit hash."""
-    commit = subprocess.run(["git", "--git-dir", str(git_dir), "rev-parse", f"{rev}^{{commit}}"], check=True,
-                            capture_output=True, text=True).stdout.strip()
-    root = Path(tempfile.mkdtemp())
-    for name in PEER_FILES:
-        text = subprocess.run(["git", "--git-dir", str(git_dir), "show", f"{commit}:{name}"], check=True,
-                              capture_output=True, text=True).stdout
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
-    sys.path.insert(0, str(root))
-    return importlib.import_module("autoregressive.models.gpt"), commit
 
 
 def build(peer) -> torch.nn.Module:
@@ -108,7 +93,7 @@ def main() -> None:
     parser.add_argument("--rev", default="HEAD")
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "golden")
     args = parser.parse_args()
-    peer, commit = load_peer(args.peer_git, args.rev)
+    peer, commit = load_peer(args.peer_git, args.rev, PEER_FILES, "autoregressive.models.gpt")
     tensors, meta = golden(peer)
     meta.update({"peer": f"FoundationVision/LlamaGen {PEER_FILES[0]}", "peer_commit": commit,
                  "torch": torch.__version__})

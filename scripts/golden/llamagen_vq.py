@@ -24,11 +24,8 @@ Made with commit ce98ec41803a74a90ce68c40ababa9eaeffeb4ec (2024-06-30) of Founda
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -39,25 +36,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_convert_llamagen_vq import golden_tensor, golden_values, weights_sha256  # noqa: E402
 
+from peer import load_peer  # noqa: E402
+
 PEER_FILE = "tokenizer/tokenizer_image/vq_model.py"
 LAYOUTS = {"vq16": [1, 1, 2, 2, 4], "vq8": [1, 2, 2, 4]}
 WIDTH, Z_CHANNELS, CODEBOOK, CODE_DIM = 32, 16, 64, 8
 IMAGES, SIZE, SEED = 6, 32, 0
 MIN_MARGIN = 1e-4  # nearest-code distance gap below which rounding could flip a code between implementations
-
-
-def load_peer(git_dir: Path, rev: str) -> tuple[object, str]:
-    """LlamaGen's vq_model module at `rev` and the full commit hash."""
-    commit = subprocess.run(["git", "-C", str(git_dir), "rev-parse", f"{rev}^{{commit}}"], check=True,
-                            capture_output=True, text=True).stdout.strip()
-    text = subprocess.run(["git", "-C", str(git_dir), "show", f"{commit}:{PEER_FILE}"], check=True,
-                          capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "vq_model.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("llamagen_vq_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, commit
 
 
 def build(peer, mult: list[int]) -> torch.nn.Module:
@@ -109,7 +94,7 @@ def main() -> None:
     parser.add_argument("--rev", default="HEAD")
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "golden")
     args = parser.parse_args()
-    peer, commit = load_peer(args.peer_git, args.rev)
+    peer, commit = load_peer(args.peer_git, args.rev, [PEER_FILE], "tokenizer.tokenizer_image.vq_model")
     args.out.mkdir(parents=True, exist_ok=True)
     for name, mult in LAYOUTS.items():
         tensors, meta = golden(peer, mult)
