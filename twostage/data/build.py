@@ -3,7 +3,8 @@
 Split names are "train" and "val" for every dataset:
   - fashion-mnist: the official train (60k) and test (10k) sets;
   - folder: root/train and root/val when present, else a deterministic split of root by val_fraction;
-  - npz: root/train.npz and root/val.npz when root is a folder, else a split of the file by val_fraction.
+  - npz: root/train.npz and root/val.npz when root is a folder, else a split of the file by val_fraction;
+  - emoji: its train and test splits (whole emoji held out; twostage/data/emoji.py).
 Only "train" gets random flips; "val" is never augmented.
 """
 
@@ -67,6 +68,10 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
         fm = fashion_mnist.load(cfg.root)
         images, labels = fm.split(split)
         return ArrayDataset(images, labels, transform, class_names=fm.class_names, source=fm.source)
+    if cfg.name == "emoji":
+        from twostage.data import emoji
+
+        return emoji.build_dataset(cfg.root, split, transform)
     if not cfg.root:
         raise DataError(f"data.name={cfg.name} needs data.root")
     root = Path(cfg.root).expanduser()
@@ -91,7 +96,7 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
             classes = _class_folders(root / "train") or None  # the label ids must match train's
             return folder(root / "val", class_names=classes)
         return _split(folder(root), cfg, split, str(root))
-    raise DataError(f"unknown dataset name '{cfg.name}'; use fashion-mnist, folder or npz")
+    raise DataError(f"unknown dataset name '{cfg.name}'; use fashion-mnist, emoji, folder or npz")
 
 
 @dataclass
@@ -108,6 +113,10 @@ class DatasetInfo:
 def describe(cfg: DataConfig, scan: bool = False) -> DatasetInfo:
     """Counts per split, shapes, classes and provenance; `scan` checks every image of a folder."""
     notes: list[str] = []
+    if cfg.name == "emoji":
+        from twostage.data import emoji
+
+        return emoji.describe(cfg)
     if cfg.name == "fashion-mnist":
         fm = fashion_mnist.load(cfg.root)
         notes.extend(fm.actions)

@@ -3,6 +3,7 @@
     twostage data info fashion-mnist            # counts, shapes, classes, where the files came from
     twostage data info folder --root /data/imagenet --val-fraction 0.01 --scan
     twostage data prepare fashion-mnist         # fetch (apt-get download / URLs), decode, cache
+    twostage data info emoji                    # + counts per class and style, sources, sample grids
 
 Both return an exit code (0 ok, 1 data problem) and print data problems as one clear message.
 """
@@ -35,16 +36,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=DATASET_NAMES, help="dataset kind")
-    p.add_argument("--root", help="fashion-mnist: folder with the idx files; folder: image root; npz: .npz file or folder")
+    p.add_argument("--root", help="fashion-mnist: folder with the idx files; emoji: folder with the four sources "
+                                  "(laid out like the cache); folder: image root; npz: .npz file or folder")
     p.add_argument("--val-fraction", type=float, default=0.0, help="folder/npz without a val set: fraction held out")
-    p.add_argument("--image-size", type=int, default=32, help="model input size (for the output shape shown)")
+    p.add_argument("--image-size", type=int, help="model input size (for the output shape shown; default 32, "
+                                                   "emoji: 64)")
     p.add_argument("--channels", type=int, default=3, choices=(1, 3))
     p.add_argument("--resize", default="pad", choices=("pad", "resize_crop"))
 
 
 def _config(args: argparse.Namespace) -> DataConfig:
     cfg = DataConfig(
-        name=args.name, root=args.root, image_size=args.image_size, channels=args.channels,
+        name=args.name, root=args.root, image_size=args.image_size or (64 if args.name == "emoji" else 32),
+        channels=args.channels,
         resize=args.resize, val_fraction=args.val_fraction,
     )  # fmt: skip
     validate(cfg, "data")
@@ -53,6 +57,11 @@ def _config(args: argparse.Namespace) -> DataConfig:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print what `build_dataset` would give for this dataset."""
+    if args.name == "emoji":  # per class and style, sources and licences, sample grids
+        from twostage.data import emoji_report
+
+        cfg = _config(args)
+        return emoji_report.cmd_info(cfg.root, cfg.image_size)
     info = describe(_config(args), scan=args.scan)
     h, w, c = info.image_shape
     print(f"dataset:      {info.name}")
@@ -72,6 +81,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Fetch, decode and cache (fashion-mnist); list and check a folder or npz file (others)."""
     cfg = _config(args)
+    if cfg.name == "emoji":
+        from twostage.data import emoji_report
+
+        return emoji_report.cmd_prepare(cfg.root, cfg.image_size)
     if cfg.name == "fashion-mnist":
         fm = fashion_mnist.load(cfg.root)
         for action in fm.actions or ["nothing to do"]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from twostage.config import ConfigError, check
 
-DATASET_NAMES = ("fashion-mnist", "folder", "npz")
+DATASET_NAMES = ("fashion-mnist", "folder", "npz", "emoji")
 
 
 @dataclass
@@ -38,10 +38,11 @@ class DataConfig:
         if self.name in ("folder", "npz") and not self.root:
             example = "/data/imagenet" if self.name == "folder" else "/data/images.npz"
             raise ConfigError(f"data.name={self.name} needs data.root (e.g. data.root={example})")
-        if self.name == "fashion-mnist" and self.val_fraction > 0:
+        if self.name in ("fashion-mnist", "emoji") and self.val_fraction > 0:
+            which = "official 10k test set" if self.name == "fashion-mnist" else "test split (held-out emoji)"
             raise ConfigError(
-                "data.val_fraction applies to folder/npz data only: fashion-mnist's val split is its "
-                "official 10k test set; set data.val_fraction=0"
+                f"data.val_fraction applies to folder/npz data only: {self.name}'s val split is its "
+                f"{which}; set data.val_fraction=0"
             )
 
 

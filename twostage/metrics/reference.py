@@ -1,6 +1,6 @@
 """Reference statistics per dataset split, cached on disk together with the protocol that made them.
 
-A reference is named like `fashion-mnist:test`, `fashion-mnist:train`, `folder:/data/imagenet:val`,
+A reference is named like `fashion-mnist:test`, `fashion-mnist:train`, `emoji:test`, `folder:/data/imagenet:val`,
 `npz:/data/images.npz:val` (split names: train, val; "test" is an alias of val, which for
 Fashion-MNIST *is* the official test set). A path to an .npz file is accepted too (`reference_stats`):
 - a statistics file written by `ReferenceStats.save` (`eval stats --out`, the cache), which serves only
@@ -61,17 +61,17 @@ class ReferenceStatsError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class ReferenceSpec:
-    dataset: str  # fashion-mnist | folder | npz
+    dataset: str  # fashion-mnist | emoji | folder | npz
     root: str | None
     split: str  # train | val
     text: str  # as the user wrote it
 
 
 def parse_reference(spec: str) -> ReferenceSpec:
-    """'fashion-mnist:test' | 'folder:/path[:split]' | 'npz:/path.npz[:split]'."""
+    """'fashion-mnist:test' | 'emoji:test' | 'folder:/path[:split]' | 'npz:/path.npz[:split]'."""
     name, _, rest = spec.partition(":")
     name = name.lower()
-    if name == "fashion-mnist":
+    if name in ("fashion-mnist", "emoji"):  # built-in datasets: a split name, no path
         split = rest or "test"
         if split not in SPLIT_ALIASES:
             raise ReferenceStatsError(f"reference {spec!r}: unknown split {split!r}; use train or test (= val)")
@@ -84,7 +84,7 @@ def parse_reference(spec: str) -> ReferenceSpec:
         if not root:
             raise ReferenceStatsError(f"reference {spec!r} needs a path, e.g. {name}:/data/imagenet:val")
         return ReferenceSpec(name, root, split, spec)
-    raise ReferenceStatsError(f"unknown reference {spec!r}; use fashion-mnist:test, fashion-mnist:train, "
+    raise ReferenceStatsError(f"unknown reference {spec!r}; use fashion-mnist:test, fashion-mnist:train, emoji:test, "
                               f"folder:/path[:train|val], npz:/path.npz[:train|val], a statistics .npz file or "
                               f"an ADM reference batch")
 
@@ -231,6 +231,10 @@ def reference_stats(
         "image_size": image_size, "resize": resize, "channels": "rgb", "max_images": max_images,
         "precision": precision, **net.protocol(),
     }
+    if ref.dataset == "emoji":  # its pixels depend on the sources' versions: another build's statistics are stale
+        from twostage.data.emoji import content_id
+
+        protocol["data_build"] = content_id(image_size)
     key = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:16]
     fname = f"{ref.dataset}-{ref.split}-{image_size}px-{net.name}-{precision}-{key}.npz"
     path = Path(cache_dir) / fname if cache_dir else _cache_dir() / fname
