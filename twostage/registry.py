@@ -164,6 +164,10 @@ register_tokenizer(TokenizerKind(
     name="kl", config="twostage.tokenizers.kl.config:KLRunConfig", task="twostage.tokenizers.kl.task:KLTokenizerTask",
     tokenizer="twostage.tokenizers.kl.tokenizer:KLTokenizer", cache="latents",
     summary="KL-VAE with continuous latents, optional VA-VAE foundation alignment"))
+register_tokenizer(TokenizerKind(
+    name="rae", config="twostage.tokenizers.rae.config:RAERunConfig",
+    task="twostage.tokenizers.rae.task:RAETokenizerTask", tokenizer="twostage.tokenizers.rae.tokenizer:RAETokenizer",
+    cache="latents", summary="representation autoencoder: frozen pretrained encoder, trained ViT decoder (RAE)"))
 register_generator(GeneratorKind(
     name="ar", config="twostage.generators.ar.config:ARRunConfig", task="twostage.generators.ar.run:build_task",
     load="twostage.generators.ar.run:load_run", sample="twostage.generators.ar.run:sample_run", cache="tokens",
