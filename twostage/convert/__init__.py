@@ -5,6 +5,7 @@
     tok = twostage.load_tokenizer("runs/llamagen_vq16")
     tc.convert("llamagen-gpt", "c2i_B_256.pt", "runs/llamagen_gpt_b", tokenizer="runs/llamagen_vq16")
     gen, info = twostage.load_generator("runs/llamagen_gpt_b")
+    tc.convert("vavae", "vavae-imagenet256-f16d32-dinov2.pt", "runs/vavae")   # also ldm-kl, diffusers-kl
 
 A converted checkpoint is an ordinary run folder (config.yaml and checkpoints/step_0000000/, written by
 twostage/convert/run_folder.py; a generator's also model.json, naming the tokenizer run given with
@@ -39,6 +40,7 @@ class Format:
     sections: tuple[str, ...] = ("data",)  # config sections a user may set (the rest comes from the weights)
     model_keys: tuple[str, ...] = ()  # model fields a user may set: what the weights' shapes cannot tell
     tokenizer: str = ""  # what --tokenizer must name, for a generator format ("": it takes none)
+    latent_stats: str = ""  # what --latent-stats must name, for a format that needs it ("": it takes none)
 
     def converter_fn(self) -> Callable:
         module, _, attr = self.converter.partition(":")
@@ -61,6 +63,36 @@ FORMATS: dict[str, Format] = {
                         "listed in LlamaGen's README)",
                sections=("sample",), model_keys=("heads",),
                tokenizer="the VQ tokenizer run whose codes the GPT predicts (e.g. `twostage convert llamagen-vq`)"),
+        Format(name="lightningdit", converter="twostage.convert.lightningdit:convert_lightningdit",
+               summary="LightningDiT-B / L / XL (also 1.0B, 1.6B; hustvl/LightningDiT) -> a dit generator run "
+                       "(needs --tokenizer: the KL run of its latents, e.g. from vavae; and --latent-stats)",
+               download="https://huggingface.co/hustvl/lightningdit-xl-imagenet256-800ep/resolve/main/"
+                        "lightningdit-xl-imagenet256-800ep.pt (XL/1, also -64ep), with latents_stats.pt from "
+                        "https://huggingface.co/hustvl/vavae-imagenet256-f16d32-dinov2/resolve/main/latents_stats.pt",
+               sections=("sample",), model_keys=("heads",),
+               tokenizer="the KL tokenizer run whose latents the DiT models (e.g. `twostage convert vavae`)",
+               latent_stats="the channel-wise latent statistics it was trained with (LightningDiT's latents_stats.pt)"),
+        Format(name="vavae", converter="twostage.convert.ldm_kl:convert_vavae",
+               summary="VA-VAE f16d32 (hustvl/LightningDiT, the LDM KL autoencoder aligned to DINOv2) -> a kl "
+                       "tokenizer run (alignment tensors dropped; model.encode_posterior=mean for mean latents)",
+               download="https://huggingface.co/hustvl/vavae-imagenet256-f16d32-dinov2/resolve/main/"
+                        "vavae-imagenet256-f16d32-dinov2.pt",
+               model_keys=("scaling_factor", "shift_factor", "encode_posterior")),
+        Format(name="ldm-kl", converter="twostage.convert.ldm_kl:convert_ldm_kl",
+               summary="LDM / Stable Diffusion KL autoencoders, original CompVis layout (encoder.down.0.block...; "
+                       "also a full LatentDiffusion checkpoint's first_stage_model) -> a kl tokenizer run "
+                       "(SD's latent space: model.scaling_factor=0.18215)",
+               download="https://huggingface.co/stabilityai/sd-vae-ft-mse-original/resolve/main/"
+                        "vae-ft-mse-840000-ema-pruned.safetensors (SD VAE); https://ommer-lab.com/files/"
+                        "latent-diffusion/kl-f8.zip (LDM kl-f4 / f8 / f16 / f32, model.ckpt inside)",
+               model_keys=("scaling_factor", "shift_factor", "encode_posterior")),
+        Format(name="diffusers-kl", converter="twostage.convert.ldm_kl:convert_diffusers_kl",
+               summary="diffusers AutoencoderKL (encoder.down_blocks.0.resnets...; its config.json beside the "
+                       "weights gives norm groups and latent scaling) -> a kl tokenizer run",
+               download="https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/"
+                        "diffusion_pytorch_model.safetensors with config.json from the same folder (any "
+                        "AutoencoderKL repository's vae/ folder)",
+               model_keys=("scaling_factor", "shift_factor", "encode_posterior", "norm_groups")),
     )
 }
 
@@ -89,10 +121,12 @@ def check_overrides(fmt: Format, overrides: Sequence[str]) -> None:
 
 
 def convert(format: str, src: str | Path, out: str | Path, overrides: Sequence[str] = (), *,
-            tokenizer: str | Path | None = None) -> Path:
+            tokenizer: str | Path | None = None, latent_stats: str | Path | None = None) -> Path:
     """Convert the published checkpoint `src` of `format` into the new run folder `out`; returns `out`.
 
-    `tokenizer`: for a generator format (`Format.tokenizer`), the tokenizer run whose codes it models."""
+    `tokenizer`: for a generator format (`Format.tokenizer`), the tokenizer run whose codes it models.
+    `latent_stats`: for a format that needs them (`Format.latent_stats`), the file of the latent statistics
+    the generator was trained with."""
     from twostage.common.hashing import file_sha256
     from twostage.convert.run_folder import check_out, write_run
 
@@ -102,6 +136,10 @@ def convert(format: str, src: str | Path, out: str | Path, overrides: Sequence[s
         raise ConfigError(f"convert {fmt.name} needs --tokenizer RUN: {fmt.tokenizer}")
     if not fmt.tokenizer and tokenizer is not None:
         raise ConfigError(f"convert {fmt.name} takes no --tokenizer (it converts a tokenizer)")
+    if fmt.latent_stats and latent_stats is None:
+        raise ConfigError(f"convert {fmt.name} needs --latent-stats FILE: {fmt.latent_stats}")
+    if not fmt.latent_stats and latent_stats is not None:
+        raise ConfigError(f"convert {fmt.name} takes no --latent-stats")
     if tokenizer is not None and not (Path(tokenizer) / "config.yaml").is_file():
         raise FileNotFoundError(f"--tokenizer {tokenizer} is not a run folder (it has no config.yaml)")
     src, out = Path(src), Path(out)
@@ -109,6 +147,8 @@ def convert(format: str, src: str | Path, out: str | Path, overrides: Sequence[s
         raise FileNotFoundError(f"{src} is not a file (download it first: {fmt.download})")
     check_out(out)
     extra = {"tokenizer": Path(tokenizer)} if fmt.tokenizer else {}
+    if fmt.latent_stats:
+        extra["latent_stats"] = Path(latent_stats)
     converted = fmt.converter_fn()(src, list(overrides), **extra)
     converted.converted_from = {"format": fmt.name, "file": str(src.resolve()), "sha256": file_sha256(src),
                                 **converted.converted_from}

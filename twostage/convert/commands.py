@@ -5,10 +5,14 @@
     twostage eval recon runs/llamagen_vq16 --max-images 1000
     twostage convert llamagen-gpt c2i_B_256.pt --tokenizer runs/llamagen_vq16 --out runs/llamagen_gpt_b
     twostage generator sample runs/llamagen_gpt_b --num 1000 --out samples/llamagen_gpt_b.npz
+    twostage convert vavae vavae-imagenet256-f16d32-dinov2.pt --out runs/vavae      # KL autoencoders:
+    twostage convert ldm-kl vae-ft-mse-840000-ema-pruned.safetensors --out runs/sd_vae model.scaling_factor=0.18215
+    twostage convert diffusers-kl vae/diffusion_pytorch_model.safetensors --out runs/sd_vae_d   # reads vae/config.json
 
 The model section of the run's config is read off the weights; `data.key=value` overrides set the
 data that `tokenizer encode` and `eval recon` read from the run (a generator format takes
-`sample.key=value`, and model fields the shapes cannot tell, e.g. model.heads). A generator format
+`sample.key=value`, and model fields the shapes cannot tell, e.g. model.heads; a KL autoencoder format
+model.scaling_factor / shift_factor / encode_posterior). A generator format
 needs --tokenizer, the run whose codes it predicts. --out must be a new or empty folder.
 """
 
@@ -33,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                 "(a generator format: sample.key=value, model.heads=N)")
     p.add_argument("--tokenizer", type=Path, metavar="RUN", default=None,
                    help="generator formats: the tokenizer run whose codes the generator predicts")
+    p.add_argument("--latent-stats", type=Path, metavar="FILE", default=None,
+                   help="lightningdit: the latent statistics it was trained with (LightningDiT's latents_stats.pt)")
     p.add_argument("--out", required=True, type=Path, help="run folder to create")
     p.set_defaults(func=cmd_convert, out_kind=OUT_FOLDER)
 
@@ -41,7 +47,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """Convert SRC into the run folder --out and say where it is."""
     from twostage.convert import convert
 
-    out = convert(args.format, args.src, args.out, args.overrides, tokenizer=args.tokenizer)
+    out = convert(args.format, args.src, args.out, args.overrides, tokenizer=args.tokenizer,
+                  latent_stats=args.latent_stats)
     files = "config.yaml, model.json" if (out / "model.json").is_file() else "config.yaml"
     print(f"converted {args.src} ({args.format}) -> {out} ({files}, checkpoints/step_0000000)")
     return 0

@@ -8,9 +8,12 @@ velocity-direction loss, AdamW lr 2e-4 betas (0.9, 0.95) no weight decay, EMA 0.
 that depends on the cache (latent channels, grid, classes, latent statistics) is read from the cache
 when training starts and recorded in the run's model.json.
 
-Two options, off by default (a config without them trains exactly as before): `flow.shift_base_dim`,
-RAE's dimension-dependent time shift (flow.py: `dimension_shift`), and the `repa:` section, REPA's
-representation alignment of one block's tokens (repa.py).
+Options, off by default (a config without them trains exactly as before, and its config.yaml and
+config hash are unchanged: the fields are marked `added`): `flow.shift_base_dim`, RAE's
+dimension-dependent time shift (flow.py: `dimension_shift`); the `repa:` section, REPA's representation
+alignment of one block's tokens (repa.py); `model.ddt`, the DDT head (model.py: `DDTHead`); and the
+architecture fields that make converted LightningDiT checkpoints exact (`model.time_scale`,
+`model.pos_order`, `model.ffn_multiple_of`; twostage/convert/lightningdit.py).
 """
 
 from __future__ import annotations
@@ -37,6 +40,19 @@ DIT_SHAPES: dict[str, tuple[int, int, int]] = {
 
 
 @dataclass
+class DDTConfig:
+    """The DDT head (Decoupled Diffusion Transformer, arXiv 2504.05741; RAE's DiT-DH, arXiv 2510.11690):
+    `depth` blocks of their own `width` and `heads` after the trunk, on a fresh patch embedding of x_t,
+    each token modulated by the trunk's output token at its position plus the time embedding
+    (docs/methods.md §7, (7.9)). Defaults: RAE's DiT-DH-XL head (2 blocks of width 2048, 16 heads)."""
+
+    enabled: bool = False
+    width: int = field(default=2048, metadata=check(gt=0))
+    depth: int = field(default=2, metadata=check(gt=0))
+    heads: int = field(default=16, metadata=check(gt=0))
+
+
+@dataclass
 class DiTModelConfig:
     """The network. `size` picks a shape from DIT_SHAPES; layers / width / heads override it."""
 
@@ -45,13 +61,23 @@ class DiTModelConfig:
     width: int | None = field(default=None, metadata=check(gt=0))
     heads: int | None = field(default=None, metadata=check(gt=0))
     patch_size: int = field(default=1, metadata=check(choices=(1, 2, 4)))
-    # SwiGLU hidden = round_up(mlp_ratio * width * 2/3, 8) (LightningDiT: 2/3 of the 4x MLP).
+    # SwiGLU hidden = round_up(mlp_ratio * width * 2/3, ffn_multiple_of) (LightningDiT: 2/3 of the 4x MLP).
     mlp_ratio: float = field(default=4.0, metadata=check(gt=0))
     qk_norm: bool = False  # RMSNorm on queries and keys per head (LightningDiT's option for large models)
     rope: bool = True  # 2D RoPE on queries and keys
     rope_base: float = field(default=10000.0, metadata=check(gt=0))
     abs_pos: bool = True  # fixed 2D sin-cos position embedding added to the patch tokens (as DiT)
     norm_eps: float = field(default=1e-6, metadata=check(gt=0))
+    # SwiGLU hidden = round_up(int(mlp_ratio * width * 2/3), ffn_multiple_of): 8 is ours; LightningDiT's code
+    # does not round (1), which differs at widths 1024 and 1792 (2730 against 2736).
+    ffn_multiple_of: int = field(default=8, metadata=check(gt=0, added=True))
+    # t in [0, 1] is multiplied by this before the 256 sinusoids of the time embedding: 1000 spreads their
+    # frequencies over t's range (DiT's integer timesteps); LightningDiT's code feeds t itself (1).
+    time_scale: float = field(default=1000.0, metadata=check(gt=0, added=True))
+    # Channel halves of the fixed sin-cos position table: [row | col] (ours) or [col | row] (DiT's /
+    # LightningDiT's get_2d_sincos_pos_embed, whose first half encodes the column).
+    pos_order: str = field(default="row_col", metadata=check(choices=("row_col", "col_row"), added=True))
+    ddt: DDTConfig = field(default_factory=DDTConfig, metadata=check(added=True))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -66,6 +92,12 @@ class DiTModelConfig:
             raise ConfigError(f"2D RoPE needs a head width (width / heads = {width // heads}) divisible by 4")
         if self.abs_pos and width % 4:
             raise ConfigError(f"the 2D sin-cos position embedding needs model.width={width} divisible by 4")
+        d = self.ddt
+        if d.enabled and d.width % d.heads:
+            raise ConfigError(f"model.ddt.width={d.width} is not divisible by model.ddt.heads={d.heads}")
+        if d.enabled and self.rope and (d.width // d.heads) % 4:
+            raise ConfigError(f"2D RoPE in the DDT head needs a head width (model.ddt.width / model.ddt.heads = "
+                              f"{d.width // d.heads}) divisible by 4")
 
 
 @dataclass
@@ -176,8 +208,9 @@ class DiTRunConfig:
     def check(self) -> None:
         layers = self.model.shape[0]
         if self.repa.enabled and self.repa.layer > layers:
-            raise ConfigError(f"repa.layer={self.repa.layer} (1-based block index) but the model has {layers} "
+            head = " trunk" if self.model.ddt.enabled else ""
+            raise ConfigError(f"repa.layer={self.repa.layer} (1-based block index) but the model has {layers}{head} "
                               f"blocks; choose 1..{layers}")
 
 
-__all__ = ["DIT_SHAPES", "DiTModelConfig", "FlowConfig", "RepaConfig", "DiTOptimConfig", "DiTTrainConfig", "DiTSampleConfig", "DiTValConfig", "DiTRunConfig"]
+__all__ = ["DIT_SHAPES", "DDTConfig", "DiTModelConfig", "FlowConfig", "RepaConfig", "DiTOptimConfig", "DiTTrainConfig", "DiTSampleConfig", "DiTValConfig", "DiTRunConfig"]

@@ -41,7 +41,8 @@ from twostage.generators.outputs import Decoder, LazyDecoder, balanced_labels, l
 
 MODULE = "dit"  # key prefix of the model's weights in checkpoints
 REPA = "repa"  # key prefix of REPA's projector (only in runs with repa.enabled; not part of the generator)
-ARCH_KEYS = ("layers", "width", "heads", "patch_size", "channels", "grid", "num_classes")  # one model per folder
+# one model per folder; "ddt" is in model.json only when the DDT head is on (absent = absent: older runs match)
+ARCH_KEYS = ("layers", "width", "heads", "patch_size", "channels", "grid", "num_classes", "ddt")
 
 
 @dataclass

@@ -9,6 +9,12 @@ x 0.1 at the encoder's last layer; Adam betas (0.5, 0.9), lr 1e-4 **not scaled w
 
 `model.spec` "fXdY" sets the downsampling factor X and the latent channels Y. The levels follow from X
 unless `model.channel_mult` is given (then it must have log2(X) + 1 entries).
+
+The model section also holds what a published KL autoencoder needs to be computed exactly as its own code
+does (LDM / Stable Diffusion, VA-VAE, diffusers' AutoencoderKL; twostage/convert/ldm_kl.py sets them):
+which levels have attention, the trunk's z channels, whether the 1x1 quant convs exist, the latent scaling
+of its diffusion models and whether encoding samples the posterior. Their defaults are the network twostage
+trains, and they are `added` fields, so a trained run's config.yaml and config hash do not change.
 """
 
 from __future__ import annotations
@@ -56,6 +62,27 @@ class KLModelConfig:
     attn_heads: int = field(default=1, metadata=check(gt=0))
     mid_attn: bool = True
     dropout: float = field(default=0.0, metadata=check(ge=0, lt=1))
+    # Levels (0 = full resolution, as in channel_mult) with attention after each ResBlock, in the encoder and
+    # the decoder alike. None: the lowest resolution only (LDM's f16 with attn_resolutions [16] at 256 px,
+    # VA-VAE); SD's f8 VAE has none ([]); LDM's kl-f32 two ([4, 5]).
+    attn_levels: tuple[int, ...] | None = field(default=None, metadata=check(ge=0, added=True))
+    # Channels between the trunk and the 1x1 quant convs (LDM's ddconfig z_channels, which may differ from
+    # its embed_dim, the latent channels of the spec). None: the latent channels.
+    z_channels: int | None = field(default=None, metadata=check(gt=0, added=True))
+    # The 1x1 convs around the latent (LDM's quant_conv / post_quant_conv); diffusers' use_quant_conv /
+    # use_post_quant_conv can leave them out (e.g. FLUX's autoencoder).
+    quant_conv: bool = field(default=True, metadata=check(added=True))
+    post_quant_conv: bool = field(default=True, metadata=check(added=True))
+    # The latent space the tokenizer's encode() returns and decode() takes: (z - shift_factor) *
+    # scaling_factor, as a peer's diffusion model sees its autoencoder's z (SD: scale 0.18215; diffusers'
+    # scaling_factor / shift_factor). Training, reconstruct() and the model itself work on z. twostage's DiT
+    # normalizes cached latents per channel anyway (docs/methods.md (7.1)), so this matters for latents
+    # handed to or taken from a peer's generator.
+    scaling_factor: float = field(default=1.0, metadata=check(gt=0, added=True))
+    shift_factor: float = field(default=0.0, metadata=check(added=True))
+    # What encode() (caches, eval recon) takes of the posterior: its mean (deterministic caches) or a
+    # sample, as LDM's get_first_stage_encoding and LightningDiT's extract_features.py do.
+    encode_posterior: str = field(default="mean", metadata=check(choices=("mean", "sample"), added=True))
 
     @property
     def downsample_factor(self) -> int:
@@ -64,6 +91,16 @@ class KLModelConfig:
     @property
     def latent_channels(self) -> int:
         return parse_spec(self.spec)[1]
+
+    @property
+    def trunk_channels(self) -> int:
+        """Channels of the trunk's latent side: the encoder's output is twice this (mean and log-variance)."""
+        return self.latent_channels if self.z_channels is None else self.z_channels
+
+    @property
+    def attention_levels(self) -> tuple[int, ...]:
+        """The levels with attention after each ResBlock (indices into `levels`)."""
+        return (len(self.levels) - 1,) if self.attn_levels is None else tuple(self.attn_levels)
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -80,6 +117,16 @@ class KLModelConfig:
         if len(self.levels) != want:
             raise ConfigError(f"model.channel_mult={list(self.levels)} has {len(self.levels)} levels but "
                               f"model.spec={self.spec} (factor {f}) needs {want}")
+        if self.attn_levels is not None:
+            bad = [i for i in self.attn_levels if i >= want]
+            if bad or len(set(self.attn_levels)) != len(self.attn_levels):
+                raise ConfigError(f"model.attn_levels={list(self.attn_levels)} must list distinct levels "
+                                  f"0..{want - 1} (the {want} levels of model.spec={self.spec})")
+        d = self.latent_channels
+        for name in ("quant_conv", "post_quant_conv"):
+            if not getattr(self, name) and self.trunk_channels != d:
+                raise ConfigError(f"model.{name}=false needs model.z_channels equal to the latent channels {d} "
+                                  f"(got {self.z_channels}): without the 1x1 conv nothing maps between them")
 
 
 @dataclass

@@ -5,8 +5,11 @@
     z = model.encode(x).mode()        # deterministic latents for caches
 
 The convolutional trunk is the VQ tokenizer's Encoder / Decoder (twostage/tokenizers/conv.py). The
-encoder ends in 2 * d channels (mean and log-variance of a diagonal Gaussian), refined by a 1x1
-quant_conv as in LDM; the decoder starts from a 1x1 post_quant_conv of the d-channel sample.
+encoder ends in 2 * z channels (mean and log-variance of a diagonal Gaussian), refined by a 1x1
+quant_conv into 2 * d as in LDM; the decoder starts from a 1x1 post_quant_conv of the d-channel sample
+(z = d unless model.z_channels says otherwise). The options published autoencoders need
+(model.attn_levels, z_channels, quant_conv, post_quant_conv; twostage/tokenizers/kl/config.py) are applied
+here, on top of the shared trunk, whose VQ layout stays fixed.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from torch import nn
 
 from twostage.tokenizers.kl.config import KLModelConfig
-from twostage.tokenizers.conv import Decoder, Encoder, latent_grid
+from twostage.tokenizers.conv import AttnBlock, Decoder, Encoder, latent_grid
 
 
 class DiagonalGaussian:
@@ -58,16 +61,33 @@ def trunk_config(cfg: KLModelConfig, z_channels: int) -> SimpleNamespace:
     )
 
 
+def place_attention(trunk: Encoder | Decoder, levels: tuple[int, ...], cfg: KLModelConfig) -> None:
+    """Attention after every ResBlock of exactly the levels `levels` (indices into cfg.levels, 0 = full
+    resolution). The shared trunk puts it at the lowest resolution only; LDM's attn_resolutions can name
+    none (SD's f8 VAE) or several levels (kl-f32), in the encoder and decoder alike."""
+    count = len(trunk.levels)
+    for k, level in enumerate(trunk.levels):
+        index = count - 1 - k if isinstance(trunk, Decoder) else k  # the decoder runs lowest resolution first
+        if (index in levels) == bool(len(level.attns)):
+            continue
+        level.attns = nn.ModuleList(
+            [AttnBlock(block.conv2.out_channels, cfg.attn_heads, cfg.norm_groups) for block in level.blocks]
+            if index in levels else [])
+
+
 class KLModel(nn.Module):
     def __init__(self, cfg: KLModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        d = cfg.latent_channels
+        d, z = cfg.latent_channels, cfg.trunk_channels
         self.latent_channels = d
-        self.encoder = Encoder(trunk_config(cfg, 2 * d))
-        self.quant_conv = nn.Conv2d(2 * d, 2 * d, 1)
-        self.post_quant_conv = nn.Conv2d(d, d, 1)
-        self.decoder = Decoder(trunk_config(cfg, d))
+        self.encoder = Encoder(trunk_config(cfg, 2 * z))
+        self.quant_conv = nn.Conv2d(2 * z, 2 * d, 1) if cfg.quant_conv else nn.Identity()
+        self.post_quant_conv = nn.Conv2d(d, z, 1) if cfg.post_quant_conv else nn.Identity()
+        self.decoder = Decoder(trunk_config(cfg, z))
+        if cfg.attn_levels is not None:  # None keeps the trunk's own layout (and its parameter order) as it is
+            place_attention(self.encoder, cfg.attention_levels, cfg)
+            place_attention(self.decoder, cfg.attention_levels, cfg)
 
     @property
     def downsample_factor(self) -> int:
@@ -90,7 +110,7 @@ class KLModel(nn.Module):
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
+        return self.decoder(self.post_quant_conv(z.to(self.decoder.conv_in.weight.dtype)))
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> KLOutput:
         posterior = self.encode(x)
@@ -100,4 +120,4 @@ class KLModel(nn.Module):
         return KLOutput(self.decode(z), posterior, z)
 
 
-__all__ = ["DiagonalGaussian", "KLOutput", "KLModel", "trunk_config"]
+__all__ = ["DiagonalGaussian", "KLOutput", "KLModel", "trunk_config", "place_attention"]
