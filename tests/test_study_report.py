@@ -412,3 +412,24 @@ def test_figures_draw_error_bars_over_seeds(tmp_path):
                                                  {"label": "y", "mean": 0.5, "low": float("nan"), "high": float("nan")}],
                           "difference", "title")
     assert p3.is_file()
+
+
+def test_paired_seed_design_is_named_and_compared_per_tokenizer_seed():
+    """seeds.design: paired (one generator seed per tokenizer seed): the design line says the interval covers
+    both sources together, comparisons pair by tokenizer seed, and the variance is not split into sources."""
+    rows = make_rows(tokenizers=VERDICT_TOKENIZERS[:2], sizes={"small": 2_000_000}, tokenizer_seeds=[0, 1, 2],
+                     generator_seeds=[0, 1, 2], sd_tokenizer=0.02, sd_generator=0.02, seed=3)
+    rows = [r for r in rows if r["tokenizer_seed"] == r["generator_seed"]]
+    a = analyze(rows, n_boot=0)
+    assert a["design"]["seed_design"] == "paired"
+    design = dict(a["findings"])["Design"]
+    assert any(line.startswith("Seeds paired") for line in design)
+    gfd = next(s for s in a["series"] if s["metric"] == "gfd")
+    assert all(c.interval.n == 3 for c in gfd["cells"])
+    assert all(c.pairing == "paired tokenizer seeds" and c.diff.n_a == 3 for c in gfd["comparisons"])
+    assert all(c.winner == "CRT" for c in gfd["comparisons"])
+    for c in gfd["cells"]:  # one generator seed per tokenizer seed: one merged source
+        assert [x.source for x in c.components.components] == ["tokenizer+generator+eval"]
+    crossed = analyze(make_rows(tokenizers=VERDICT_TOKENIZERS[:2], sizes={"small": 2_000_000},
+                                tokenizer_seeds=[0, 1], generator_seeds=[0, 1], seed=3), n_boot=0)
+    assert crossed["design"]["seed_design"] == "crossed"

@@ -68,6 +68,23 @@ def test_grid_multiplies_the_axes_and_resolves_each_config(tmp_path):
     assert sample[sample.index("--cfg") + 1] == "1.5" and sample[sample.index("--steps") + 1] == "20"
 
 
+def test_paired_seed_design_trains_the_ith_generator_seed_on_the_ith_tokenizer_seed():
+    ar_only = {"tokenizers": BASE["tokenizers"][:2], "generators": {"ar": {"preset": "ar_fmnist_tiny", "sizes": ["tiny"]}}}
+    crossed = resolve_grid(spec(**ar_only, seeds={"tokenizer": [0, 1, 2], "generator": [5, 6, 7]}))
+    paired = resolve_grid(spec(**ar_only, seeds={"tokenizer": [0, 1, 2], "generator": [5, 6, 7], "design": "paired"}))
+    assert len(crossed[0]) == len(paired[0]) == 6
+    assert len(crossed[1]) == 2 * 3 * 3 * 2 and len(paired[1]) == 2 * 3 * 2
+    assert {(g.tokenizer.seed, g.seed) for g in paired[1]} == {(0, 5), (1, 6), (2, 7)}
+    assert all(g.config.train.seed == g.seed for g in paired[1])
+    # a paired run is the crossed run of the same seeds: same config, same job id
+    ids = {generator_id(g, spec(**ar_only)) for g in crossed[1]}
+    assert {generator_id(g, spec(**ar_only)) for g in paired[1]} <= ids
+    with pytest.raises(ConfigError, match="as many generator seeds"):
+        spec(seeds={"tokenizer": [0, 1, 2], "generator": [0, 1], "design": "paired"})
+    with pytest.raises(ConfigError, match="seeds.design='zip'"):
+        spec(seeds={"design": "zip"})
+
+
 def test_job_ids_are_stable_and_follow_the_config():
     a, b = resolve_grid(spec()), resolve_grid(spec())
     assert [tokenizer_id(t) for t in a[0]] == [tokenizer_id(t) for t in b[0]]

@@ -21,6 +21,7 @@ from twostage.study.curves import PLATEAU
 from twostage.study.fit import PARAMS, FitResult
 from twostage.study.frontier import finite
 from twostage.study.protocols import COMPARABILITY, SAMPLING, plain
+from twostage.study.reconstruction import reconstruction_lines
 from twostage.study.replicates import ci_text
 from twostage.study.verdicts import budget_line
 
@@ -94,6 +95,9 @@ def findings(a: dict) -> list[tuple[str, list[str]]]:
            f"{d['generator_runs']} generator runs; seeds: {seeds}.",
            "A winner is named only when the 95% interval of the (paired) difference excludes 0; "
            f"{n_cmp} comparisons at 95% each, so about 1 in 20 true ties would still read as a winner."]
+    if d.get("seed_design") == "paired":
+        top.append("Seeds paired: the i-th generator seed trained only on the i-th tokenizer seed, so each interval "
+                   "covers both sources of variance together and the report does not split them.")
     if len(d["seeds"]["tokenizer"]) == 1 and len(d["seeds"]["generator"]) > 1:
         top.append("1 tokenizer seed: the verdicts hold for these tokenizer runs; how much another tokenizer "
                    "training run would move them is not sampled.")
@@ -101,6 +105,9 @@ def findings(a: dict) -> list[tuple[str, list[str]]]:
         top.append("1 seed: no interval. Every cell has a single training seed, so no line below names a winner; "
                    "list more seeds in the study spec (seeds.generator, seeds.tokenizer) to get intervals.")
     out = [("Design", top)]
+    if a.get("stage1"):
+        out.append(("Tokenizers: reconstruction over tokenizer seeds",
+                    reconstruction_lines(a["stage1"], L, a.get("rfd_name") or "rFD")))
     for generation in (True, False):  # generation metrics first: they compare across prediction tasks
         for s in a["series"]:
             if (s["metric"] != "val_loss") == generation:

@@ -43,6 +43,7 @@ from twostage.study import plots
 from twostage.study.curves import TokenizerCurves, tokenizer_curves
 from twostage.study.frontier import finite, pareto_rfd_gfd, tokenizer_labels
 from twostage.study.protocols import COMPARABILITY, protocol_summary, rfd_name
+from twostage.study.reconstruction import tokenizer_comparisons
 from twostage.study.render import findings, render_html, render_summary
 from twostage.study.replicates import GENERATION, aggregate, metric_name, normalise, series_components
 from twostage.study.seedfits import fit_series
@@ -69,9 +70,16 @@ def load_rows(directory: Path) -> list[dict[str, Any]]:
 
 def _design(rows: list[dict[str, Any]]) -> dict[str, Any]:
     seeds = {s: sorted({r[f"{s}_seed"] for r in rows}) for s in ("tokenizer", "generator", "eval")}
+    # paired (spec seeds.design): each tokenizer run carries one generator seed, and not the same one for all
+    per_tokenizer_run: dict[tuple, set] = {}
+    for r in rows:
+        per_tokenizer_run.setdefault((r["tokenizer_cell"], r["tokenizer_seed"]), set()).add(r["generator_seed"])
+    paired = (len(seeds["generator"]) > 1 and len(seeds["tokenizer"]) > 1
+              and all(len(g) == 1 for g in per_tokenizer_run.values()))
     return {"rows": len(rows), "tokenizer_cells": len({r["tokenizer_cell"] for r in rows}),
             "generator_cells": len({(r["generator_cell"], r["tokenizer_cell"]) for r in rows}),
-            "generator_runs": len({r["run_id"] for r in rows}), "seeds": seeds}
+            "generator_runs": len({r["run_id"] for r in rows}), "seeds": seeds,
+            "seed_design": "paired" if paired else "crossed"}
 
 
 def _pareto(rows: list[dict[str, Any]], main: dict | None, labels: dict[str, str]) -> list[dict[str, Any]]:
@@ -150,7 +158,8 @@ def analyze(rows: list[dict[str, Any]], *, n_boot: int = 1000, seed: int = 0, fi
     a = {"labels": labels, "series": series, "warnings": warnings, "gen_protocol": gen, "design": _design(rows),
          "recon_protocol": protocol_summary(first_of.values()), "pareto": _pareto(rows, main, labels),
          "gfd_name": gname, "rfd_name": rfd_name(rows, gfd_names[0] if gfd_names else "FD"), "rows": rows,
-         "options": {"bootstrap_resamples": n_boot, "seed": seed, "fit_points": fit_points}}
+         "options": {"bootstrap_resamples": n_boot, "seed": seed, "fit_points": fit_points},
+         "stage1": tokenizer_comparisons(rows, labels)}
     a["findings"] = findings(a)
     return a
 
@@ -282,6 +291,7 @@ def _fits_doc(a: dict, study: str, digest: str) -> dict[str, Any]:
             "verdicts": [{"series": s["name"], **c.to_dict(), "headline": any(c is h for h in s["headline"])}
                          for s in S for c in s["comparisons"]],
             "variance_components": [{"series": s["name"], **(s["components"] or {})} for s in S],
+            "reconstruction_verdicts": [c.to_dict() for c in a.get("stage1", [])],
             "rfd_vs_gfd": a["pareto"], "tokenizer_curves": [c.brief() for c in a["curves"]],
             "warnings": a["warnings"]}
 
