@@ -2,6 +2,7 @@
 
     python benchmarks/bench_replicas.py --sizes tiny small --replicas 1 4 16 --steps 300     # GPU
     python benchmarks/bench_replicas.py --device cpu --steps 20 --replicas 1 2                # smoke test
+    python benchmarks/bench_replicas.py --sizes small --replicas 6 --compile both --steps 300  # eager vs compiled
 
 For each size: a plain run (`generator train`, one model) and joint runs of K replicas
 (`train_generator_replicas`, twostage/engine/replicas.py), all on one synthetic token cache with the
@@ -10,6 +11,8 @@ validation or sample grids. Printed per run: wall time of the training loop per 
 `perf/step_time_s`, averaged over log windows after the first, so start-up and the first window's
 compilation are out), the cost of one replica-step relative to the plain run's step (the speed-up of
 replicas is 1 / that), and the model-FLOP utilization against 790 TFLOP/s (dense bf16, H200).
+`--compile both` runs every configuration eager and with train.compile (the plain run's model, the
+replicas' vmapped loss) in the same process; "vs plain" is always against the eager plain run.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                   help="train.compile for every run (on), or each configuration eager and compiled (both)")
     p.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
     args = p.parse_args(argv)
 
@@ -66,24 +71,31 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     print(f"device {name}, torch {torch.__version__}, {args.steps} steps per run, date {time.strftime('%Y-%m-%d')}")
-    print(f"{'size':6s} {'replicas':>8s} {'step ms':>9s} {'ms/replica-step':>16s} {'vs plain':>9s} {'MFU %':>7s}")
+    print(f"{'size':6s} {'compile':>7s} {'replicas':>8s} {'step ms':>9s} {'ms/replica-step':>16s} {'vs plain':>9s} "
+          f"{'MFU %':>7s}")
+    modes = {"off": ["false"], "on": ["true"], "both": ["false", "true"]}[args.compile]
     for size in args.sizes:
-        common = [f"model.size={size}", f"train.steps={args.steps}", f"train.log_every={max(1, args.steps // 6)}",
-                  f"train.ckpt_every={10 * args.steps}", "train.progress=false", f"train.device={device}",
-                  "sample.grid_at_checkpoint=0", "train.num_workers=2"]
-        cfg = api.load_config("ar_fmnist_tiny", common)
-        plain_dir = work / f"{size}_plain"
-        api.train_generator(cfg, cache, plain_dir)
-        plain = step_time(plain_dir)
-        flops = json.loads((plain_dir / "model.json").read_text())["train_flops_per_step"]
-        mfu = flops / plain / PEAK_BF16 * 100 if device.startswith("cuda") else float("nan")
-        print(f"{size:6s} {'plain':>8s} {plain * 1e3:9.2f} {plain * 1e3:16.2f} {1.0:9.2f} {mfu:7.2f}")
-        for k in args.replicas:
-            outs = [work / f"{size}_k{k}" / f"r{i}" for i in range(k)]
-            api.train_generator_replicas(cfg, [cache] * k, outs, list(range(k)), work / f"{size}_k{k}" / "pack")
-            t = step_time(work / f"{size}_k{k}" / "pack")
-            mfu = k * flops / t / PEAK_BF16 * 100 if device.startswith("cuda") else float("nan")
-            print(f"{size:6s} {k:8d} {t * 1e3:9.2f} {t / k * 1e3:16.2f} {t / k / plain:9.3f} {mfu:7.2f}", flush=True)
+        plain = None
+        for mode in modes:
+            common = [f"model.size={size}", f"train.steps={args.steps}", f"train.log_every={max(1, args.steps // 6)}",
+                      f"train.ckpt_every={10 * args.steps}", "train.progress=false", f"train.device={device}",
+                      "sample.grid_at_checkpoint=0", "train.num_workers=2", f"train.compile={mode}"]
+            cfg = api.load_config("ar_fmnist_tiny", common)
+            plain_dir = work / f"{size}_{mode}_plain"
+            api.train_generator(cfg, cache, plain_dir)
+            t = step_time(plain_dir)
+            plain = plain or t  # the first mode's plain run (eager with --compile both)
+            flops = json.loads((plain_dir / "model.json").read_text())["train_flops_per_step"]
+            mfu = flops / t / PEAK_BF16 * 100 if device.startswith("cuda") else float("nan")
+            print(f"{size:6s} {mode:>7s} {'plain':>8s} {t * 1e3:9.2f} {t * 1e3:16.2f} {t / plain:9.3f} {mfu:7.2f}")
+            for k in args.replicas:
+                folder = work / f"{size}_{mode}_k{k}"
+                outs = [folder / f"r{i}" for i in range(k)]
+                api.train_generator_replicas(cfg, [cache] * k, outs, list(range(k)), folder / "pack")
+                t = step_time(folder / "pack")
+                mfu = k * flops / t / PEAK_BF16 * 100 if device.startswith("cuda") else float("nan")
+                print(f"{size:6s} {mode:>7s} {k:8d} {t * 1e3:9.2f} {t / k * 1e3:16.2f} {t / k / plain:9.3f} {mfu:7.2f}",
+                      flush=True)
     return 0
 
 

@@ -180,21 +180,27 @@ class ReplicaTask(TaskBase):
 
     def _stacked_loss(self, phase: Phase):
         names = list(self.modules)
+        bases = {n: m.base for n, m in self.modules.items()}
 
-        def loss(ctx: PhaseContext):
-            stacked = {n: ctx.models[n] for n in names}
-
-            def one(weights: dict[str, dict[str, torch.Tensor]], batch: Any):
-                models = {n: _ReplicaView(stacked[n].base, weights[n]) for n in names}
-                value, logs = phase.loss(PhaseContext(batch, ctx.step, models, {}, ctx.device))
-                return value, {k: torch.as_tensor(v, device=ctx.device) for k, v in logs.items()}
+        def stacked_values(weights: dict[str, dict[str, torch.Tensor]], batch: Any, step: int, device: torch.device):
+            def one(w: dict[str, dict[str, torch.Tensor]], b: Any):
+                models = {n: _ReplicaView(bases[n], w[n]) for n in names}
+                value, logs = phase.loss(PhaseContext(b, step, models, {}, device))
+                return value, {k: torch.as_tensor(v, device=device) for k, v in logs.items()}
 
             # The fused attention kernels (flash / efficient / cuDNN) get strides under vmap they do not
             # support: "LSE is not correctly aligned" in fp32 and NaN gradients in bf16 (H200, torch
             # 2.11). The math backend is plain matmuls and softmax, which vmap batches correctly; at
             # the sequence lengths of small generators it costs little.
             with sdpa_kernel([SDPBackend.MATH]):
-                values, logs = vmap(one, randomness="different")({n: stacked[n].stacked() for n in names}, ctx.batch)
+                return vmap(one, randomness="different")(weights, batch)
+
+        # train.compile: the vmapped loss is what runs (StackedModule.forward never does), so it is what
+        # the engine's compile flag compiles; elementwise work and the math-backend attention then fuse.
+        run = torch.compile(stacked_values) if self.configs[0].train.compile else stacked_values
+
+        def loss(ctx: PhaseContext):
+            values, logs = run({n: ctx.models[n].stacked() for n in names}, ctx.batch, ctx.step, ctx.device)
             per_replica = {f"loss_r{k}": values[k].detach() for k in range(self.replicas)}
             return values.sum(), {**{k: v.mean() for k, v in logs.items()}, **per_replica}
 
