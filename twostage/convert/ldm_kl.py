@@ -57,7 +57,7 @@ import torch
 from twostage import config as configlib
 from twostage.convert import ConversionError
 from twostage.convert.run_folder import Converted
-from twostage.convert.source import gather_state, listing, read_state_dict
+from twostage.convert.source import gather_state, listing, read_state_dict, split_fused_qkv
 from twostage.tokenizers.base import MODULE
 from twostage.tokenizers.kl.config import KLRunConfig
 from twostage.tokenizers.kl.model import KLModel
@@ -89,7 +89,6 @@ RENAMES = (
     (r"\.shortcut\.", ".nin_shortcut."),
     (r"\.proj\.", ".proj_out."),
 )
-FUSED_QKV = re.compile(r"\.qkv\.(weight|bias)$")
 ATTN_WEIGHT = re.compile(r"\.(q|k|v|proj_out)\.weight$")
 
 
@@ -105,10 +104,7 @@ def peer_keys(key: str, levels: int) -> list[str]:
         key = f"{side}.{'down' if encoder else 'up'}.{index}.{name}.{key[m.end():]}"
     for pattern, repl in RENAMES:
         key = re.sub(pattern, repl, key)
-    fused = FUSED_QKV.search(key)
-    if fused:
-        return [f"{key[:fused.start()]}.{part}.{fused.group(1)}" for part in "qkv"]
-    return [key]
+    return split_fused_qkv(key)
 
 
 # -- diffusers -> LDM keys -----------------------------------------------------------------------------

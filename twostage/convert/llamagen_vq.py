@@ -41,7 +41,7 @@ import torch
 from twostage import config as configlib
 from twostage.convert import ConversionError
 from twostage.convert.run_folder import Converted
-from twostage.convert.source import gather_state, listing, read_state_dict
+from twostage.convert.source import gather_state, listing, read_state_dict, split_fused_qkv
 from twostage.tokenizers.base import MODULE
 from twostage.tokenizers.vq.config import VQRunConfig
 from twostage.tokenizers.vq.model import VQModel
@@ -67,17 +67,13 @@ RENAMES = (
     (r"\.proj\.", ".proj_out."),
     (r"^quantizer\.", "quantize."),
 )
-FUSED_QKV = re.compile(r"\.qkv\.(weight|bias)$")
 
 
 def peer_keys(key: str) -> list[str]:
     """The LlamaGen key(s) a twostage key is made of: q, k, v for the fused attention conv, else one."""
     for pattern, repl in RENAMES:
         key = re.sub(pattern, repl, key)
-    fused = FUSED_QKV.search(key)
-    if fused:
-        return [f"{key[:fused.start()]}.{part}.{fused.group(1)}" for part in "qkv"]
-    return [key]
+    return split_fused_qkv(key)
 
 
 def _level_widths(state: dict[str, torch.Tensor], side: str) -> list[int]:

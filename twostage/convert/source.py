@@ -11,6 +11,7 @@ plain data and refusing it would refuse the training checkpoints. safetensors fi
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +38,18 @@ def read_state_dict(path: Path, entries: Sequence[str]) -> tuple[dict[str, torch
             return {k: v for k, v in obj[entry].items() if isinstance(v, torch.Tensor)}, entry
     raise ConversionError(f"{path} is neither a state dict nor a checkpoint with one under "
                           f"{' / '.join(map(repr, entries))} (its entries: {', '.join(map(str, list(obj)[:8]))})")
+
+
+# twostage fuses an attention's q, k, v 1x1 convs (or linears) into one `qkv`; the peers keep three.
+FUSED_QKV = re.compile(r"\.qkv\.(weight|bias)$")
+
+
+def split_fused_qkv(key: str) -> list[str]:
+    """The peer keys a twostage key is made of: "<p>.q.<w>", "<p>.k.<w>", "<p>.v.<w>" for "<p>.qkv.<w>", else it."""
+    fused = FUSED_QKV.search(key)
+    if fused:
+        return [f"{key[:fused.start()]}.{part}.{fused.group(1)}" for part in "qkv"]
+    return [key]
 
 
 def _torch_load(path: Path) -> Any:
