@@ -116,7 +116,9 @@ def describe(cfg: DataConfig, scan: bool = False) -> DatasetInfo:
     if cfg.name == "emoji":
         from twostage.data import emoji
 
-        return emoji.describe(cfg)
+        d = emoji.describe(cfg)
+        return DatasetInfo("emoji", d["source"], d["splits"], d["image_shape"], make_transform(cfg, "val").output_shape(),
+                           d["class_names"], d["notes"])
     if cfg.name == "fashion-mnist":
         fm = fashion_mnist.load(cfg.root)
         notes.extend(fm.actions)

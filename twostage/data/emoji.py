@@ -323,16 +323,15 @@ def build_dataset(root: str | None, split: str, transform: ImageTransform) -> Em
     return EmojiDataset(images, labels, styles, ds.codes(split), transform, source=ds.source)
 
 
-def describe(cfg):
-    """build.describe's summary of the emoji dataset (`cfg` a DataConfig)."""
-    from twostage.data.build import DatasetInfo, make_transform  # build.py imports this module lazily
-
+def describe(cfg) -> dict:
+    """What build.describe reports of the emoji dataset (`cfg` a DataConfig): source, split counts, image
+    shape, class names and notes (build.py wraps them in its DatasetInfo)."""
     ds = load(cfg.image_size, cfg.root)
     n_train, n_test = len(ds.split("train")[1]), len(ds.split("test")[1])
     notes = [*ds.actions, "val = the test split (whole emoji held out, in every style)",
              f"styles: {', '.join(ds.style_names)} (`twostage data info emoji` lists counts and sources)"]
-    return DatasetInfo("emoji", ds.source, {"train": n_train, "val": n_test}, (ds.image_size, ds.image_size, 3),
-                       make_transform(cfg, "val").output_shape(), list(ds.class_names), notes)
+    return {"source": ds.source, "splits": {"train": n_train, "val": n_test},
+            "image_shape": (ds.image_size, ds.image_size, 3), "class_names": list(ds.class_names), "notes": notes}
 
 
 __all__ = ["EmojiBuildConfig", "EmojiDataset", "EmojiSet", "MAX_SIZE", "STANDARD_SIZES", "STYLES", "build",

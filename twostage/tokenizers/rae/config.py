@@ -17,6 +17,8 @@ grid (twostage/tokenizers/kl/vf_loss.py, `FoundationFeatures`).
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,16 @@ DINOV2_HELP = (
     "internet, copy it here and pass model.encoder.weights=/path/to/dinov2_vitb14_reg4_pretrain.pth, or use "
     "the offline encoder model.encoder.network=effnet-lite0"
 )
+
+
+@functools.lru_cache(maxsize=16)
+def _map_channels(network: str, weights: str | None, layer: int | None) -> int:
+    """The width of the network's chosen feature map: one probe forward, once per process and setting (the
+    encoder module builds the same FoundationFeatures; it is not imported here, since it imports this file)."""
+    from twostage.backbones import load_feature_network
+    from twostage.tokenizers.kl.vf_loss import FoundationFeatures
+
+    return FoundationFeatures(load_feature_network(network, weights), layer=layer).channels
 
 
 @dataclass
@@ -155,9 +167,9 @@ class RAERunConfig(TokenizerRun):
 
     def study_columns(self) -> dict:
         """What a study's results table records: the latent width is the encoder map's (probed once)."""
-        from twostage.tokenizers.rae.encoder import encoder_channels
-
-        return {"codebook_size": None, "latent_channels": encoder_channels(self.model.encoder), "crt": False,
+        e = self.model.encoder
+        width = _map_channels(e.network, None if e.weights is None else str(e.weights), e.layer)
+        return {"codebook_size": None, "latent_channels": width, "crt": False,
                 "vf": False}
 
     def factor_source(self) -> str:

@@ -16,8 +16,6 @@ holds it in a `FrozenRef`, outside its module tree (twostage/tokenizers/rae/mode
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,15 +85,4 @@ class RepresentationEncoder(nn.Module):
         return z.contiguous()
 
 
-@functools.lru_cache(maxsize=16)
-def _probe_channels(network: str, weights: str | None, layer: int | None) -> int:
-    cfg = RAEEncoderConfig(network=network, weights=None if weights is None else weights, layer=layer)
-    return RepresentationEncoder(cfg).channels
-
-
-def encoder_channels(cfg: RAEEncoderConfig) -> int:
-    """The latent width a config's encoder gives (builds the network once per process and setting)."""
-    return _probe_channels(cfg.network, None if cfg.weights is None else str(cfg.weights), cfg.layer)
-
-
-__all__ = ["FrozenRef", "RepresentationEncoder", "encoder_channels", "load_network"]
+__all__ = ["FrozenRef", "RepresentationEncoder", "load_network"]
