@@ -433,3 +433,12 @@ def test_paired_seed_design_is_named_and_compared_per_tokenizer_seed():
     crossed = analyze(make_rows(tokenizers=VERDICT_TOKENIZERS[:2], sizes={"small": 2_000_000},
                                 tokenizer_seeds=[0, 1], generator_seeds=[0, 1], seed=3), n_boot=0)
     assert crossed["design"]["seed_design"] == "crossed"
+
+
+def test_reconstruction_verdicts_are_in_the_found_section(replicated):
+    d, paths = replicated
+    page = paths["html"].read_text()
+    found = page[page.index('<section id="found">'):page.index('<section id="figures">')]
+    assert "Tokenizers: reconstruction over tokenizer seeds" in found and "PSNR" in found
+    data = json.loads(paths["fits"].read_text())
+    assert {v["metric"] for v in data["reconstruction_verdicts"]} >= {"rfd", "psnr", "ssim"}
