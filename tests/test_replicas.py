@@ -156,6 +156,12 @@ def test_flow_generator_trains_as_replicas(tmp_path):
                                          "train.progress=false", "val.batch_size=8", "val.max_samples=8",
                                          "sample.grid_at_checkpoint=0", "optim.warmup_steps=0"])
     outs = [tmp_path / "d0", tmp_path / "d1"]
+    # the DiT's loss normalizes with its own cache's statistics: replicas on two caches are refused, before
+    # anything is written
+    with pytest.raises(ConfigError, match="must read one cache"):
+        api.train_generator_replicas(cfg, caches, outs, [0, 1], tmp_path / "pack", val_caches=caches)
+    assert not any(o.exists() for o in outs) and not (tmp_path / "pack").exists()
+    caches = [caches[0]] * 2
     last = api.train_generator_replicas(cfg, caches, outs, [0, 1], tmp_path / "pack", val_caches=caches)
     assert all(torch.isfinite(torch.tensor(last[f"flow/loss_r{k}"])) for k in range(2))
     for k, out in enumerate(outs):

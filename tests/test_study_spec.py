@@ -104,7 +104,8 @@ def test_job_ids_are_stable_and_follow_the_config():
     assert tokenizer_id(t3[0]) == tokenizer_id(a[0][0]) and generator_id(g3[0], limited) != ids[0]
 
 
-@pytest.mark.parametrize("name", ["study_demo", "study_crt", "study_tokens", "study_codebook", "study_continuous"])
+@pytest.mark.parametrize("name", ["study_demo", "study_crt", "study_tokens", "study_codebook", "study_continuous",
+                                  "study_representation"])
 def test_presets_resolve(name, tmp_path):
     s = load_spec(name)
     plan = build_plan(s, tmp_path)

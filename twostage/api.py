@@ -93,10 +93,12 @@ def branch_generator(run: str | Path, steps: int, out: str | Path) -> Path:
 
 
 def sample(run: str | Path, num: int, out: str | Path, **options: Any) -> Path:
-    """Draw `num` samples with balanced labels from a generator run into OUT.npz (+ .json, .png grid).
+    """Draw `num` samples from a generator run into OUT.npz (+ .json, .png grid).
 
     Shared options: cfg_scale (None = the run's default, 1.0 = no guidance), seed, batch_size, weights,
-    step, tokenizer, device, precision, compile, grid; plus the kind's own (registry `options`)."""
+    step, tokenizer, device, precision, compile, grid, labels ("balanced", the default: equal counts per
+    class; "train": the class proportions of the run's training cache); plus the kind's own (registry
+    `options`)."""
     kind = registry.run_kind("generator", run)
     return kind.sample_fn()(Path(run), num, Path(out), **options)
 

@@ -22,6 +22,7 @@ What a generator kind provides:
     sample      sample_run(run, num, out, **options) -> the samples file
     cache       the cache kind it trains on; a study pairs each tokenizer with the generator of its cache
     options     the kind's own options of `generator sample` beyond the shared ones
+    replicas_share_cache   whether stacked replicas of the kind must read one cache (seeds only)
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class GeneratorKind:
     cache: str
     summary: str
     options: tuple[str, ...] = ()  # kind-specific keyword options of sample_run
+    # Stacked replicas (twostage/engine/replicas.py) run replica 0's loss code for every replica. True when
+    # that loss reads state of its own cache (the DiT: the cache's latent mean / std, and REPA's decoder of
+    # its tokenizer), so replicas of this kind may differ in seed only, not in cache.
+    replicas_share_cache: bool = False
 
     def config_class(self) -> type:
         return _resolve(self.config)
@@ -177,7 +182,7 @@ register_generator(GeneratorKind(
     name="dit", config="twostage.generators.dit.config:DiTRunConfig", task="twostage.generators.dit.run:build_task",
     load="twostage.generators.dit.run:load_run", sample="twostage.generators.dit.run:sample_run", cache="latents",
     summary="LightningDiT rectified-flow transformer over continuous latents",
-    options=("steps", "sampler", "shift", "cfg_interval")))
+    options=("steps", "sampler", "shift", "cfg_interval"), replicas_share_cache=True))
 
 
 __all__ = ["TokenizerKind", "GeneratorKind", "TOKENIZERS", "GENERATORS", "register_tokenizer", "register_generator",

@@ -6,6 +6,8 @@ Layout of a run's `checkpoints/` folder:
     step_0001000/ema.safetensors     same keys, EMA weights (only with EMA)
     step_0001000/optim.safetensors   tensors of optimizer / scheduler / RNG states, keyed by path
     step_0001000/state.json          the rest of those states, with {"__tensor__": key} placeholders
+    step_0001000/dcp/                train.parallel=fsdp only: model, EMA and optimizer shards
+                                     (torch.distributed.checkpoint, one file per rank; engine/fsdp.py)
     latest                           text: the name of the newest complete folder
 
 A checkpoint is written into a hidden temporary folder, each file flushed to disk, and the folder is
@@ -168,6 +170,17 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(code, os.strerror(code), str(path)) from err
 
 
+def begin_checkpoint(folder: Path, step: int, tag: str | None = None) -> Path:
+    """Clear temporary folders left by killed writers and make the temporary folder of checkpoint `step`
+    (`tag`: a name every rank can compute, for writers in several processes; default: this pid)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".tmp-*"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder / f".tmp-step_{step:07d}-{tag or os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
 def save_checkpoint(
     folder: Path,
     step: int,
@@ -176,18 +189,17 @@ def save_checkpoint(
     ema: dict[str, torch.Tensor] | None = None,
     keep: int = 2,
     protect: Iterable[int] = (),
+    tmp: Path | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically under `folder`; keep the newest `keep` checkpoints and those
-    of the steps in `protect`.
+    of the steps in `protect`. `tmp`: a temporary folder from `begin_checkpoint` that already holds
+    other parts of the checkpoint (the sharded states of an FSDP run), renamed into place with it.
 
     A failed write (OSError, e.g. ENOSPC) removes the temporary folder before the error goes on, so the
     space is given back and the folder holds complete checkpoints only."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".tmp-*"):  # left by a writer that was killed
-        shutil.rmtree(stale, ignore_errors=True)
     name = f"step_{step:07d}"
-    tmp = folder / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
+    if tmp is None:
+        tmp = begin_checkpoint(folder, step)
     final = folder / name
     try:
         state_tensors: dict[str, torch.Tensor] = {}
@@ -197,8 +209,9 @@ def save_checkpoint(
             _save_tensors(ema, tmp / "ema.safetensors")
         _save_tensors(state_tensors, tmp / "optim.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, "state": skeleton}))
-        for f in tmp.iterdir():
-            _fsync_file(f)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync_file(f)
         if final.exists():  # re-saving a step (e.g. after resuming at it): swap in the new one
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -230,6 +243,18 @@ def latest_checkpoint(folder: Path) -> Path | None:
         log.warning("%s points at a missing checkpoint %s; using the newest complete one", pointer, target)
     found = list_checkpoints(folder)
     return found[-1] if found else None
+
+
+def load_state(path: Path) -> tuple[int, dict[str, Any]]:
+    """(step, state) of one checkpoint folder, without reading its weights (an FSDP run loads those
+    from its shards)."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        return int(meta["step"]), join_tensors(meta["state"], load_file(str(path / "optim.safetensors")))
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({err}). Delete that folder to resume from the one before it."
+        ) from err
 
 
 def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None]:

@@ -18,6 +18,11 @@ class TrainConfig:
     precision: str = field(default="auto", metadata=check(choices=("auto", "bf16", "fp32")))
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
     compile: bool = False
+    # Data parallelism under torchrun: ddp (every rank holds the whole model, optimizer and EMA) or fsdp
+    # (FSDP2: weights, gradients, optimizer state and EMA sharded over the ranks, checkpoints written
+    # with torch.distributed.checkpoint plus consolidated safetensors; twostage/engine/fsdp.py). fsdp
+    # also runs as a one-process world (one GPU), e.g. to resume a sharded run there.
+    parallel: str = field(default="ddp", metadata=check(choices=("ddp", "fsdp"), added=True))
     ema_decay: float | None = field(default=None, metadata=check(gt=0, lt=1))
     log_every: int = field(default=50, metadata=check(gt=0))
     ckpt_every: int = field(default=1000, metadata=check(gt=0))

@@ -41,10 +41,15 @@ def resolve_device(name: str, world: World) -> torch.device:
     return device
 
 
-def init_world() -> World:
-    """Join the process group torchrun describes in the environment (if any)."""
+def init_world(process_group: bool = False) -> World:
+    """Join the process group torchrun describes in the environment (if any). `process_group`: also
+    make a one-process group when there is none (FSDP needs one even on a single device)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
+        if process_group and not dist.is_initialized():
+            # gloo for CPU tensors, NCCL for CUDA ones: train.device is not resolved yet.
+            backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         return World()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():

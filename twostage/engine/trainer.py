@@ -34,6 +34,10 @@ validation records) stops it with one line (`DiskFullError`, a UserError) naming
 being written, the last complete checkpoint, which is kept (a failed checkpoint write removes its own
 temporary folder), and the fix: free space and re-run, or move the run folder and resume it there.
 
+`train.parallel: fsdp` (twostage/engine/fsdp.py) shards the trained modules, their gradients, optimizer states and
+EMA copies over the ranks with FSDP2 instead of DDP's full copies; its checkpoints add DCP shards (`dcp/`) that the
+resume reads (resharded on another world size), and rank 0 writes the consolidated weights every loader reads.
+
 Every `log_every` / `ckpt_every` step the weights of the trained modules and their EMA copies are checked
 for NaN/inf (one reduction per module on the device, synced together with the logs), so no checkpoint
 with non-finite weights is ever written. Side work at checkpoints (`Task.on_checkpoint`: validation,
@@ -61,6 +65,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from twostage import config as configlib
 from twostage.engine import checkpoint as ckpt
+from twostage.engine import fsdp as fsdplib
 from twostage.engine.config import TrainConfig
 from twostage.engine.distributed import World, barrier, init_world, mean_across_ranks, resolve_device
 from twostage.engine.ema import EMA
@@ -142,7 +147,10 @@ class _Trainer:
         self.resume_changes = resume_changes
         self.changes: dict[str, list[Any]] = {}  # accepted config changes: key -> [old, new]
         self._warned_nonfinite = False
-        self.world: World = init_world()
+        self.fsdp = cfg.parallel == "fsdp"
+        if self.fsdp:
+            fsdplib.require()
+        self.world: World = init_world(process_group=self.fsdp)
         self.device = resolve_device(cfg.device, self.world)
         per_rank, rest = divmod(cfg.batch_size, self.world.size * cfg.grad_accum)
         if rest or per_rank == 0:
@@ -157,6 +165,11 @@ class _Trainer:
             module.to(self.device).train()
         ema_names = task.ema_modules() if cfg.ema_decay else []
         self.ema = EMA({n: task.modules[n] for n in ema_names}, cfg.ema_decay) if ema_names else None
+        # rank 0's unsharded CPU copies of the sharded modules, for the side work at checkpoints
+        self.full_views: dict[str, nn.Module] = {}
+        self.sharded: fsdplib.ShardedState | None = None
+        if self.fsdp:
+            self._shard()  # before the optimizers are built: fully_shard replaces the parameters
         if cfg.compile:
             for module in task.modules.values():
                 module.compile()  # in place: state_dict keys stay unprefixed
@@ -172,6 +185,9 @@ class _Trainer:
         self.specs = specs
         self.phases = task.phases()
         self.wrapped = self._wrap_for_data_parallel()
+        if self.fsdp:
+            self.sharded = fsdplib.ShardedState(dict(task.modules), self.ema.modules if self.ema else None,
+                                                self.optimizers)
 
         if self.world.distributed and any(p.replicas > 1 for p in self.phases):
             raise configlib.ConfigError("stacked replicas train on one device; run them without torchrun "
@@ -185,8 +201,26 @@ class _Trainer:
 
     # -- setup --------------------------------------------------------------------------------------
 
+    def _shard(self) -> None:
+        """FSDP2: shard every module with trainable parameters (its declared units, then itself) and its
+        EMA copy the same way, so that the EMA update pairs equal local shards; frozen modules stay
+        whole on every rank, as under DDP."""
+        if any(p.replicas > 1 for p in self.task.phases()):
+            raise configlib.ConfigError("train.parallel=fsdp cannot shard stacked replicas (they train as one "
+                                        "stacked model on one device); use train.parallel=ddp for them")
+        mesh = fsdplib.device_mesh(self.device)
+        bf16 = self.autocast_dtype is not None and self.device.type == "cuda"
+        for name, module in self.task.modules.items():
+            if not any(p.requires_grad for p in module.parameters()):
+                continue
+            if self.world.is_main:
+                self.full_views[name] = fsdplib.plain_copy(module)
+            fsdplib.shard(module, mesh, bf16)
+            if self.ema and name in self.ema.modules:
+                fsdplib.shard(self.ema.modules[name], mesh, bf16=False)
+
     def _wrap_for_data_parallel(self) -> dict[str, nn.Module]:
-        if not self.world.distributed:
+        if not self.world.distributed or self.fsdp:  # FSDP modules are already data parallel
             return dict(self.task.modules)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return {
@@ -209,8 +243,11 @@ class _Trainer:
         refused = [k for k in changed if kinds[k] == "refused"]
         opt_in = [k for k in changed if kinds[k] == "opt_in"]
 
+        def shown(config: dict, key: str) -> str:  # a key a config omits is a field at its default (`added`)
+            return repr(config[key]) if key in config else "(default)"
+
         def details(keys: list[str]) -> str:
-            text = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:8])
+            text = ", ".join(f"{k}: {shown(old, k)} -> {shown(new, k)}" for k in keys[:8])
             return text + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
 
         if refused:
@@ -242,7 +279,7 @@ class _Trainer:
             ckpt.write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.full_config, sort_keys=False))
             params = {n: sum(p.numel() for p in m.parameters()) for n, m in self.task.modules.items()}
             meta: dict[str, Any] = {
-                **run_environment(self.device), "world_size": self.world.size,
+                **run_environment(self.device), "world_size": self.world.size, "parallel": self.cfg.parallel,
                 "precision": "bf16" if self.autocast_dtype else "fp32", "parameters": params,
             }
             history = _read_changes(self.run_dir / "run.json")
@@ -271,23 +308,79 @@ class _Trainer:
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
 
-    def _save(self) -> None:
+    def _save(self) -> dict[str, dict[str, torch.Tensor] | None] | None:
+        """Write a checkpoint; under FSDP returns the gathered full weights on rank 0 ("model", "ema")."""
+        if self.fsdp:
+            return self._save_sharded()
+        self._save_plain()
+        return None
+
+    def _gathered_rng(self) -> list[Any]:
         rng = self._rng_state()
         if self.world.distributed:  # every rank's RNG, so dropout/noise streams resume per rank
             gathered: list[Any] = [None] * self.world.size
             dist.all_gather_object(gathered, rng)
-            rng_states = gathered
-        else:
-            rng_states = [rng]
+            return gathered
+        return [rng]
+
+    def _small_state(self, rng_states: list[Any]) -> dict[str, Any]:
+        return {
+            "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+            "rng": rng_states,
+            "loader": self.loader.state_dict(),
+            "task": self.task.extra_state(),
+            "world_size": self.world.size,
+        }
+
+    def _save_sharded(self) -> dict[str, dict[str, torch.Tensor] | None]:
+        """Every rank writes its DCP shards into the checkpoint's temporary folder (a name all ranks
+        know), then rank 0 adds the consolidated weights and the small state and renames the folder
+        into place: the same atomic protocol as a plain checkpoint. What rank 0 alone does is followed
+        by a vote instead of a barrier, so a failure there (a full disk) stops every rank instead of
+        leaving the others waiting."""
+        import shutil
+
+        folder = self.run_dir / "checkpoints"
+        rng_states = self._gathered_rng()
+        tmp, error = folder / f".tmp-step_{self.step:07d}-sharded", None  # begin_checkpoint's name for the tag
         if self.world.is_main:
-            state = {
-                "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-                "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
-                "rng": rng_states,
-                "loader": self.loader.state_dict(),
-                "task": self.task.extra_state(),
-                "world_size": self.world.size,
-            }
+            try:
+                ckpt.begin_checkpoint(folder, self.step, tag="sharded")
+            except BaseException as err:
+                error = err
+        self._all_ok(error, "create the checkpoint's temporary folder")
+        try:
+            self.sharded.save(tmp / fsdplib.DCP_DIR)
+            full = {"model": self.sharded.full_tensors("model"),
+                    "ema": self.sharded.full_tensors("ema") if self.ema else None}
+            if self.world.is_main:
+                try:
+                    state = {**self._small_state(rng_states), "sharded": {"format": "dcp", "dir": fsdplib.DCP_DIR}}
+                    ckpt.save_checkpoint(folder, self.step, full["model"], state, ema=full["ema"],
+                                         keep=self.cfg.keep_checkpoints, protect=self.cfg.ckpt_at, tmp=tmp)
+                except BaseException as err:
+                    error = err
+            self._all_ok(error, f"write checkpoint step {self.step}")
+        except BaseException:
+            if self.world.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return full
+
+    def _all_ok(self, error: BaseException | None, what: str) -> None:
+        """A collective: raise `error` on rank 0 and a pointer to it on the others when rank 0 failed."""
+        failed = torch.tensor(0.0 if error is None else 1.0, device=self.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise RuntimeError(f"rank 0 failed to {what}; its error is in its log")
+
+    def _save_plain(self) -> None:
+        rng_states = self._gathered_rng()
+        if self.world.is_main:
+            state = {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                     **self._small_state(rng_states)}
             ema = ckpt.module_tensors(self.ema.modules) if self.ema else None
             ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, ckpt.module_tensors(self.task.modules),
                                  state, ema=ema, keep=self.cfg.keep_checkpoints,
@@ -300,21 +393,41 @@ class _Trainer:
         if path is None:
             seed_everything(self.cfg.seed + self.world.rank)  # per-rank streams for dropout / noise
             return False
-        step, model, state, ema = ckpt.load_checkpoint(path)
-        if "optimizers" not in state:
-            raise ckpt.CheckpointError(_weights_only_message(path, state))
-        ckpt.load_module_tensors(self.task.modules, {k: v.to(self.device) for k, v in model.items()})
-        if self.ema:
-            if ema is None:
+        if self.fsdp:
+            step, state = ckpt.load_state(path)
+            if "sharded" not in state:
+                raise ckpt.CheckpointError(_not_sharded_message(path, state))
+            if self.ema and not (path / "ema.safetensors").is_file():
                 raise ckpt.CheckpointError(f"{path} has no EMA weights but train.ema_decay is set")
-            ckpt.load_module_tensors(self.ema.modules, {k: v.to(self.device) for k, v in ema.items()})
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(_with_hyperparameters(state["optimizers"][name], opt))
+            self.sharded.load(path / state["sharded"]["dir"])  # resharded to this world size by DCP
+        else:
+            step, model, state, ema = ckpt.load_checkpoint(path)
+            if "sharded" in state:
+                raise ckpt.CheckpointError(
+                    f"{path} was written by an FSDP run (train.parallel=fsdp): resume it with train.parallel=fsdp, "
+                    f"or load its consolidated weights ({path}/model.safetensors) into a new run")
+            if "optimizers" not in state:
+                raise ckpt.CheckpointError(_weights_only_message(path, state))
+            ckpt.load_module_tensors(self.task.modules, {k: v.to(self.device) for k, v in model.items()})
+            if self.ema:
+                if ema is None:
+                    raise ckpt.CheckpointError(f"{path} has no EMA weights but train.ema_decay is set")
+                ckpt.load_module_tensors(self.ema.modules, {k: v.to(self.device) for k, v in ema.items()})
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(_with_hyperparameters(state["optimizers"][name], opt))
         for name, sched in self.schedulers.items():
             _load_schedule(sched, state["schedulers"][name])
         if state["world_size"] != self.world.size:
-            log.warning("resuming a %d-process run with %d processes: the data order will differ",
-                        state["world_size"], self.world.size)
+            if self.fsdp:
+                # DCP reshards weights and optimizer state; the loader position (batches of the epoch)
+                # carries over, and an unchanged global batch holds the same samples (the sampler deals
+                # one permutation round-robin), but per-rank random streams (dropout, noise) differ.
+                log.warning("resuming a %d-process FSDP run with %d processes: weights and optimizer state are "
+                            "resharded; the random streams per rank differ, so the run is not bit-identical",
+                            state["world_size"], self.world.size)
+            else:
+                log.warning("resuming a %d-process run with %d processes: the data order will differ",
+                            state["world_size"], self.world.size)
         rng = state["rng"]
         self._set_rng_state(rng[self.world.rank] if self.world.rank < len(rng) else rng[0])
         self.loader.load_state_dict(state["loader"])
@@ -323,6 +436,17 @@ class _Trainer:
         if self.world.is_main:
             log.info("resumed from %s (step %d)", path, step)
         return True
+
+    def _side_work_models(self, full: dict[str, dict[str, torch.Tensor] | None] | None) -> dict[str, nn.Module]:
+        """What `Task.on_checkpoint` gets (rank 0): the EMA copy of each module that has one, else the
+        module. Under FSDP the sharded ones cannot run on rank 0 alone, so they are rank 0's unsharded
+        copies loaded with the weights just gathered for the consolidated checkpoint files."""
+        models = {n: (self.ema.modules.get(n) if self.ema else None) or m for n, m in self.task.modules.items()}
+        for name, view in self.full_views.items():
+            from_ema = self.ema is not None and name in self.ema.modules
+            ckpt.load_module_tensors({name: view}, full["ema" if from_ema else "model"])
+            models[name] = view.to(self.device).eval() if from_ema else view.to(self.device)
+        return models
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -377,7 +501,7 @@ class _Trainer:
                 if phase.replicas > 1:
                     norm = clip_per_replica_(params, clip, phase.replicas).mean()
                 else:
-                    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                    norm = fsdplib.full(torch.nn.utils.clip_grad_norm_(params, clip))  # FSDP: a DTensor
                 key = f"{opt_name}/grad_norm"
                 sums[key] = sums.get(key, 0.0) + norm.detach().float()
                 counts[key] = counts.get(key, 0) + 1
@@ -391,9 +515,12 @@ class _Trainer:
     def _checked_weights(self) -> list[tuple[str, list[torch.Tensor]]]:
         """(name, parameters) of every trained module and of every EMA copy ("ema:<name>")."""
         trained = {m for spec in self.specs.values() for m in spec.modules}
-        groups = [(n, [p.detach() for p in m.parameters()]) for n, m in self.task.modules.items() if n in trained]
+        # FSDP: each rank checks its own shards; the flags are max-reduced over the ranks.
+        groups = [(n, [fsdplib.local(p.detach()) for p in m.parameters()])
+                  for n, m in self.task.modules.items() if n in trained]
         if self.ema:
-            groups += [(f"ema:{n}", [p.detach() for p in m.parameters()]) for n, m in self.ema.modules.items()]
+            groups += [(f"ema:{n}", [fsdplib.local(p.detach()) for p in m.parameters()])
+                       for n, m in self.ema.modules.items()]
         return [(n, ps) for n, ps in groups if ps]
 
     def _nonfinite_weight_flags(self, groups: list[tuple[str, list[torch.Tensor]]]) -> list[torch.Tensor]:
@@ -540,6 +667,8 @@ class _Trainer:
                 last = {k: v / counts[k] for k, v in zip(keys, values)}
                 last.update({f"lr/{n}": s.get_last_lr()[0] for n, s in self.schedulers.items()})
                 last["perf/step_time_s"] = elapsed / window_steps
+                if self.device.type == "cuda":  # rank 0's peak: what sharding saves (a host counter, no sync)
+                    last["perf/max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 last["perf/images_per_s"] = images_per_step * window_steps / elapsed
                 last["perf/images_seen"] = float(self.step * images_per_step)
                 self.log.write(self.step, last)
@@ -550,9 +679,9 @@ class _Trainer:
                 window_start, window_steps, paused = time.perf_counter(), 0, 0.0
             if do_ckpt:
                 pause_start = time.perf_counter()
-                self._save()
+                full = self._save()
                 if self.world.is_main:
-                    models = {n: (self.ema.modules.get(n) if self.ema else None) or m for n, m in self.task.modules.items()}
+                    models = self._side_work_models(full)
                     with isolated_rng(self.device):  # side work must not draw from the training RNG
                         extra = self.task.on_checkpoint(self.step, self.run_dir, models)
                         for module in self.task.modules.values():
@@ -560,6 +689,8 @@ class _Trainer:
                         if extra:
                             self.log.write(self.step, {k: float(v) for k, v in extra.items()})
                             last.update({k: float(v) for k, v in extra.items()})
+                    for view in self.full_views.values():
+                        view.cpu()  # give the device memory back to training
                 barrier(self.world)
                 paused += time.perf_counter() - pause_start  # checkpoint time is not training throughput
         if bar is not None:
@@ -587,6 +718,13 @@ def _weights_only_message(path: Path, state: dict[str, Any]) -> str:
                 "there is no run to resume in this folder; train into a new --out folder.")
     return (f"{path} holds weights without an optimizer state, so there is no run to resume in this folder; "
             "train into a new --out folder.")
+
+
+def _not_sharded_message(path: Path, state: dict[str, Any]) -> str:
+    if "optimizers" in state:
+        return (f"{path} was written by a run without FSDP (train.parallel=ddp): resume it with train.parallel=ddp, "
+                "or train into a new --out folder")
+    return _weights_only_message(path, state)
 
 
 def _abs_sums(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -15,6 +15,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+# How `generator sample` draws class labels (outputs.sample_labels; the study spec's sample.labels). Here,
+# not in outputs.py, because the CLI's parser and the study spec read it without importing torch.
+LABEL_SAMPLING = ("balanced", "train")
+
 # Flags of the kind-specific sampling options (registry.GeneratorKind.options), keyed by option name.
 # Each is None unless given, so only options given on the command line reach the kind's sample_run.
 KIND_OPTIONS: dict[str, dict[str, Any]] = {
@@ -71,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="new run folder")
     p.set_defaults(func=cmd_branch)
 
-    p = sub.add_parser("sample", help="sample images with balanced labels into an .npz (+ .json, .png grid)")
+    p = sub.add_parser("sample", help="sample images (balanced labels by default) into an .npz (+ .json, .png grid)")
     p.add_argument("run", type=Path, help="generator run folder")
     p.add_argument("--num", type=int, required=True, help="number of samples")
     p.add_argument("--out", required=True, type=Path, help="samples file (.npz)")
@@ -87,6 +91,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="bf16 applies on CUDA only")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (AR: CUDA graphs on GPU)")
     p.add_argument("--grid", type=int, default=64, help="samples in the PNG grid (0: none)")
+    p.add_argument("--labels", default="balanced", choices=LABEL_SAMPLING,
+                   help="class labels: balanced (equal counts per class; default) or train (the class proportions "
+                        "of the run's training cache, for references with unequal classes, e.g. emoji)")
     for option, spec in KIND_OPTIONS.items():
         spec = {"default": None, **spec}
         spec["help"] = f"{', '.join(_takers(option))} runs: {spec['help']}"
@@ -149,7 +156,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     path = api.sample(
         args.run, args.num, args.out, cfg_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
         weights=args.weights, step=args.step, tokenizer=args.tokenizer, device=args.device,
-        precision=args.precision, compile=args.compile, grid=args.grid, **given,
+        precision=args.precision, compile=args.compile, grid=args.grid, labels=args.labels, **given,
     )
     print(f"wrote {args.num} samples to {path}")
     return 0

@@ -1,5 +1,11 @@
 """What every generator writes: sample files, preview grids, with balanced labels, decoded by its tokenizer.
 
+Labels (`sample_labels`, the same for every kind): "balanced" (equal counts per class, the default: the
+Fashion-MNIST test split that is its FD reference is balanced) or "train" (the class proportions of
+the generator's training cache, recorded as train_label_counts in RUN/model.json: for data whose
+classes are unequal, e.g. emoji, whose reference split has the training proportions). Either way they
+are stored grouped by class, so grids and files keep one layout.
+
 Samples file, in the layout of the ADM evaluator (guided-diffusion's `evaluations/evaluator.py` reads
 `np.load(f)["arr_0"]`), so the field's tools score it as it is:
 
@@ -30,10 +36,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from twostage.common.errors import UserError
+from twostage.config import ConfigError
+from twostage.generators.commands import LABEL_SAMPLING  # the choices, kept where the CLI reads them
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,55 @@ def balanced_labels(n: int, num_classes: int) -> np.ndarray:
     if n < 0 or num_classes <= 0:
         raise ValueError(f"need n >= 0 and num_classes > 0, got {n}, {num_classes}")
     return np.sort(np.arange(n, dtype=np.int64) % num_classes, kind="stable")
+
+
+
+def proportional_labels(n: int, counts: Sequence[int]) -> np.ndarray:
+    """n class labels in the proportions of `counts` (one count per class), grouped by class like
+    balanced_labels.
+
+    Largest remainder: class c gets floor(n * counts[c] / total) and the labels left over go one each
+    to the classes with the largest remainders, ties to the lower class. Exact integer arithmetic, so
+    it is deterministic: the total is n, each class is within one of its exact share n * counts[c] /
+    total, a class with count 0 gets none, and equal counts give balanced_labels(n, len(counts)).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if n < 0 or counts.ndim != 1 or len(counts) == 0 or (counts < 0).any() or counts.sum() == 0:
+        raise ValueError(f"need n >= 0 and non-negative counts, not all 0, got {n}, {counts.tolist()}")
+    total = int(counts.sum())
+    share = [n * int(c) for c in counts]  # python ints: n * count cannot overflow
+    alloc = np.array([s // total for s in share], dtype=np.int64)
+    remainder = np.array([s % total for s in share], dtype=np.int64)
+    left = n - int(alloc.sum())
+    order = np.lexsort((np.arange(len(counts)), -remainder))  # largest remainder first, then lower class
+    alloc[order[:left]] += 1
+    return np.repeat(np.arange(len(counts), dtype=np.int64), alloc)
+
+
+def sample_labels(n: int, num_classes: int, labels: str, info: Mapping[str, Any],
+                  run: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """(the n labels a generator run samples, what its samples protocol records of them).
+
+    labels: "balanced" or "train"; `info` is the run's model.json record, whose train_label_counts
+    (written when the run trained, twostage/generators/runs.py) give the training proportions, so
+    the cache need not be present at sample time.
+    """
+    if labels not in LABEL_SAMPLING:
+        raise ConfigError(f"labels={labels!r} (--labels): choose balanced (equal counts per class) or train "
+                          "(the class proportions of the run's training cache)")
+    if labels == "balanced":
+        return balanced_labels(n, num_classes), {"label_sampling": "balanced"}
+    counts = info.get("train_label_counts")
+    if counts is None:
+        raise UserError(f"{run}/model.json records no train_label_counts (the run was trained or converted before "
+                        "they were recorded), so --labels train cannot be drawn: re-run its `twostage generator "
+                        "train` command with the same --tokens cache (it resumes at its last step and records "
+                        "them), or sample with --labels balanced")
+    if len(counts) != num_classes:
+        raise UserError(f"{run}/model.json: train_label_counts has {len(counts)} classes but the model has "
+                        f"{num_classes}; re-run its `twostage generator train` command to record them again, "
+                        "or sample with --labels balanced")
+    return proportional_labels(n, counts), {"label_sampling": "train", "train_label_counts": [int(c) for c in counts]}
 
 
 def save_image_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: int | None = None) -> Path:
@@ -166,5 +225,5 @@ class LazyDecoder:
         return self._decoder
 
 
-__all__ = ["Decoder", "balanced_labels", "save_image_grid", "save_samples", "sampling_progress", "load_decoder",
+__all__ = ["Decoder", "balanced_labels", "LABEL_SAMPLING", "proportional_labels", "sample_labels", "save_image_grid", "save_samples", "sampling_progress", "load_decoder",
            "LazyDecoder"]

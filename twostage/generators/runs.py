@@ -11,6 +11,9 @@ model.json keys every kind writes, so that the study table reads any run without
     kind, parameters (total), non_embedding_parameters, train_flops_per_token, forward_flops_per_token,
     tokens_per_image, train_flops_per_step, grid, num_classes, image_size, tokenizer_run,
     tokenizer_checksum, train_cache, val_cache, train_samples
+    train_label_counts  images per class in the training cache (runs trained by this version; not in
+                        converted runs): `generator sample --labels train` draws in these proportions
+                        without the cache (twostage/generators/outputs.py: sample_labels)
 
 A "token" is a position of the tokenizer's grid (h*w per image), whatever the generator does with it
 (the DiT's patches group p x p of them), so C = train_flops_per_token * steps * batch * tokens_per_image
@@ -31,6 +34,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,11 +64,14 @@ def check_val_cache(train: CacheMeta, val: CacheMeta, val_path: str | Path, keys
 
 
 def model_record(kind: str, model: nn.Module, meta: CacheMeta, *, batch_size: int, train_cache: str | Path,
-                 val_cache: str | Path | None, train_samples: int) -> dict[str, Any]:
+                 val_cache: str | Path | None, train_samples: int,
+                 train_labels: np.ndarray | None = None) -> dict[str, Any]:
     """The kind-independent part of model.json, followed by the model's `architecture()`.
 
     `model` provides param_counts() {"total", "non_embedding", ...}, flops_per_token() {"train",
-    "forward"} (per tokenizer-grid position) and architecture() (its kind's own keys).
+    "forward"} (per tokenizer-grid position) and architecture() (its kind's own keys). `train_labels`
+    (the training cache's labels) are recorded as per-class counts; converters, which have no
+    training cache, leave them out.
     """
     counts, flops = model.param_counts(), model.flops_per_token()
     tokens = int(meta.grid[0]) * int(meta.grid[1])
@@ -77,8 +84,18 @@ def model_record(kind: str, model: nn.Module, meta: CacheMeta, *, batch_size: in
         "train_cache": str(Path(train_cache).resolve()),
         "val_cache": str(Path(val_cache).resolve()) if val_cache is not None else None,
         "train_samples": int(train_samples),
+        **({} if train_labels is None else {"train_label_counts": label_counts(train_labels, meta.num_classes)}),
         **model.architecture(),
     }
+
+
+def label_counts(labels: np.ndarray, num_classes: int) -> list[int]:
+    """Images per class (length num_classes) of a cache's labels."""
+    labels = np.asarray(labels)
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ConfigError(f"the training cache has labels {labels.min()}..{labels.max()} but records "
+                          f"num_classes={num_classes}; re-encode it")
+    return [int(c) for c in np.bincount(labels, minlength=num_classes)]
 
 
 def write_model(run_dir: str | Path, info: dict[str, Any], arch_keys: Iterable[str]) -> None:
@@ -184,5 +201,5 @@ def sampling_precision(precision: str, device: torch.device) -> bool:
 
 
 __all__ = ["is_main_process", "check_val_cache", "model_record", "write_model", "check_resume",
-           "compute_logs", "grid_path", "load_generator_run",
+           "label_counts", "compute_logs", "grid_path", "load_generator_run",
            "check_sample_counts", "sampling_precision"]

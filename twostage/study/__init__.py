@@ -7,7 +7,8 @@ evaluation: (generator run, evaluation seed). Columns (null where not applicable
   per seed), `tokenizer_id` (str: config hash of the tokenizer job; differs per tokenizer seed),
   `tokenizer_label` (str, human readable, e.g. "vq f4 K1024 +CRT", "kl f4d8 +VF"), `generator_label`
   (str, e.g. "ar small 2000 steps")
-- replicates: `tokenizer_cell` (str: the tokenizer's grid point, the same for all its seeds),
+- replicates: `tokenizer_cell` (str: the tokenizer's grid point, the same for all its seeds; an entry with
+  `generator_overrides` is a cell of its own, labelled e.g. "kl f4d16 / dit +REPA", sharing its tokenizer runs),
   `generator_cell` (str: the generator run's grid point incl. the tokenizer cell, size and budget; the
   same for all seeds), `tokenizer_seed`, `generator_seed`, `eval_seed` (int: tokenizer train.seed,
   generator train.seed, sampling seed). Rows of one generator_cell differ only in their seeds; the report

@@ -107,8 +107,13 @@ def config_without(config: Any, *train_keys: str) -> dict:
 
 
 def tokenizer_cell(tok: ResolvedTokenizer) -> str:
-    """The tokenizer's point on the study grid, the same for all its seeds (replicates share it)."""
-    return configlib.config_hash(config_without(tok.config, "seed"))
+    """The tokenizer's point on the study grid, the same for all its seeds (replicates share it). An entry
+    with generator overrides is a cell of its own (its tokenizer runs are those of the entry without them);
+    without them the hash is the tokenizer config's alone, so existing studies keep their cells."""
+    tokenizer = config_without(tok.config, "seed")
+    if tok.generator_overrides:
+        return configlib.config_hash({"tokenizer": tokenizer, "generator_overrides": list(tok.generator_overrides)})
+    return configlib.config_hash(tokenizer)
 
 
 def generator_cell(gen: ResolvedGenerator) -> str:
@@ -195,7 +200,7 @@ def tokenizer_job(spec: StudySpec, tok: ResolvedTokenizer, paths: Paths) -> Job:
     if not spec.eval.recon_perceptual:
         recon.append("--no-perceptual")
     stages.append(Stage("recon", recon))
-    return Job(f"tok-{tid}", "tokenizer", run, stages, label=tok.label)
+    return Job(f"tok-{tid}", "tokenizer", run, stages, label=tok.run_label)
 
 
 def generator_job(spec: StudySpec, gen: ResolvedGenerator, paths: Paths, ref: Job | None) -> Job:
@@ -214,6 +219,10 @@ def generator_job(spec: StudySpec, gen: ResolvedGenerator, paths: Paths, ref: Jo
             sample += ["--cfg", str(gen.spec.cfg)]
         if gen.spec.sample_steps is not None:
             sample += ["--steps", str(gen.spec.sample_steps)]
+        # In the argv, so in the stage's marker fingerprint: a changed setting re-samples and re-evaluates;
+        # left out at the default, so the markers of existing studies stay valid.
+        if s.labels != "balanced":
+            sample += ["--labels", s.labels]
         evaluate = ["eval", "gen", str(paths.samples(gid, suffix)), "--ref", reference, *_network_args(spec),
                     "--out", str(paths.gen_json(gid, suffix))]
         stages += [Stage(f"sample{suffix}", sample), Stage(f"eval{suffix}", evaluate)]

@@ -13,6 +13,7 @@ evaluate, after their pack job has trained them.
 from __future__ import annotations
 
 from twostage import config as configlib
+from twostage import registry
 from twostage.study.jobs import Job, Paths, Stage, config_without, generator_id, tokenizer_id
 from twostage.study.spec import ResolvedGenerator, StudySpec
 
@@ -24,6 +25,8 @@ def pack_key(gen: ResolvedGenerator) -> str:
     cols = tok.config.study_columns()
     shape = {"kind": tok.kind, "tokens": tok.tokens_per_image, "codebook_size": cols.get("codebook_size"),
              "latent_channels": cols.get("latent_channels"), "data": configlib.to_dict(tok.config.data)}
+    if registry.generator_kind(gen.kind).replicas_share_cache:  # seeds of one tokenizer run only
+        shape["tokenizer_run"] = tokenizer_id(tok)
     return configlib.config_hash({"generator": config_without(gen.config, "seed"), "preset": gen.preset,
                                   "cache_shape": shape})
 
@@ -47,6 +50,8 @@ def pack_jobs(spec: StudySpec, gens: list[ResolvedGenerator], gen_jobs: list[Job
             if gen_jobs[i].id not in seen:
                 seen.add(gen_jobs[i].id)
                 chosen.append(i)
+        if len(chosen) == 1:  # nothing to stack: a replica alone costs more than the plain run
+            continue
         first = gens[chosen[0]]
         pid = configlib.config_hash({"runs": [generator_id(gens[i], spec) for i in chosen]})
         folder = paths.root / "packs" / pid
@@ -58,7 +63,9 @@ def pack_jobs(spec: StudySpec, gens: list[ResolvedGenerator], gen_jobs: list[Job
                 "--out", *[str(gen_jobs[i].folder) for i in chosen],
                 "--seeds", *[str(gens[i].seed) for i in chosen], "--pack", str(folder)]
         deps = list(dict.fromkeys(f"tok-{t}" for t in tids))
-        label = f"{first.label}, {len(chosen)} replicas"
+        # a generator variant (a spec entry's generator_overrides) packs only with runs of its own config
+        variant = f" {' '.join(first.tokenizer.generator_overrides)}" if first.tokenizer.generator_overrides else ""
+        label = f"{first.label}{variant}, {len(chosen)} replicas"
         pack = Job(f"pack-{pid}", "pack", folder, [Stage("train", argv)], deps=deps, label=label)
         packs.append(pack)
         for i in members:

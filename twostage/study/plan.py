@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from twostage.config import ConfigError
 from twostage.study.branches import branch_jobs
-from twostage.study.jobs import Job, Paths, generator_job, reference_job, tokenizer_job
+from twostage.study.jobs import Job, Paths, generator_id, generator_job, reference_job, tokenizer_cell, tokenizer_job
 from twostage.study.packs import pack_jobs
 from twostage.study.spec import ResolvedGenerator, ResolvedTokenizer, StudySpec, resolve_grid
 
@@ -37,8 +38,27 @@ class Plan:
         raise KeyError(f"no job {job_id!r} in this study (jobs: {close}{' ...' if len(self.jobs) > 8 else ''})")
 
 
+def _check_cells(spec: StudySpec, toks: list[ResolvedTokenizer], gens: list[ResolvedGenerator]) -> None:
+    """Cells made by generator overrides must be distinct: their own runs and their own label. (Entries
+    without them keep what they always had: two entries of one tokenizer config are one cell, one run.)"""
+    runs: dict[str, ResolvedTokenizer] = {}
+    for g in gens:
+        first = runs.setdefault(generator_id(g, spec), g.tokenizer)
+        if tokenizer_cell(first) != tokenizer_cell(g.tokenizer):  # only generator overrides can do this
+            raise ConfigError(f"tokenizers[{first.index}] and tokenizers[{g.tokenizer.index}] train the same "
+                              f"generator runs ({g.label}): their generator_overrides make no difference; remove "
+                              "one entry or change its generator_overrides")
+    labels: dict[str, ResolvedTokenizer] = {}
+    for t in toks:
+        other = labels.setdefault(t.label, t)
+        if tokenizer_cell(other) != tokenizer_cell(t) and (other.generator_overrides or t.generator_overrides):
+            raise ConfigError(f"tokenizers[{other.index}] and tokenizers[{t.index}] are different cells with one "
+                              f"label {t.label!r}: give one of them a `label`")
+
+
 def build_plan(spec: StudySpec, root: Path) -> Plan:
     toks, gens = resolve_grid(spec)
+    _check_cells(spec, toks, gens)
     paths = Paths(Path(root))
     refs: dict[int, Job | None] = {}
     for tok in toks:
@@ -52,7 +72,9 @@ def build_plan(spec: StudySpec, root: Path) -> Plan:
     packs = pack_jobs(spec, gens, gen_jobs, paths) if spec.generator_training == "replicas" else []
     jobs, seen = [], set()
     for job in [*(r for r in refs.values() if r is not None), *tok_jobs, *packs, *gen_jobs]:
-        if job.id not in seen:  # two grid points with one config are one job
+        # two grid points with one config are one job: a tokenizer shared by cells that differ only in
+        # their generator overrides trains and encodes once
+        if job.id not in seen:
             seen.add(job.id)
             jobs.append(job)
     return Plan(paths.root, jobs, toks, gens, gen_jobs, tok_jobs)

@@ -84,11 +84,20 @@ def _compare(metric: str, a: str, b: str, values: Mapping[str, Mapping[int, floa
 def tokenizer_comparisons(rows: Sequence[Mapping[str, Any]], labels: Mapping[str, str]) -> list[TokenizerComparison]:
     """Every pair of tokenizer cells on every reconstruction metric that both have (cells in label order)."""
     out = []
+    runs: dict[str, set] = {}
+    for r in rows:
+        runs.setdefault(r["tokenizer_cell"], set()).add(r.get("tokenizer_id") or ("cell", r["tokenizer_cell"]))
     for metric in RECON_METRICS:
         values = tokenizer_values(rows, metric)
         if metric == "codebook_usage":  # continuous tokenizers have none; a VQ pair still compares
             values = {k: v for k, v in values.items() if v}
-        cells = sorted(values, key=lambda c: (labels.get(c, c), c))
+        cells, seen = [], set()
+        for c in sorted(values, key=lambda c: (labels.get(c, c), c)):
+            # cells that differ only in their generator (a spec's generator_overrides) share their tokenizer
+            # runs: compared once, under the first label
+            if frozenset(runs[c]) not in seen:
+                seen.add(frozenset(runs[c]))
+                cells.append(c)
         out += [_compare(metric, a, b, values, labels) for a, b in combinations(cells, 2)]
     return out
 

@@ -33,6 +33,7 @@ from typing import Any
 from twostage import config as configlib
 from twostage import registry
 from twostage.config import ConfigError, check
+from twostage.generators.commands import LABEL_SAMPLING
 
 
 @dataclass
@@ -42,6 +43,11 @@ class TokenizerSpec:
     preset: str
     overrides: list[str] = field(default_factory=list)
     label: str | None = None  # human readable; default e.g. "vq f4 K1024 +CRT"
+    # Overrides of every generator trained on this entry's caches (after generators.<kind>.overrides): a
+    # generator variant (e.g. [repa.enabled=true]) as a cell of its own. Its tokenizer run and caches are
+    # shared with every entry of the same tokenizer config (one tokenizer job); default label e.g.
+    # "kl f4d16 / dit +REPA".
+    generator_overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -74,9 +80,14 @@ class GeneratorSpec:
 class SampleSettings:
     num: int = field(default=10000, metadata=check(gt=0))  # samples per generator for eval gen
     batch_size: int = field(default=64, metadata=check(gt=0))
+    # Class labels of the samples (`generator sample --labels`): balanced (equal counts per class), or
+    # train (the training cache's class proportions: for a reference with unequal classes, e.g. emoji).
+    labels: str = field(default="balanced", metadata=check(choices=LABEL_SAMPLING))
 
 
 SEED_DESIGNS = ("crossed", "paired")
+# generator keys the grid sets on every run (after all overrides), and where a spec sets them
+AXIS_KEYS = {"model.size": "generators.<kind>.sizes", "train.steps": "budgets", "train.seed": "seeds.generator"}
 
 
 @dataclass
@@ -172,6 +183,15 @@ class StudySpec:
             if g.sample_steps is not None and "steps" not in registry.generator_kind(kind).options:
                 raise ConfigError(f"{where}.sample_steps: a {kind} generator's sampler takes no steps option "
                                   "(an AR generator samples one token per step)")
+        for i, t in enumerate(self.tokenizers):
+            for item in t.generator_overrides:
+                key = item.split("=", 1)[0].strip()
+                if "=" not in item:
+                    raise ConfigError(f"tokenizers[{i}] ({t.preset}).generator_overrides: '{item}' must look like "
+                                      "section.key=value")
+                if key in AXIS_KEYS:  # set per grid point after the overrides: the entry's value would be lost
+                    raise ConfigError(f"tokenizers[{i}] ({t.preset}).generator_overrides: {key} is a study axis "
+                                      f"({AXIS_KEYS[key]}); remove '{item}'")
 
 
 def load_spec(source: str | Path | dict, overrides: list[str] = ()) -> StudySpec:
@@ -190,8 +210,14 @@ class ResolvedTokenizer:
     preset: str
     overrides: list[str]  # everything after the preset, as `tokenizer train` takes them
     config: Any  # the kind's run config
-    label: str
+    label: str  # the cell's label (with generator overrides: e.g. "kl f4d16 / dit +REPA")
     seed: int = 0  # train.seed
+    generator_overrides: list[str] = field(default_factory=list)  # the entry's, for its generators
+
+    @property
+    def run_label(self) -> str:
+        """The tokenizer run's own label: its job may be shared by cells that differ in generator overrides."""
+        return self.config.label() if self.generator_overrides else self.label
 
     @property
     def downsample(self) -> int:
@@ -238,15 +264,34 @@ def resolve_tokenizer(spec: StudySpec, index: int, seed: int = 0) -> ResolvedTok
     if gen.name not in spec.generators:
         raise ConfigError(f"{where} is a {kind.name} tokenizer but the study has no generators.{gen.name} "
                           "section to train on its cache")
-    return ResolvedTokenizer(index, kind.name, t.preset, overrides, cfg, t.label or cfg.label(), seed)
+    label = t.label or (cfg.label() + (f" / {variant_label(gen.name, t.generator_overrides)}"
+                                       if t.generator_overrides else ""))
+    return ResolvedTokenizer(index, kind.name, t.preset, overrides, cfg, label, seed, list(t.generator_overrides))
+
+
+def variant_label(kind: str, overrides: list[str]) -> str:
+    """A generator variant's short name: "dit +REPA +DDT" from its `X.enabled=true|false` switches (+X / -X),
+    or its overrides themselves when it has no switch."""
+    import yaml
+
+    tags = []
+    for item in overrides:
+        key, raw = item.split("=", 1)
+        if key.endswith(".enabled"):
+            on = yaml.safe_load(raw)
+            tags.append(("+" if on else "-") + key.removesuffix(".enabled").rsplit(".", 1)[-1].upper())
+    return " ".join([kind, *(tags or overrides)])
 
 
 def resolve_generator(spec: StudySpec, tok: ResolvedTokenizer, size: str, budget: int,
                       seed: int = 0) -> ResolvedGenerator:
     kind = registry.generator_for(tok.kind).name
     g = spec.generators[kind]
-    overrides = [*g.overrides, f"model.size={size}", f"train.steps={budget}", f"train.seed={seed}"]
+    overrides = [*g.overrides, *tok.generator_overrides, f"model.size={size}", f"train.steps={budget}",
+                 f"train.seed={seed}"]
     where = f"generators.{kind} ({g.preset}, size {size}, {budget} steps) with train.seed={seed}"
+    if tok.generator_overrides:
+        where += f" and tokenizers[{tok.index}] ({tok.preset}).generator_overrides={tok.generator_overrides}"
     found = registry.source_kind("generator", g.preset, overrides)
     if found != kind:
         raise ConfigError(f"{where}: the preset's kind is {found!r}, but a {tok.kind} tokenizer needs a {kind} generator")

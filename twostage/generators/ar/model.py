@@ -76,6 +76,8 @@ class Block(nn.Module):
 
 
 class ARTransformer(nn.Module):
+    shard_units = ("blocks",)  # FSDP units: each block (twostage/engine/fsdp.py)
+
     def __init__(self, cfg: ARModelConfig, vocab_size: int, num_classes: int, grid: tuple[int, int]):
         super().__init__()
         self.cfg = cfg

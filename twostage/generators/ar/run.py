@@ -27,7 +27,7 @@ from twostage.generators.ar.model import ARTransformer
 from twostage.generators.ar.sampler import ARSampler
 from twostage.generators.ar.task import ARCH_KEYS, MODULE, ARTask, check_token_cache
 from twostage.generators.guidance import resolve_scale
-from twostage.generators.outputs import balanced_labels, load_decoder, sampling_progress, save_samples
+from twostage.generators.outputs import load_decoder, sample_labels, sampling_progress, save_samples
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def build_task(cfg: ARRunConfig, cache: str | Path, out: str | Path, *,
     seed_everything(cfg.train.seed)  # module init depends on it
     task = ARTask(cfg, data.meta, val_data=val)
     info = runs.model_record(KIND, task.model, data.meta, batch_size=cfg.train.batch_size, train_cache=cache,
-                             val_cache=val_cache, train_samples=len(data))
+                             val_cache=val_cache, train_samples=len(data), train_labels=data.labels)
     runs.check_resume(out, info, ARCH_KEYS, cache)  # another tokenizer's cache: refused, nothing written
     task.record = info  # model.json: written by the task once the engine has accepted the run
     log.info("AR %s: %.1fM parameters (%.1fM non-embedding), %.3g training FLOPs per step", cfg.model.size,
@@ -79,8 +79,11 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
                tokenizer: str | Path | None = None, device: str | torch.device = "auto", precision: str = "bf16",
                compile: bool = False, grid: int = 64, cfg_until: int | None = None,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-               tokens_only: bool | None = None) -> Path:
-    """Sample `num` images with balanced labels and write OUT.npz / .json / .png; returns the .npz path.
+               tokens_only: bool | None = None, labels: str = "balanced") -> Path:
+    """Sample `num` images and write OUT.npz / .json / .png; returns the .npz path.
+
+    labels: "balanced" (equal counts per class) or "train" (the training cache's class proportions,
+    from model.json), grouped by class either way (twostage/generators/outputs.py: sample_labels).
 
     Settings left None come from the run's `sample:` config; cfg_scale follows the one guidance rule
     (twostage/generators/guidance.py: 1 = none, 0 = unconditional). precision bf16 casts the weights
@@ -91,6 +94,7 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     runs.check_sample_counts(num, batch_size)
     dev = resolve_device(device)
     model, info = load_run(run_dir, device=dev, weights=weights, step=step)
+    labels, label_protocol = sample_labels(num, model.num_classes, labels, info, run_dir)  # before any decoder
     s = info["config"].sample
     settings = {
         "cfg_scale": resolve_scale(cfg_scale, s.cfg_scale),
@@ -105,7 +109,6 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     tok = None if tokens_only else load_decoder(tokenizer or info["tokenizer_run"], dev,
                                                 info.get("tokenizer_checksum", ""))
     sampler = ARSampler(model, batch_size=min(batch_size, num), compile=compile, **settings)
-    labels = balanced_labels(num, model.num_classes)
     start = time.perf_counter()
     token_chunks, image_chunks = [], []
     # Sample and decode batch by batch (batch b draws its noise from (seed, b): the same tokens as one
@@ -125,7 +128,7 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     tokens = np.concatenate(token_chunks) if token_chunks else np.zeros((0, *model.grid), np.int64)
     images = np.concatenate(image_chunks) if image_chunks else np.zeros((0, 0, 0, 3), np.uint8)
     protocol = {
-        "num_samples": num, "label_sampling": "balanced", "sampler": "ar-kv-cache",
+        "num_samples": num, **label_protocol, "sampler": "ar-kv-cache",
         "steps": model.num_tokens, "cfg_scale": settings["cfg_scale"],
         "cfg_interval": None if settings["cfg_until"] is None else [0, settings["cfg_until"]],
         "temperature": settings["temperature"], "top_k": settings["top_k"] or "all", "top_p": settings["top_p"],

@@ -153,6 +153,8 @@ class DDTHead(nn.Module):
     Init as the trunk: xavier linears, zero AdaLN and output layers, so the head starts at v = 0.
     """
 
+    shard_units = ("blocks",)  # FSDP units: each block (twostage/engine/fsdp.py)
+
     def __init__(self, cfg: DiTModelConfig, trunk_width: int, inputs: int, grid: tuple[int, int]):
         super().__init__()
         d = cfg.ddt
@@ -190,6 +192,8 @@ class DDTHead(nn.Module):
 
 
 class LightningDiT(nn.Module):
+    shard_units = ("blocks",)  # FSDP units: each block (twostage/engine/fsdp.py)
+
     def __init__(self, cfg: DiTModelConfig, in_channels: int, grid: tuple[int, int], num_classes: int):
         super().__init__()
         self.cfg = cfg

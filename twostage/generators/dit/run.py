@@ -30,7 +30,7 @@ from twostage.generators.dit.model import LightningDiT
 from twostage.generators.dit.sampler import SAMPLERS, evaluations
 from twostage.generators.dit.task import ARCH_KEYS, MODULE, DiTTask, LatentSpace, build_model, generate_latents
 from twostage.generators.guidance import resolve_scale
-from twostage.generators.outputs import balanced_labels, load_decoder, sampling_progress, save_samples
+from twostage.generators.outputs import load_decoder, sample_labels, sampling_progress, save_samples
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def build_task(cfg: DiTRunConfig, cache: str | Path, out: str | Path, *,
     seed_everything(cfg.train.seed)  # module init depends on it
     task = DiTTask(cfg, space, val_dataset=val)
     info = runs.model_record(KIND, task.model, data.meta, batch_size=cfg.train.batch_size, train_cache=cache,
-                             val_cache=val_cache, train_samples=len(data))
+                             val_cache=val_cache, train_samples=len(data), train_labels=data.labels)
     info.update({"latent_mean": space.latent_mean, "latent_std": space.latent_std,
                  "time_convention": TIME_CONVENTION})
     runs.check_resume(out, info, ARCH_KEYS, cache)  # another tokenizer's cache: refused, nothing written
@@ -94,8 +94,12 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
                batch_size: int = 64, weights: str = "auto", step: int | None = None,
                tokenizer: str | Path | None = None, device: str | torch.device = "auto", precision: str = "bf16",
                compile: bool = False, grid: int = 64, steps: int | None = None, sampler: str | None = None,
-               shift: float | None = None, cfg_interval: Sequence[float] | None = None) -> Path:
-    """Sample `num` images with balanced labels and write OUT.npz / .json / .png; returns the .npz path.
+               shift: float | None = None, cfg_interval: Sequence[float] | None = None,
+               labels: str = "balanced") -> Path:
+    """Sample `num` images and write OUT.npz / .json / .png; returns the .npz path.
+
+    labels: "balanced" (equal counts per class) or "train" (the training cache's class proportions,
+    from model.json), grouped by class either way (twostage/generators/outputs.py: sample_labels).
 
     Settings left None come from the run's `sample:` config; cfg_scale follows the one guidance rule
     (twostage/generators/guidance.py: 1 = none, 0 = unconditional). cfg_interval (start, end): guide
@@ -106,6 +110,7 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     runs.check_sample_counts(num, batch_size)
     dev = resolve_device(device)
     model, info = load_run(run_dir, device=dev, weights=weights, step=step)
+    labels, label_protocol = sample_labels(num, model.num_classes, labels, info, run_dir)  # before any decoder
     cfg: DiTRunConfig = info["config"]
     s = cfg.sample
     settings = {
@@ -123,7 +128,6 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     tok = load_decoder(tokenizer or info["tokenizer_run"], dev, info.get("tokenizer_checksum", ""))
     mean, std = LatentSpace.from_model_json(info).stats(dev, cfg.flow.normalize_latents)  # the run's statistics
     net = torch.compile(model, dynamic=False) if compile else model
-    labels = balanced_labels(num, model.num_classes)
     batch = min(batch_size, num)
     start = time.perf_counter()
     chunks = []
@@ -143,7 +147,7 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     elapsed = time.perf_counter() - start
     images = np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), np.uint8)
     protocol = {
-        "num_samples": num, "label_sampling": "balanced", "sampler": f"flow-{settings['sampler']}",
+        "num_samples": num, **label_protocol, "sampler": f"flow-{settings['sampler']}",
         "steps": settings["steps"], "nfe": evaluations(settings["steps"], settings["sampler"]),
         # the grid's shift: the sampling setting times the dimension-dependent shift the run trained with
         "timestep_shift": settings["shift"] * model.time_shift, "sample_shift": settings["shift"],
