@@ -115,6 +115,15 @@ def load_generator(run: str | Path, **options: Any):
     return registry.run_kind("generator", run).load_fn()(Path(run), **options)
 
 
+def save_pretrained(run: str | Path, out: str | Path, *, weights: str = "auto", step: int | None = None) -> Path:
+    """One step's weights of a tokenizer or generator run (EMA when saved, by default) as a Hub-style folder:
+    config.json + model.safetensors (+ pretrained.json, model.json). Every loader, `load_tokenizer`,
+    `load_generator`, encode, sample and eval, reads it like a run folder. See twostage/engine/run_files.py."""
+    from twostage.engine.run_files import save_pretrained as save
+
+    return save(run, out, weights=weights, step=step)
+
+
 def evaluate_reconstruction(run: str | Path, **options: Any) -> dict[str, Any]:
     """rFD, PSNR, SSIM, perceptual distance and the kind's code statistics of a tokenizer run, with
     their protocol; written to RUN/eval/ (or `out`). See twostage.metrics.evaluate."""
@@ -132,4 +141,5 @@ def evaluate_generation(samples: str | Path, ref: str, **options: Any) -> dict[s
 
 
 __all__ = ["load_config", "train_tokenizer", "encode", "train_generator", "train_generator_replicas", "branch_generator",
-           "sample", "load_tokenizer", "load_generator", "evaluate_reconstruction", "evaluate_generation"]
+           "sample", "load_tokenizer", "load_generator", "save_pretrained", "evaluate_reconstruction",
+           "evaluate_generation"]

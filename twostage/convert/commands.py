@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `convert` command to the top-level CLI."""
+    """Add the `convert` and `export` commands to the top-level CLI."""
     from twostage.cli import OUT_FOLDER
     from twostage.convert import FORMATS
 
@@ -41,6 +41,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="lightningdit: the latent statistics it was trained with (LightningDiT's latents_stats.pt)")
     p.add_argument("--out", required=True, type=Path, help="run folder to create")
     p.set_defaults(func=cmd_convert, out_kind=OUT_FOLDER)
+
+    e = subparsers.add_parser("export", help="a run's weights as a Hub-style folder (config.json + model.safetensors)",
+                              description="Write one step's weights of a tokenizer or generator run folder as "
+                                          "config.json + model.safetensors (+ pretrained.json, model.json), which "
+                                          "every twostage loader reads like the run folder (Python: "
+                                          "twostage.save_pretrained).\n\n    twostage export runs/vq --out "
+                                          "pretrained/vq_f4\n    twostage tokenizer encode pretrained/vq_f4 --split "
+                                          "val --out caches/vq_val",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("run", type=Path, help="tokenizer or generator run folder")
+    e.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto",
+                   help="auto: EMA when the checkpoint has it, else raw")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    e.add_argument("--out", required=True, type=Path, help="folder to create (new or empty)")
+    e.set_defaults(func=cmd_export, out_kind=OUT_FOLDER)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export the run's weights and say what was written."""
+    import json
+
+    from twostage.api import save_pretrained
+
+    out = save_pretrained(args.run, args.out, weights=args.weights, step=args.step)
+    record = json.loads((out / "pretrained.json").read_text())
+    print(f"exported {args.run} (step {record['step']}, {record['weights']} weights) -> {out} "
+          f"({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

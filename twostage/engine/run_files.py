@@ -10,6 +10,14 @@ Every kind writes the same layout (twostage/engine/trainer.py):
 the latest or a given step, wrapper prefixes stripped, and the sha256 of the file actually read, so a
 cache or a samples file can always be traced to exact weights. `write_model_json` is the one writer:
 it refuses to put a second architecture into a run folder that already holds one.
+
+`save_pretrained(run, out)` writes one step's weights as a Hub-style folder, which every loader reads
+like a run folder (`load_tokenizer`, `load_generator`, encode, sample, eval, a study's tokenizer):
+
+    OUT/config.json        the run's config (JSON; `kind` as in config.yaml)
+    OUT/model.safetensors  the chosen weights ("<module>.<param>" keys, as in a checkpoint)
+    OUT/pretrained.json    where they came from: run folder, step, "ema" or "raw", sha256 of the source file
+    OUT/model.json         a generator's model record (and any other run record the loaders read)
 """
 
 from __future__ import annotations
@@ -43,17 +51,43 @@ class RunWeights:
     checksum: str  # sha256 of `file`
 
 
+PRETRAINED = "pretrained.json"  # marks a save_pretrained folder (beside config.json + model.safetensors)
+RECORDS = ("model.json", "latent_stats.json")  # run records a loader may read, copied by save_pretrained
+
+
+def is_pretrained(run_dir: str | Path) -> bool:
+    """Whether `run_dir` is a folder written by save_pretrained (not a training run folder)."""
+    d = Path(run_dir)
+    return all((d / name).is_file() for name in ("config.json", "model.safetensors", PRETRAINED))
+
+
+def config_path(run_dir: str | Path) -> Path:
+    """RUN/config.yaml of a run folder, or OUT/config.json of a save_pretrained folder."""
+    d = Path(run_dir)
+    path = d / ("config.json" if is_pretrained(d) else "config.yaml")
+    if not path.is_file():
+        raise RunLoadError(f"{run_dir} is not a run folder (it has no config.yaml) nor a pretrained folder "
+                           f"(config.json + model.safetensors + {PRETRAINED})")
+    return path
+
+
 def recorded_kind(run_dir: str | Path) -> str:
     """The `kind` in RUN/config.yaml ("" when the config names none)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise RunLoadError(f"{run_dir} is not a run folder (it has no config.yaml)")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml.safe_load(config_path(run_dir).read_text()) or {}
     return str(data.get("kind", "")) if isinstance(data, dict) else ""
 
 
+def _pretrained_record(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / PRETRAINED).read_text())
+
+
 def checkpoint_path(run_dir: str | Path, step: int | None = None) -> Path:
-    """RUN/checkpoints/step_XXXXXXX of `step`, or the latest complete one."""
+    """RUN/checkpoints/step_XXXXXXX of `step`, or the latest complete one (a pretrained folder: itself)."""
+    if is_pretrained(run_dir):
+        have = int(_pretrained_record(Path(run_dir))["step"])
+        if step is not None and step != have:
+            raise RunLoadError(f"{run_dir} holds the weights of step {have} only (a save_pretrained folder)")
+        return Path(run_dir)
     folder = Path(run_dir) / "checkpoints"
     if step is not None:
         path = folder / f"step_{step:07d}"
@@ -83,6 +117,8 @@ def load_run_weights(run_dir: str | Path, module: str, *, weights: str = "auto",
     if weights not in WEIGHTS:
         raise RunLoadError(f"weights={weights!r}: choose one of {list(WEIGHTS)}")
     path = checkpoint_path(run_dir, step)
+    if is_pretrained(run_dir):
+        return _pretrained_weights(Path(run_dir), module, weights)
     file = path / "ema.safetensors"
     if weights == "ema" and not file.is_file():
         raise RunLoadError(f"{path} has no EMA weights (the run trained without train.ema_decay); use raw weights")
@@ -96,6 +132,65 @@ def load_run_weights(run_dir: str | Path, module: str, *, weights: str = "auto",
     match = ckpt.STEP_DIR.match(path.name)
     return RunWeights(state=state, file=file, step=int(match.group(1)) if match else -1,
                       weights=file.stem, checksum=file_sha256(file))
+
+
+def _pretrained_weights(run_dir: Path, module: str, weights: str) -> RunWeights:
+    from safetensors.torch import load_file
+
+    record = _pretrained_record(run_dir)
+    if weights != "auto" and weights != record["weights"]:
+        raise RunLoadError(f"{run_dir} holds the {record['weights']} weights only (a save_pretrained folder); "
+                           f"load it with weights={record['weights']!r} or 'auto', or export the {weights} weights "
+                           f"from the run folder {record['source']}")
+    file = run_dir / "model.safetensors"
+    state = strip_prefixes(load_file(str(file)), module)
+    if not state:
+        raise RunLoadError(f"{file} holds no '{module}.*' weights: is {run_dir} a run of this kind?")
+    # `weights` as load_run_weights reports it for a run folder: the stem of the checkpoint file read
+    return RunWeights(state=state, file=file, step=int(record["step"]),
+                      weights="ema" if record["weights"] == "ema" else "model", checksum=file_sha256(file))
+
+
+def save_pretrained(run_dir: str | Path, out: str | Path, *, weights: str = "auto", step: int | None = None) -> Path:
+    """Write one step's weights of a run folder (EMA by default when saved) as a Hub-style folder `out`
+    (see the module docstring); returns `out`. `out` must be new or empty; it is filled through a
+    temporary folder and renamed, so a folder with a pretrained.json is complete."""
+    import shutil
+
+    import twostage
+
+    run_dir, out = Path(run_dir), Path(out)
+    if weights not in WEIGHTS:
+        raise RunLoadError(f"weights={weights!r}: choose one of {list(WEIGHTS)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an empty folder; name a new folder")
+    source = config_path(run_dir)
+    if source.suffix != ".yaml":
+        raise UserError(f"{run_dir} is already a save_pretrained folder; copy it instead")
+    path = checkpoint_path(run_dir, step)
+    file = path / "ema.safetensors"
+    if weights == "ema" and not file.is_file():
+        raise RunLoadError(f"{path} has no EMA weights (the run trained without train.ema_decay); use raw weights")
+    if weights == "raw" or not file.is_file():
+        file = path / "model.safetensors"
+    match = ckpt.STEP_DIR.match(path.name)
+    record = {"source": str(run_dir.resolve()), "step": int(match.group(1)) if match else -1,
+              "weights": "ema" if file.stem == "ema" else "raw",
+              "source_sha256": file_sha256(file), "twostage": twostage.__version__}
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copyfile(file, tmp / "model.safetensors")
+    config = yaml.safe_load(source.read_text()) or {}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=list))
+    for name in RECORDS:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, tmp / name)
+    (tmp / PRETRAINED).write_text(json.dumps(record, indent=2))
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
 
 
 def load_state_strict(model: torch.nn.Module, run: RunWeights, config_path: Path) -> None:

@@ -45,6 +45,7 @@ from twostage.config import ConfigError
 from twostage.data.token_cache import CacheMeta
 from twostage.engine.run_files import (RunLoadError, load_run_weights, load_state_strict, read_model_json,
                                        recorded_kind, write_model_json)
+from twostage.engine.run_files import config_path as run_config_path
 
 
 def is_main_process() -> bool:
@@ -170,7 +171,7 @@ def load_generator_run(run_dir: str | Path, kind: str, config_class: type, modul
     if recorded != kind:
         raise RunLoadError(f"{run_dir} holds a {recorded!r} run, not a {kind!r} generator; load it with "
                            "twostage.registry.run_kind('generator', run).load_fn()")
-    config_path = run_dir / "config.yaml"
+    config_path = run_config_path(run_dir)
     cfg = configlib.load(config_class, config_path)
     info = read_model_json(run_dir)
     run = load_run_weights(run_dir, module, weights=weights, step=step)

@@ -25,6 +25,7 @@ from torch import nn
 from twostage import config as configlib
 from twostage.common.device import resolve_device
 from twostage.engine.run_files import RunLoadError, load_run_weights, load_state_strict, recorded_kind
+from twostage.engine.run_files import config_path as run_config_path
 
 MODULE = "tokenizer"  # the key prefix of every tokenizer's weights in checkpoints
 
@@ -63,7 +64,7 @@ class Tokenizer:
                         weights: str = "auto") -> Tokenizer:
         """Load a `twostage tokenizer train` run folder; weights: auto (EMA if saved) | ema | raw."""
         run_dir = Path(run_dir)
-        config_path = run_dir / "config.yaml"
+        config_path = run_config_path(run_dir)
         from twostage.registry import default_kind
 
         kind = recorded_kind(run_dir) or default_kind("tokenizer")
