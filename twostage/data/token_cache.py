@@ -144,3 +144,19 @@ class CacheDataset(Dataset):
         v = 0 if epoch is None else self.variant(index, epoch)
         x = np.asarray(self.data[index, v])
         return torch.from_numpy(x.astype(self.item_dtype)), int(self.labels[index])
+
+
+def unigram_entropy(folder: Path) -> float | None:
+    """Entropy (nats) of the code distribution of a token cache's plain variants, -sum_k p_k log p_k with
+    p_k the frequency of code k over every position of every image; None for a latents cache.
+
+    It is the loss of the best model that ignores context, so `unigram_entropy - AR validation loss` is
+    what an AR generator gains from context: comparable between tokenizers whose codebooks are used
+    unequally, where the loss alone rewards a collapsed codebook (results/crt_collapse)."""
+    meta = read_meta(Path(folder))
+    if meta.kind != "tokens":
+        return None
+    codes = open_array(Path(folder) / ARRAYS["tokens"][0], meta)[:, 0].reshape(-1)
+    counts = np.bincount(np.asarray(codes, dtype=np.int64), minlength=int(meta.codebook_size or 0))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
