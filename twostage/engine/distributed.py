@@ -70,3 +70,24 @@ def mean_across_ranks(values: torch.Tensor, world: World) -> torch.Tensor:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def deal_batches(num_batches: int, world: World, work, consume) -> None:
+    """Global batches 0..num_batches-1 dealt round robin: in round k rank r runs `work(b)` for
+    b = k * size + r, and rank 0 calls `consume(b, result)` for every b in order 0, 1, 2, ...
+
+    Rank 0 therefore sees exactly the sequence a single process would produce (and can write one
+    output from it) while holding at most one round of results; other ranks never call `consume`."""
+    rounds = -(-num_batches // world.size)
+    for k in range(rounds):
+        b = k * world.size + world.rank
+        result = work(b) if b < num_batches else None
+        if not world.distributed:
+            consume(b, result)
+            continue
+        parts = [None] * world.size if world.is_main else None
+        dist.gather_object(result, parts, dst=0)  # pickled numpy: the batches' dtypes kept exactly
+        if world.is_main:
+            for r, part in enumerate(parts):
+                if k * world.size + r < num_batches:
+                    consume(k * world.size + r, part)

@@ -158,5 +158,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         weights=args.weights, step=args.step, tokenizer=args.tokenizer, device=args.device,
         precision=args.precision, compile=args.compile, grid=args.grid, labels=args.labels, **given,
     )
-    print(f"wrote {args.num} samples to {path}")
+    from twostage.engine.distributed import init_world
+
+    if init_world().is_main:  # under torchrun rank 0 wrote the file and reports it
+        print(f"wrote {args.num} samples to {path}")
     return 0

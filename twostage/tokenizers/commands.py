@@ -97,6 +97,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
     out = api.encode(args.run, args.split, args.out, batch_size=args.batch_size, device=args.device,
                      precision=args.precision, flip=not args.no_flip, limit=args.limit, overwrite=args.overwrite,
                      num_workers=args.num_workers, step=args.step, weights=args.weights)
+    from twostage.engine.distributed import init_world
+
+    if not init_world().is_main:  # under torchrun rank 0 wrote the cache and reports it
+        return 0
     meta = read_meta(out)
     size = f"codebook {meta.codebook_size}" if meta.codebook_size else f"{meta.channels} channels"
     print(f"encoded the {args.split} split -> {meta.kind} cache {out} (grid {meta.grid[0]}x{meta.grid[1]}, {size})")

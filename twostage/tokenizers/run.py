@@ -67,35 +67,73 @@ def encode_run(run: str | Path, split: str, out: str | Path, *, batch_size: int 
                progress: bool | None = None) -> Path:
     """Encode a split of the run's data (and its horizontal flips) into a cache folder `out`.
 
+    Under torchrun (WORLD_SIZE > 1) the split's batches of `batch_size` images are dealt round robin
+    to the ranks, and rank 0 writes the one cache from them in order: the same file, labels, meta and
+    channel statistics as one process with the same batch size (twostage/engine/distributed.py:
+    deal_batches). A tokenizer that samples its posterior draws batch b's noise from (NOISE_SEED, b),
+    so that too does not depend on the number of processes.
+
     `progress`: a progress bar with images/s on stderr; None (default) shows it when stderr is a terminal."""
     from tqdm.auto import tqdm
 
+    from twostage.data import eval_loader
     from twostage.data.cache_writer import CacheWriter
+    from twostage.data.datasets import SubsetDataset
     from twostage.data.token_cache import CacheMeta
+    from twostage.engine.distributed import barrier, deal_batches, init_world
     from twostage.tokenizers.base import load_tokenizer
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+    world = init_world()  # before the tokenizer: under NCCL it picks this rank's GPU
     tok = load_tokenizer(run, device=device, step=step, weights=weights)
-    data, loader = split_loader(tok.config, split, batch_size, limit=limit, num_workers=num_workers, dataset=dataset)
+    data, _ = split_loader(tok.config, split, batch_size, limit=limit, num_workers=num_workers, dataset=dataset)
+    num_batches = -(-len(data) // batch_size)
+    # This rank's global batches b = rank, rank + size, ...: every batch but the globally last is full,
+    # so an ordered loader over their concatenation yields exactly those batches.
+    mine = np.concatenate([np.arange(b * batch_size, min(len(data), (b + 1) * batch_size))
+                           for b in range(world.rank, num_batches, world.size)] or [np.zeros(0, np.int64)])
+    shard = data if not world.distributed else SubsetDataset(data, mine)
+    batches = iter(eval_loader(shard, batch_size, num_workers=num_workers, rank=0, world_size=1))
     layout = tok.cache_layout()
     variants = 2 if flip else 1
+    reseed = getattr(tok, "_noise", None)  # posterior-sampling tokenizers (KL) keep a noise generator
+    seed = getattr(tok, "NOISE_SEED", 0)
+
+    def encode(b: int):
+        images, labels = next(batches)
+        x = images.to(tok.device, non_blocking=True)
+        if reseed is not None:  # batch b's noise from (seed, b): the same in any world size
+            reseed().manual_seed(seed * 1_000_003 + b)
+        codes = [tok.encode(x, precision)] + ([tok.encode(x.flip(-1), precision)] if flip else [])
+        codes = torch.stack(codes, dim=1).reshape(x.shape[0], variants, *layout.item_shape)
+        if world.distributed:  # sent to rank 0 in the storage dtype: rounding first changes nothing it stores
+            codes = codes.to(_torch_dtype(layout.dtype)) if codes.is_floating_point() else codes
+            return codes.cpu().numpy(), np.asarray(labels)
+        return codes, labels
+
     start = time.perf_counter()
+    if not world.is_main:  # the others encode their share and hand it to rank 0 (deal_batches)
+        deal_batches(num_batches, world, encode, None)
+        barrier(world)
+        return out
     # disable=None: tqdm's own rule, on when stderr is a terminal, so logs and pipes stay clean.
     bar = tqdm(total=len(data), unit="img", desc=f"encode {split}", dynamic_ncols=True,
                disable=None if progress is None else not progress)
     with bar, CacheWriter(out, kind=layout.kind, num_items=len(data), variants=variants,
                           item_shape=layout.item_shape, dtype=layout.dtype, overwrite=overwrite,
                           channel_stats=layout.channel_stats) as writer:
-        for images, labels in loader:
-            x = images.to(tok.device, non_blocking=True)
-            codes = [tok.encode(x, precision)] + ([tok.encode(x.flip(-1), precision)] if flip else [])
-            writer.add(torch.stack(codes, dim=1).reshape(x.shape[0], variants, *layout.item_shape), labels)
-            bar.update(x.shape[0])
-            if bar.disable and writer.done % (50 * batch_size) < x.shape[0]:  # no bar: a log line now and then
+        def consume(b: int, batch) -> None:
+            codes, labels = batch
+            codes = torch.as_tensor(codes).to(tok.device)  # channel statistics accumulate on one device
+            writer.add(codes, labels)
+            bar.update(codes.shape[0])
+            if bar.disable and writer.done % (50 * batch_size) < codes.shape[0]:  # no bar: a log line now and then
                 log.info("encoded %d / %d images (%.0f img/s)", writer.done, len(data),
                          writer.done / (time.perf_counter() - start))
+
+        deal_batches(num_batches, world, encode, consume)
         h, w = tok.grid_size()
         meta = CacheMeta(
             kind=layout.kind, grid=(h, w), num_classes=dataset_classes(data, writer.labels),
@@ -107,10 +145,16 @@ def encode_run(run: str | Path, split: str, out: str | Path, *, batch_size: int 
                    "data": configlib.to_dict(tok.config.data)},
         )
         writer.finish(meta)
+    barrier(world)
     elapsed = time.perf_counter() - start
-    log.info("encoded %d %s images x %d variants -> %s (grid %dx%d, %s, %.0f img/s)", len(data), split, variants,
-             out, h, w, layout.kind, len(data) / max(elapsed, 1e-9))
+    log.info("encoded %d %s images x %d variants -> %s (grid %dx%d, %s, %.0f img/s, %d process%s)", len(data),
+             split, variants, out, h, w, layout.kind, len(data) / max(elapsed, 1e-9), world.size,
+             "es" if world.size > 1 else "")
     return out
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
 
 
 __all__ = ["train_run", "encode_run", "split_loader", "dataset_classes"]

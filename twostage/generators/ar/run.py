@@ -10,6 +10,7 @@ Run folder and samples file as for every generator (twostage/generators/runs.py,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -90,8 +91,13 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     and the KV cache to bf16 (CUDA only; fp32 elsewhere). `tokenizer` replaces the run that made the
     training cache for decoding; with tokens_only no images are decoded (the npz then holds tokens and
     labels only). A progress bar with images/s goes to stderr when it is a terminal.
+    Under torchrun (WORLD_SIZE > 1) the ranks share the batches and rank 0 alone writes the file, the
+    same file as one process with the same seed and batch size (twostage/engine/distributed.py).
     """
+    from twostage.engine.distributed import barrier, deal_batches, init_world
+
     runs.check_sample_counts(num, batch_size)
+    world = init_world()  # before the device: under NCCL it picks this rank's GPU
     dev = resolve_device(device)
     model, info = load_run(run_dir, device=dev, weights=weights, step=step)
     labels, label_protocol = sample_labels(num, model.num_classes, labels, info, run_dir)  # before any decoder
@@ -111,19 +117,30 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     sampler = ARSampler(model, batch_size=min(batch_size, num), compile=compile, **settings)
     start = time.perf_counter()
     token_chunks, image_chunks = [], []
+
     # Sample and decode batch by batch (batch b draws its noise from (seed, b): the same tokens as one
     # call over all labels), so 50k images never sit on the GPU at once and the bar moves per batch.
-    with sampling_progress(num, f"sampling {KIND}") as bar:
-        for i in range(0, num, sampler.batch):
-            part = labels[i : i + sampler.batch]
-            tokens = sampler.sample(torch.from_numpy(part), seed=seed, first_batch=i // sampler.batch)
-            token_chunks.append(tokens.cpu().numpy())
-            if tok is not None:
-                image_chunks.append(to_uint8(tok.decode(tokens)))
-            bar.update(len(part))
+    # Under torchrun the global batches are dealt round robin to the ranks and rank 0 collects them in
+    # order: the same samples as one process with the same seed and batch size.
+    def work(b: int):
+        part = labels[b * sampler.batch : (b + 1) * sampler.batch]
+        tokens = sampler.sample(torch.from_numpy(part), seed=seed, first_batch=b)
+        return tokens.cpu().numpy(), (None if tok is None else to_uint8(tok.decode(tokens)))
+
+    with sampling_progress(num, f"sampling {KIND}") if world.is_main else contextlib.nullcontext() as bar:
+        def consume(b: int, result) -> None:
+            token_chunks.append(result[0])
+            if result[1] is not None:
+                image_chunks.append(result[1])
+            bar.update(len(result[0]))
+
+        deal_batches(-(-num // sampler.batch), world, work, consume)
     sampler.release()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+    if not world.is_main:  # only rank 0 writes (and logs)
+        barrier(world)
+        return Path(out).with_suffix(".npz")
     elapsed = time.perf_counter() - start
     tokens = np.concatenate(token_chunks) if token_chunks else np.zeros((0, *model.grid), np.int64)
     images = np.concatenate(image_chunks) if image_chunks else np.zeros((0, 0, 0, 3), np.uint8)
@@ -137,9 +154,13 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     }
     extra = {"run": str(Path(run_dir).resolve()), "tokenizer_run": str(tokenizer or info.get("tokenizer_run")),
              "seconds": elapsed, "images_per_s": num / max(elapsed, 1e-9), "device": str(dev)}
+    if world.distributed:
+        extra["processes"] = world.size
     log.info("sampled %d images in %.1f s (%.1f images/s)", num, elapsed, extra["images_per_s"])
-    return save_samples(Path(out), images, labels, protocol, tokens=tokens, extra=extra,
+    path = save_samples(Path(out), images, labels, protocol, tokens=tokens, extra=extra,
                         grid=grid if tok is not None else 0)
+    barrier(world)  # the other ranks return once the file is there
+    return path
 
 
 __all__ = ["KIND", "build_task", "load_run", "sample_run"]

@@ -13,6 +13,7 @@ batch size or on which process drew it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -106,8 +107,13 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     only for t in [start, end] (t = 1 is data). precision bf16 runs the network under bf16 autocast
     (CUDA only; fp32 elsewhere); the ODE state stays float32. `tokenizer` replaces the run that made
     the training cache for decoding. A progress bar with images/s goes to stderr when it is a terminal.
+    Under torchrun (WORLD_SIZE > 1) the ranks share the batches and rank 0 alone writes the file, the
+    same file as one process with the same seed and batch size (twostage/engine/distributed.py).
     """
+    from twostage.engine.distributed import barrier, deal_batches, init_world
+
     runs.check_sample_counts(num, batch_size)
+    world = init_world()  # before the device: under NCCL it picks this rank's GPU
     dev = resolve_device(device)
     model, info = load_run(run_dir, device=dev, weights=weights, step=step)
     labels, label_protocol = sample_labels(num, model.num_classes, labels, info, run_dir)  # before any decoder
@@ -131,19 +137,30 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     batch = min(batch_size, num)
     start = time.perf_counter()
     chunks = []
-    with sampling_progress(num, f"sampling {KIND}") as bar:
-        for i in range(0, num, batch):
-            idx = range(i, min(num, i + batch))
-            noise = sample_noise(idx, (model.in_channels, *model.grid), seed).to(dev)
-            y = torch.from_numpy(labels[i : i + len(idx)]).to(dev)
-            z = generate_latents(net, y, noise=noise, steps=settings["steps"], sampler=settings["sampler"],
-                                 shift=settings["shift"], cfg_scale=settings["cfg_scale"],
-                                 interval=settings["cfg_interval"], precision="bf16" if use_bf16 else "fp32",
-                                 null_label=model.null_label)
-            chunks.append(to_uint8(tok.decode(z * std + mean)))
-            bar.update(len(idx))
+
+    # Under torchrun the batches are dealt round robin to the ranks and rank 0 collects them in order;
+    # the noise is per sample and the labels fixed, so the file is the one a single process writes.
+    def work(b: int) -> np.ndarray:
+        idx = range(b * batch, min(num, (b + 1) * batch))
+        noise = sample_noise(idx, (model.in_channels, *model.grid), seed).to(dev)
+        y = torch.from_numpy(labels[idx.start : idx.stop]).to(dev)
+        z = generate_latents(net, y, noise=noise, steps=settings["steps"], sampler=settings["sampler"],
+                             shift=settings["shift"], cfg_scale=settings["cfg_scale"],
+                             interval=settings["cfg_interval"], precision="bf16" if use_bf16 else "fp32",
+                             null_label=model.null_label)
+        return to_uint8(tok.decode(z * std + mean))
+
+    with sampling_progress(num, f"sampling {KIND}") if world.is_main else contextlib.nullcontext() as bar:
+        def consume(b: int, images: np.ndarray) -> None:
+            chunks.append(images)
+            bar.update(len(images))
+
+        deal_batches(-(-num // batch), world, work, consume)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+    if not world.is_main:  # only rank 0 writes (and logs)
+        barrier(world)
+        return Path(out).with_suffix(".npz")
     elapsed = time.perf_counter() - start
     images = np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), np.uint8)
     protocol = {
@@ -158,8 +175,12 @@ def sample_run(run_dir: str | Path, num: int, out: str | Path, *, cfg_scale: flo
     }
     extra = {"run": str(Path(run_dir).resolve()), "tokenizer_run": str(tokenizer or info.get("tokenizer_run")),
              "seconds": elapsed, "images_per_s": num / max(elapsed, 1e-9), "device": str(dev)}
+    if world.distributed:
+        extra["processes"] = world.size
     log.info("sampled %d images in %.1f s (%.1f images/s)", num, elapsed, extra["images_per_s"])
-    return save_samples(Path(out), images, labels, protocol, extra=extra, grid=grid)
+    path = save_samples(Path(out), images, labels, protocol, extra=extra, grid=grid)
+    barrier(world)  # the other ranks return once the file is there
+    return path
 
 
 __all__ = ["KIND", "build_task", "load_run", "sample_run", "sample_noise"]

@@ -7,7 +7,8 @@
 Latents are the posterior mean, not a sample: with the KL weight at 1e-6 the two barely differ, and
 the mean makes a cache deterministic. A converted peer's run may say otherwise (model.encode_posterior:
 sample, as LDM and LightningDiT encode for their diffusion models); its noise then comes from the
-tokenizer's own generator, seeded once, so encoding the same images in the same batches repeats exactly.
+tokenizer's own generator, seeded on first use; `tokenizer encode` reseeds it per global batch (twostage/
+tokenizers/run.py), so a cache repeats exactly for the same images and batch size, with any number of processes.
 encode() returns and decode() takes (z - model.shift_factor) * model.scaling_factor (1 and 0 unless a
 converted peer's latent scaling is recorded, e.g. SD's 0.18215).
 """
