@@ -172,9 +172,12 @@ def test_flow_generator_trains_as_replicas(tmp_path):
     assert any(not torch.equal(a.state[k], b.state[k]) for k in a.state)  # two seeds, two models
 
 
-def test_compiled_replicas_train_like_eager_ones(tmp_path, caches):
+def test_compiled_replicas_train_like_eager_ones(tmp_path, caches, monkeypatch):
     """train.compile compiles the vmapped loss (the code that runs); without randomness it trains the same
     weights as the eager path, up to float rounding."""
+    # Inductor's CPU build imports setuptools; when another test has already imported the standard library's
+    # distutils, setuptools' distutils shim then fails an assertion. Keeping the standard one avoids that.
+    monkeypatch.setenv("SETUPTOOLS_USE_DISTUTILS", "stdlib")
     seeds, states = [3, 4], {}
     for mode in ("false", "true"):
         outs = [tmp_path / f"{mode}{k}" for k in range(2)]

@@ -32,6 +32,7 @@ evaluation: (generator run, evaluation seed). Columns (null where not applicable
 - reconstruction metrics of the tokenizer: `rfd`, `psnr`, `ssim`, `codebook_usage` (float|null, VQ),
   `latent_uniformity_gini`, `latent_uniformity_entropy` (float|null, KL: VA-VAE's t-SNE + KDE numbers),
   `recon_protocol` (JSON str)
-- bookkeeping: `tokenizer_run`, `generator_run`, `samples_npz`, `grid_png` (str paths relative to DIR),
+- bookkeeping: `tokenizer_run`, `generator_run`, `samples_npz`, `grid_png` (str paths relative to DIR; a pretrained
+  tokenizer's `tokenizer_run` is its run folder as the spec names it),
   `wall_s_tokenizer`, `wall_s_generator` (float), `device` (str)
 """

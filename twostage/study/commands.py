@@ -65,6 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fit each tokenizer's lower envelope of cell means (compute-optimal law) or every cell")
     r.set_defaults(func=cmd_report)
 
+    v = sub.add_parser("link-run", help="a pretrained tokenizer run's view in a study folder (the study's first "
+                                        "stage for a `run:` entry; twostage/study/pretrained.py)")
+    v.add_argument("run", type=Path, help="tokenizer run folder (only read)")
+    v.add_argument("overrides", nargs="*", help="the study's data keys, e.g. data.image_size=32")
+    v.add_argument("--out", required=True, type=Path, help="view folder to write")
+    v.set_defaults(func=cmd_link_run)
+
     d = subparsers.add_parser("demo", help="the miniature Fashion-MNIST study and its report "
                                            "(about 4 minutes on 2 CPU cores)")
     d.add_argument("--out", type=Path, default=DEMO_OUT, help=f"study folder (default {DEMO_OUT})")
@@ -87,6 +94,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     from twostage.study.report import cmd_report as report
 
     return report(args)
+
+
+def cmd_link_run(args: argparse.Namespace) -> int:
+    from twostage.study.pretrained import link_run
+
+    out = link_run(args.run, args.out, args.overrides)
+    print(f"linked {args.run} -> {out} (config with {len(args.overrides)} data keys, checkpoints linked)")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

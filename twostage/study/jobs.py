@@ -95,6 +95,10 @@ def job_done(job: Job, root: Path) -> bool:
 
 
 def tokenizer_id(tok: ResolvedTokenizer) -> str:
+    """The hash of the trained tokenizer's config; a pretrained run's also hashes the sha256 of its weights
+    (its config names the architecture, not the weights: new weights must re-run what depends on them)."""
+    if tok.pretrained:
+        return configlib.config_hash({"pretrained": configlib.to_dict(tok.config), "weights": tok.weights_sha256})
     return configlib.config_hash(tok.config)
 
 
@@ -110,7 +114,9 @@ def tokenizer_cell(tok: ResolvedTokenizer) -> str:
     """The tokenizer's point on the study grid, the same for all its seeds (replicates share it). An entry
     with generator overrides is a cell of its own (its tokenizer runs are those of the entry without them);
     without them the hash is the tokenizer config's alone, so existing studies keep their cells."""
-    tokenizer = config_without(tok.config, "seed")
+    tokenizer: dict = config_without(tok.config, "seed")
+    if tok.pretrained:  # not the cell of a trained tokenizer of the same config: other weights
+        tokenizer = {"pretrained": tokenizer, "weights": tok.weights_sha256}
     if tok.generator_overrides:
         return configlib.config_hash({"tokenizer": tokenizer, "generator_overrides": list(tok.generator_overrides)})
     return configlib.config_hash(tokenizer)
@@ -141,6 +147,10 @@ class Paths:
 
     def cache(self, tid: str, split: str) -> Path:
         return self.root / "caches" / f"{tid}_{split}"
+
+    def pretrained_view(self, tid: str) -> Path:
+        """A pretrained run's view: its config with the study's data keys, its checkpoints linked (study/pretrained.py)."""
+        return self.tokenizer_run(tid) / "run"
 
     def recon_json(self, tid: str) -> Path:
         return self.tokenizer_run(tid) / "eval" / "recon.json"
@@ -185,9 +195,13 @@ def reference_job(spec: StudySpec, image_size: int, paths: Paths) -> Job | None:
 
 def tokenizer_job(spec: StudySpec, tok: ResolvedTokenizer, paths: Paths) -> Job:
     tid = tokenizer_id(tok)
-    run = paths.tokenizer_run(tid)
+    folder = run = paths.tokenizer_run(tid)
     t = spec.tokenizer
-    stages = [Stage("train", ["tokenizer", "train", tok.preset, *tok.overrides, "--out", str(run)])]
+    if tok.pretrained:  # no training: encode and evaluate a view of the given run (never written into)
+        run = paths.pretrained_view(tid)
+        stages = [Stage("link", ["study", "link-run", str(tok.run), *tok.overrides, "--out", str(run)])]
+    else:
+        stages = [Stage("train", ["tokenizer", "train", tok.preset, *tok.overrides, "--out", str(run)])]
     for split, limit in (("train", t.encode_train_limit), ("val", t.encode_val_limit)):
         argv = ["tokenizer", "encode", str(run), "--split", split, "--out", str(paths.cache(tid, split)), "--overwrite",
                 "--batch-size", str(t.encode_batch_size), "--num-workers", str(t.num_workers)]
@@ -200,7 +214,10 @@ def tokenizer_job(spec: StudySpec, tok: ResolvedTokenizer, paths: Paths) -> Job:
     if not spec.eval.recon_perceptual:
         recon.append("--no-perceptual")
     stages.append(Stage("recon", recon))
-    return Job(f"tok-{tid}", "tokenizer", run, stages, label=tok.run_label)
+    label = tok.run_label
+    if tok.pretrained:  # say where it comes from, and that seeds.tokenizer did not multiply it
+        label += f" (pretrained {tok.run}: no training, tokenizer seed {tok.seed} only)"
+    return Job(f"tok-{tid}", "tokenizer", folder, stages, label=label)
 
 
 def generator_job(spec: StudySpec, gen: ResolvedGenerator, paths: Paths, ref: Job | None) -> Job:

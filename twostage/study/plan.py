@@ -51,7 +51,9 @@ def _check_cells(spec: StudySpec, toks: list[ResolvedTokenizer], gens: list[Reso
     labels: dict[str, ResolvedTokenizer] = {}
     for t in toks:
         other = labels.setdefault(t.label, t)
-        if tokenizer_cell(other) != tokenizer_cell(t) and (other.generator_overrides or t.generator_overrides):
+        # a pretrained run beside a trained tokenizer of its config: one label would merge them in the report
+        distinct = other.generator_overrides or t.generator_overrides or other.pretrained or t.pretrained
+        if tokenizer_cell(other) != tokenizer_cell(t) and distinct:
             raise ConfigError(f"tokenizers[{other.index}] and tokenizers[{t.index}] are different cells with one "
                               f"label {t.label!r}: give one of them a `label`")
 

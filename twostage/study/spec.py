@@ -38,9 +38,13 @@ from twostage.generators.commands import LABEL_SAMPLING
 
 @dataclass
 class TokenizerSpec:
-    """One point of the tokenizer axis."""
+    """One point of the tokenizer axis: a preset the study trains, or a finished run it only reads."""
 
-    preset: str
+    preset: str | None = None
+    # A tokenizer run folder (e.g. a converted published checkpoint) instead of a preset: no training;
+    # the study encodes and evaluates it as it is (twostage/study/pretrained.py). tokenizer.steps,
+    # tokenizer.overrides and seeds.tokenizer (one run: its first seed only) do not apply; `data:` does.
+    run: str | None = None
     overrides: list[str] = field(default_factory=list)
     label: str | None = None  # human readable; default e.g. "vq f4 K1024 +CRT"
     # Overrides of every generator trained on this entry's caches (after generators.<kind>.overrides): a
@@ -48,6 +52,11 @@ class TokenizerSpec:
     # shared with every entry of the same tokenizer config (one tokenizer job); default label e.g.
     # "kl f4d16 / dit +REPA".
     generator_overrides: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """How messages name the entry: its preset or its run folder."""
+        return self.preset if self.run is None else f"run {self.run}"
 
 
 @dataclass
@@ -184,13 +193,23 @@ class StudySpec:
                 raise ConfigError(f"{where}.sample_steps: a {kind} generator's sampler takes no steps option "
                                   "(an AR generator samples one token per step)")
         for i, t in enumerate(self.tokenizers):
+            if (t.preset is None) == (t.run is None):
+                raise ConfigError(f"tokenizers[{i}]: give either `preset` (a tokenizer to train) or `run` (a "
+                                  f"trained tokenizer run folder), {'not both' if t.run else 'one of them'}")
+            if t.run is not None:
+                from twostage.study.pretrained import check_run_folder
+
+                check_run_folder(t.run, f"tokenizers[{i}].run")
+                if t.overrides:  # the weights are fixed: a changed model or loss section could not apply
+                    raise ConfigError(f"tokenizers[{i}] (run {t.run}).overrides: a pretrained run is used as it "
+                                      f"is; remove {t.overrides!r} (the study's data: keys do apply)")
             for item in t.generator_overrides:
                 key = item.split("=", 1)[0].strip()
                 if "=" not in item:
-                    raise ConfigError(f"tokenizers[{i}] ({t.preset}).generator_overrides: '{item}' must look like "
+                    raise ConfigError(f"tokenizers[{i}] ({t.name}).generator_overrides: '{item}' must look like "
                                       "section.key=value")
                 if key in AXIS_KEYS:  # set per grid point after the overrides: the entry's value would be lost
-                    raise ConfigError(f"tokenizers[{i}] ({t.preset}).generator_overrides: {key} is a study axis "
+                    raise ConfigError(f"tokenizers[{i}] ({t.name}).generator_overrides: {key} is a study axis "
                                       f"({AXIS_KEYS[key]}); remove '{item}'")
 
 
@@ -207,12 +226,18 @@ def load_spec(source: str | Path | dict, overrides: list[str] = ()) -> StudySpec
 class ResolvedTokenizer:
     index: int  # the entry in spec.tokenizers: one "cell" of the tokenizer axis, whatever the seed
     kind: str  # a tokenizer kind of twostage/registry.py
-    preset: str
-    overrides: list[str]  # everything after the preset, as `tokenizer train` takes them
-    config: Any  # the kind's run config
+    preset: str  # for a pretrained run: its folder
+    overrides: list[str]  # everything after the preset, as `tokenizer train` takes them (pretrained: data keys)
+    config: Any  # the kind's run config (pretrained: the run's config.yaml with the study's data keys)
     label: str  # the cell's label (with generator overrides: e.g. "kl f4d16 / dit +REPA")
-    seed: int = 0  # train.seed
+    seed: int = 0  # train.seed (pretrained: the study's first tokenizer seed, a row label only)
     generator_overrides: list[str] = field(default_factory=list)  # the entry's, for its generators
+    run: str | None = None  # a pretrained tokenizer's run folder (None: trained by the study)
+    weights_sha256: str | None = None  # sha256 of the weights file the study reads from `run`
+
+    @property
+    def pretrained(self) -> bool:
+        return self.run is not None
 
     @property
     def run_label(self) -> str:
@@ -253,6 +278,8 @@ def _data_overrides(data: dict[str, Any]) -> list[str]:
 
 def resolve_tokenizer(spec: StudySpec, index: int, seed: int = 0) -> ResolvedTokenizer:
     t = spec.tokenizers[index]
+    if t.run is not None:
+        return _resolve_pretrained(spec, index, seed)
     where = f"tokenizers[{index}] ({t.preset}) with train.seed={seed}"
     overrides = [*_data_overrides(spec.data), *spec.tokenizer.overrides, *t.overrides,
                  f"train.steps={spec.tokenizer.steps}", f"train.seed={seed}"]
@@ -267,6 +294,36 @@ def resolve_tokenizer(spec: StudySpec, index: int, seed: int = 0) -> ResolvedTok
     label = t.label or (cfg.label() + (f" / {variant_label(gen.name, t.generator_overrides)}"
                                        if t.generator_overrides else ""))
     return ResolvedTokenizer(index, kind.name, t.preset, overrides, cfg, label, seed, list(t.generator_overrides))
+
+
+def _resolve_pretrained(spec: StudySpec, index: int, seed: int) -> ResolvedTokenizer:
+    """A `run:` entry: the run's own config with the study's data keys only (as a trained tokenizer gets
+    them before its own overrides); tokenizer.steps / tokenizer.overrides concern training, which it skips."""
+    from twostage.study.pretrained import weights_sha256
+
+    t = spec.tokenizers[index]
+    where = f"tokenizers[{index}] (run {t.run})"
+    overrides = _data_overrides(spec.data)
+    try:
+        kind, cfg = registry.load_config("tokenizer", str(Path(t.run) / "config.yaml"), overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    gen = registry.generator_for(kind)
+    if gen.name not in spec.generators:
+        raise ConfigError(f"{where} is a {kind.name} tokenizer but the study has no generators.{gen.name} "
+                          "section to train on its cache")
+    sha = weights_sha256(t.run, where)
+    # the folder's name tells a published tokenizer from a trained one of the same config
+    label = t.label or (f"{cfg.label()} [{Path(t.run).name}]" + (
+        f" / {variant_label(gen.name, t.generator_overrides)}" if t.generator_overrides else ""))
+    return ResolvedTokenizer(index, kind.name, str(t.run), overrides, cfg, label, seed, list(t.generator_overrides),
+                             run=str(t.run), weights_sha256=sha)
+
+
+def tokenizer_seeds(spec: StudySpec, index: int) -> list[int]:
+    """The tokenizer seeds of an entry: all of seeds.tokenizer, or the first alone for a pretrained run
+    (one set of weights; its rows carry that seed, so paired designs pair it with the first generator seed)."""
+    return spec.seeds.tokenizer[:1] if spec.tokenizers[index].run is not None else list(spec.seeds.tokenizer)
 
 
 def variant_label(kind: str, overrides: list[str]) -> str:
@@ -304,7 +361,7 @@ def resolve_generator(spec: StudySpec, tok: ResolvedTokenizer, size: str, budget
 
 def resolve_grid(spec: StudySpec) -> tuple[list[ResolvedTokenizer], list[ResolvedGenerator]]:
     """Every tokenizer and generator config of the study, loaded and validated (nothing runs yet)."""
-    toks = [resolve_tokenizer(spec, i, s) for i in range(len(spec.tokenizers)) for s in spec.seeds.tokenizer]
+    toks = [resolve_tokenizer(spec, i, s) for i in range(len(spec.tokenizers)) for s in tokenizer_seeds(spec, i)]
     gens = []
     for tok in toks:
         g = spec.generators[registry.generator_for(tok.kind).name]
@@ -315,4 +372,4 @@ def resolve_grid(spec: StudySpec) -> tuple[list[ResolvedTokenizer], list[Resolve
 
 
 __all__ = ["StudySpec", "TokenizerSpec", "TokenizerSettings", "GeneratorSpec", "SampleSettings", "EvalSettings",
-           "SeedSettings", "ResolvedTokenizer", "ResolvedGenerator", "load_spec", "resolve_grid"]
+           "SeedSettings", "ResolvedTokenizer", "ResolvedGenerator", "load_spec", "resolve_grid", "tokenizer_seeds"]

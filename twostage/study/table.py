@@ -118,7 +118,8 @@ def _tokenizer_columns(gen: ResolvedGenerator, plan: Plan) -> dict[str, Any]:
         "latent_uniformity_gini": m.get("latent_uniformity_gini"),
         "latent_uniformity_entropy": m.get("latent_uniformity_normalized_entropy"),
         "recon_protocol": json.dumps(recon["protocol"]) if "protocol" in recon else None,
-        "tokenizer_run": _rel(plan.root / "tokenizers" / tid, plan.root),
+        # a pretrained tokenizer's own folder (as the spec names it): where its weights come from
+        "tokenizer_run": tok.run if tok.pretrained else _rel(plan.root / "tokenizers" / tid, plan.root),
     }
 
 
