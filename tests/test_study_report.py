@@ -442,3 +442,19 @@ def test_reconstruction_verdicts_are_in_the_found_section(replicated):
     assert "Tokenizers: reconstruction over tokenizer seeds" in found and "PSNR" in found
     data = json.loads(paths["fits"].read_text())
     assert {v["metric"] for v in data["reconstruction_verdicts"]} >= {"rfd", "psnr", "ssim"}
+
+
+def test_context_gain_compares_losses_against_each_codebook_s_own_entropy():
+    """code_entropy - val_loss per AR budget: with equal code entropies the lower loss gains more from context;
+    a tokenizer whose lower loss comes from a poorer code distribution (lower entropy) gains less."""
+    rows = make_rows(tokenizers=VERDICT_TOKENIZERS[:2], sizes={"small": 2_000_000}, generator_seeds=[0, 1, 2],
+                     sd_generator=0.02, seed=2)
+    equal = analyze([{**r, "code_entropy": 7.0} for r in rows], n_boot=0)
+    assert equal["context"]["comparisons"] and all(c.winner == "CRT" for c in equal["context"]["comparisons"])
+    section = dict(equal["findings"])["AR context gain (unigram entropy − val loss, nats/token) at each budget"]
+    assert any("CRT has higher AR context gain" in line for line in section)
+    collapsed = analyze([{**r, "code_entropy": 3.0 if r["tokenizer_id"].startswith("crt") else 7.0} for r in rows],
+                        n_boot=0)
+    assert all(c.winner == "baseline" for c in collapsed["context"]["comparisons"])
+    assert all(c.winner == "CRT" for s in collapsed["series"] if s["metric"] == "val_loss" for c in s["comparisons"])
+    assert analyze(rows, n_boot=0)["context"] is None  # no code entropies (a table written before the column)

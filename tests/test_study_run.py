@@ -117,6 +117,7 @@ def test_interrupted_study_resumes_without_redoing_finished_stages(data, tmp_pat
         assert r["gfd_name"] == "FD-EffNetLite0" and r["gfd"] > 0 and 0 <= r["precision"] <= 1
         assert r["gfd_inf"] is not None and r["kid"] is not None and r["kid_stderr"] >= 0  # FDinf, KID columns
         assert r["rfd"] > 0 and r["psnr"] > 0 and 0 < r["codebook_usage"] <= 1
+        assert 0 < r["code_entropy"] <= np.log(r["codebook_size"])  # unigram entropy of the val cache, nats
         assert json.loads(r["gen_protocol"])["num_samples"] == 12
         assert json.loads(r["recon_protocol"])["num_samples"] == 6
         assert (out / r["samples_npz"]).is_file() and r["wall_s_generator"] > 0 and r["wall_s_tokenizer"] > 0

@@ -46,6 +46,7 @@ OUT_KINDS = {
     "eval stats": OUT_FILE,
     "study run": OUT_FOLDER,
     "study report": OUT_FOLDER,
+    "study link-run": OUT_FOLDER,
     "demo": OUT_FOLDER,
 }
 

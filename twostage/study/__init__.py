@@ -31,7 +31,8 @@ evaluation: (generator run, evaluation seed). Columns (null where not applicable
   `gfd_inf_stderr` (FD extrapolated to N = inf, "FDinf-<net>"), `kid`, `kid_stderr` ("KID-<net>")
 - reconstruction metrics of the tokenizer: `rfd`, `psnr`, `ssim`, `codebook_usage` (float|null, VQ),
   `latent_uniformity_gini`, `latent_uniformity_entropy` (float|null, KL: VA-VAE's t-SNE + KDE numbers),
-  `recon_protocol` (JSON str)
+  `recon_protocol` (JSON str), `code_entropy` (float|null, VQ: unigram entropy of the val cache's codes,
+  nats; code_entropy - val_loss is the AR model's gain from context)
 - bookkeeping: `tokenizer_run`, `generator_run`, `samples_npz`, `grid_png` (str paths relative to DIR; a pretrained
   tokenizer's `tokenizer_run` is its run folder as the spec names it),
   `wall_s_tokenizer`, `wall_s_generator` (float), `device` (str)

@@ -112,6 +112,8 @@ def findings(a: dict) -> list[tuple[str, list[str]]]:
         for s in a["series"]:
             if (s["metric"] != "val_loss") == generation:
                 out.append((f"{s['name']} at each budget", _budget_lines(s)))
+    if a.get("context"):
+        out.append((f"{a['context']['name']} at each budget", _budget_lines(a["context"])))
     laws = []
     for s in a["series"]:
         task = {c.tokenizer_cell: c.task for c in s["cells"]}

@@ -44,7 +44,10 @@ class Metric:
 METRICS = {"val_loss": Metric("val_loss", eval_dependent=False),
            "gfd": Metric("gfd", interval=("gfd_low", "gfd_high")),
            "gfd_inf": Metric("gfd_inf", stderr="gfd_inf_stderr"),
-           "kid": Metric("kid", stderr="kid_stderr")}
+           "kid": Metric("kid", stderr="kid_stderr"),
+           # code_entropy - val_loss (AR, nats/token): the loss's gain over a context-free model, comparable
+           # between codebooks used unequally (results/crt_collapse); derived in report.analyze
+           "context_gain": Metric("context_gain", eval_dependent=False, lower_is_better=False)}
 GENERATION = ("gfd", "gfd_inf", "kid")  # analysed per gfd_name (one feature network, one protocol)
 
 

@@ -105,6 +105,21 @@ def _pareto(rows: list[dict[str, Any]], main: dict | None, labels: dict[str, str
     return points
 
 
+CONTEXT_GAIN = "AR context gain (unigram entropy − val loss, nats/token)"
+
+
+def _context_gain(rows: list[dict[str, Any]], labels: dict[str, str]) -> dict | None:
+    """Per AR budget, tokenizers compared on code_entropy - val_loss (higher: more gained from context),
+    as the generation series are (verdicts only: no law is fitted to it). None without code entropies."""
+    gain = [{**r, "context_gain": r["code_entropy"] - r["val_loss"]} for r in rows
+            if r.get("generator_kind") == "ar" and finite(r.get("code_entropy")) and finite(r.get("val_loss"))]
+    if not gain:
+        return None
+    comparisons = compare_cells(aggregate(gain, "context_gain"), "context_gain", labels)
+    return {"metric": "context_gain", "name": CONTEXT_GAIN, "comparisons": comparisons,
+            "headline": headline(comparisons)}
+
+
 def analyze(rows: list[dict[str, Any]], *, n_boot: int = 1000, seed: int = 0, fit_points: str = "frontier") -> dict:
     """Every series with its cells (mean and interval over seeds), pairwise verdicts per budget,
     variance components, laws fitted to cell means with seed-bootstrap intervals, the fitted optimum
@@ -159,7 +174,7 @@ def analyze(rows: list[dict[str, Any]], *, n_boot: int = 1000, seed: int = 0, fi
          "recon_protocol": protocol_summary(first_of.values()), "pareto": _pareto(rows, main, labels),
          "gfd_name": gname, "rfd_name": rfd_name(rows, gfd_names[0] if gfd_names else "FD"), "rows": rows,
          "options": {"bootstrap_resamples": n_boot, "seed": seed, "fit_points": fit_points},
-         "stage1": tokenizer_comparisons(rows, labels)}
+         "stage1": tokenizer_comparisons(rows, labels), "context": _context_gain(rows, labels)}
     a["findings"] = findings(a)
     return a
 
@@ -292,6 +307,7 @@ def _fits_doc(a: dict, study: str, digest: str) -> dict[str, Any]:
                          for s in S for c in s["comparisons"]],
             "variance_components": [{"series": s["name"], **(s["components"] or {})} for s in S],
             "reconstruction_verdicts": [c.to_dict() for c in a.get("stage1", [])],
+            "context_gain_verdicts": [c.to_dict() for c in (a.get("context") or {}).get("comparisons", [])],
             "rfd_vs_gfd": a["pareto"], "tokenizer_curves": [c.brief() for c in a["curves"]],
             "warnings": a["warnings"]}
 

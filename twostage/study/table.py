@@ -10,6 +10,7 @@ except the FLOPs, which twostage/study/flops.py counts from the recorded archite
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from twostage.data.token_cache import unigram_entropy
 from twostage.study import flops as flopslib
 from twostage.study.plan import Plan
 from twostage.study.jobs import (Job, Paths, eval_suffix, generator_cell, job_done, read_marker, tokenizer_cell,
@@ -44,7 +46,7 @@ SCHEMA = pa.schema([
     ("recall", pa.float64()), ("gen_protocol", pa.string()),
     ("rfd", pa.float64()), ("psnr", pa.float64()), ("ssim", pa.float64()), ("codebook_usage", pa.float64()),
     ("latent_uniformity_gini", pa.float64()), ("latent_uniformity_entropy", pa.float64()),
-    ("recon_protocol", pa.string()),
+    ("recon_protocol", pa.string()), ("code_entropy", pa.float64()),
     ("tokenizer_run", pa.string()), ("generator_run", pa.string()), ("samples_npz", pa.string()),
     ("grid_png", pa.string()), ("wall_s_tokenizer", pa.float64()), ("wall_s_generator", pa.float64()),
     ("device", pa.string()),
@@ -95,6 +97,12 @@ def _val_loss(gen: ResolvedGenerator, run: Path) -> tuple[float | None, list[flo
     return float(record["loss"]), [float(v) for v in per_position] if per_position else None
 
 
+@functools.lru_cache(maxsize=256)
+def _code_entropy(cache: Path) -> float | None:
+    """unigram_entropy of a token cache (None for latents or a cache not written, e.g. deleted)."""
+    return unigram_entropy(cache) if (cache / "meta.json").is_file() else None
+
+
 def _tokenizer_columns(gen: ResolvedGenerator, plan: Plan) -> dict[str, Any]:
     tok = gen.tokenizer
     tid = tokenizer_id(tok)
@@ -118,6 +126,8 @@ def _tokenizer_columns(gen: ResolvedGenerator, plan: Plan) -> dict[str, Any]:
         "latent_uniformity_gini": m.get("latent_uniformity_gini"),
         "latent_uniformity_entropy": m.get("latent_uniformity_normalized_entropy"),
         "recon_protocol": json.dumps(recon["protocol"]) if "protocol" in recon else None,
+        # the context-free loss on the val cache: code_entropy - val_loss is what an AR model gains from context
+        "code_entropy": _code_entropy(plan.root / "caches" / f"{tid}_val"),
         # a pretrained tokenizer's own folder (as the spec names it): where its weights come from
         "tokenizer_run": tok.run if tok.pretrained else _rel(plan.root / "tokenizers" / tid, plan.root),
     }
