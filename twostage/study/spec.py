@@ -283,17 +283,23 @@ def resolve_tokenizer(spec: StudySpec, index: int, seed: int = 0) -> ResolvedTok
     where = f"tokenizers[{index}] ({t.preset}) with train.seed={seed}"
     overrides = [*_data_overrides(spec.data), *spec.tokenizer.overrides, *t.overrides,
                  f"train.steps={spec.tokenizer.steps}", f"train.seed={seed}"]
+    kind, cfg, gen = _tokenizer_config(spec, t.preset, overrides, where)
+    label = t.label or (cfg.label() + (f" / {variant_label(gen.name, t.generator_overrides)}"
+                                       if t.generator_overrides else ""))
+    return ResolvedTokenizer(index, kind.name, t.preset, overrides, cfg, label, seed, list(t.generator_overrides))
+
+
+def _tokenizer_config(spec: StudySpec, source: str, overrides: list[str], where: str) -> tuple[Any, Any, Any]:
+    """(tokenizer kind, its validated config, the generator kind of its cache), errors naming the entry."""
     try:
-        kind, cfg = registry.load_config("tokenizer", t.preset, overrides)
+        kind, cfg = registry.load_config("tokenizer", source, overrides)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     gen = registry.generator_for(kind)
     if gen.name not in spec.generators:
         raise ConfigError(f"{where} is a {kind.name} tokenizer but the study has no generators.{gen.name} "
                           "section to train on its cache")
-    label = t.label or (cfg.label() + (f" / {variant_label(gen.name, t.generator_overrides)}"
-                                       if t.generator_overrides else ""))
-    return ResolvedTokenizer(index, kind.name, t.preset, overrides, cfg, label, seed, list(t.generator_overrides))
+    return kind, cfg, gen
 
 
 def _resolve_pretrained(spec: StudySpec, index: int, seed: int) -> ResolvedTokenizer:
@@ -302,16 +308,11 @@ def _resolve_pretrained(spec: StudySpec, index: int, seed: int) -> ResolvedToken
     from twostage.study.pretrained import weights_sha256
 
     t = spec.tokenizers[index]
+    from twostage.engine.run_files import config_path
+
     where = f"tokenizers[{index}] (run {t.run})"
     overrides = _data_overrides(spec.data)
-    try:
-        kind, cfg = registry.load_config("tokenizer", str(Path(t.run) / "config.yaml"), overrides)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    gen = registry.generator_for(kind)
-    if gen.name not in spec.generators:
-        raise ConfigError(f"{where} is a {kind.name} tokenizer but the study has no generators.{gen.name} "
-                          "section to train on its cache")
+    kind, cfg, gen = _tokenizer_config(spec, str(config_path(t.run)), overrides, where)  # a run or an export
     sha = weights_sha256(t.run, where)
     # the folder's name tells a published tokenizer from a trained one of the same config
     label = t.label or (f"{cfg.label()} [{Path(t.run).name}]" + (
