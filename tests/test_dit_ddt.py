@@ -175,7 +175,9 @@ def test_a_ddt_run_trains_with_repa_and_samples_through_the_cli(tmp_path, caches
     model, loaded = api.load_generator(run)
     assert isinstance(model.ddt, DDTHead) and loaded["step"] == 3
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
-    assert info["train_flops_per_token"] == pytest.approx(model.flops_per_token()["train"])
+    # the generator's (trunk + head) training FLOPs, plus REPA's projector (3 x forward per patch token)
+    projector = 2 * (model.width * 16 + 16 * 16 + 16 * 112)
+    assert info["train_flops_per_token"] == pytest.approx(model.flops_per_token()["train"] + 3 * projector / model.patch ** 2)
     ema = load_file(str(run / "checkpoints" / "step_0000003" / "ema.safetensors"))
     assert any(k.startswith("dit.ddt.embed.") for k in ema) and not any(k.startswith("dit.final") for k in ema)
     # training moved the head's patch embedding (the flow loss reaches it once the output layer is nonzero)

@@ -150,6 +150,11 @@ def test_repa_run_trains_logs_and_checkpoints_the_projector(tmp_path, caches):
     assert not any(k.startswith("repa.") for k in ema)
     model, info = load_run(run)  # the generator alone: sampling is unchanged
     assert info["step"] == 3 and not any(k.startswith("repa") for k in model.state_dict())
+    # training compute counts the projector on every patch token (3 x forward), per latent position
+    width, p = model.width, model.patch
+    projector = 2 * (width * 16 + 16 * 16 + 16 * 112)
+    assert info["train_flops_per_token"] == pytest.approx(model.flops_per_token()["train"] + 3 * projector / p ** 2)
+    assert info["repa_projector_parameters"] == width * 16 + 16 + 16 * 16 + 16 + 16 * 112 + 112
 
 
 def test_repa_step_logs_the_term_and_trains_the_projector(caches):

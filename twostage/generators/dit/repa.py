@@ -57,6 +57,10 @@ class Projector(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.net(tokens)
 
+    def flops_per_token(self) -> float:
+        """Matmul FLOPs of one token's forward pass (2 per multiply-add), the DiT's convention."""
+        return float(sum(2 * m.in_features * m.out_features for m in self.net if isinstance(m, nn.Linear)))
+
 
 def repa_loss(projected: torch.Tensor, features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """-cos(projected, features) over the last axis, mean over tokens and batch; (N, T, D) each; float32."""

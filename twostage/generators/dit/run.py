@@ -29,7 +29,7 @@ from twostage.generators import runs
 from twostage.generators.dit.config import DiTRunConfig
 from twostage.generators.dit.model import LightningDiT
 from twostage.generators.dit.sampler import SAMPLERS, evaluations
-from twostage.generators.dit.task import ARCH_KEYS, MODULE, DiTTask, LatentSpace, build_model, generate_latents
+from twostage.generators.dit.task import ARCH_KEYS, MODULE, REPA, DiTTask, LatentSpace, build_model, generate_latents
 from twostage.generators.guidance import resolve_scale
 from twostage.generators.outputs import load_decoder, sample_labels, sampling_progress, save_samples
 
@@ -60,6 +60,9 @@ def build_task(cfg: DiTRunConfig, cache: str | Path, out: str | Path, *,
                              val_cache=val_cache, train_samples=len(data), train_labels=data.labels)
     info.update({"latent_mean": space.latent_mean, "latent_std": space.latent_std,
                  "time_convention": TIME_CONVENTION})
+    if task.train_flops_per_token != info["train_flops_per_token"]:  # REPA's projector trains too
+        info.update({"train_flops_per_token": task.train_flops_per_token, "train_flops_per_step": task.flops_per_step,
+                     "repa_projector_parameters": sum(p.numel() for p in task.modules[REPA].parameters())})
     runs.check_resume(out, info, ARCH_KEYS, cache)  # another tokenizer's cache: refused, nothing written
     task.record = info  # model.json: written by the task once the engine has accepted the run
     log.info("LightningDiT-%s/%d: %.1fM parameters, %.3g training FLOPs per step", cfg.model.size,

@@ -142,7 +142,13 @@ class DiTTask(TaskBase):
                         if decoder is None else LazyDecoder(decoder))
         tokens = space.grid[0] * space.grid[1]
         self.tokens_per_step = tokens * cfg.train.batch_size
-        self.flops_per_step = self.model.flops_per_token()["train"] * self.tokens_per_step
+        # training FLOPs per latent position: the DiT, plus REPA's projector on every patch token (3 x its
+        # forward; the frozen decoder and encoder that make REPA's targets are not counted: no gradient)
+        flops = self.model.flops_per_token()["train"]
+        if self.repa is not None:
+            flops += 3.0 * self.modules[REPA].flops_per_token() / self.model.patch ** 2
+        self.train_flops_per_token = flops
+        self.flops_per_step = flops * self.tokens_per_step
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- Task protocol --------------------------------------------------------------------------------
