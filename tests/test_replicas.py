@@ -9,6 +9,8 @@ exactly; a replica's checkpoint refuses to be resumed on its own.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -172,6 +174,8 @@ def test_flow_generator_trains_as_replicas(tmp_path):
     assert any(not torch.equal(a.state[k], b.state[k]) for k in a.state)  # two seeds, two models
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="torch.compile on the CPU needs a C++ compiler (Debian: apt-get install g++)")
 def test_compiled_replicas_train_like_eager_ones(tmp_path, caches, monkeypatch):
     """train.compile compiles the vmapped loss (the code that runs); without randomness it trains the same
     weights as the eager path, up to float rounding."""
