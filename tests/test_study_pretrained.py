@@ -148,3 +148,24 @@ def test_tiny_study_with_a_pretrained_run_beside_a_trained_tokenizer(data, pretr
     assert (a["tokenizer_kind"], a["tokens_per_image"], a["codebook_size"]) == ("vq", 16, 32)
     assert a["tokenizer_cell"] != b["tokenizer_cell"] and b["tokenizer_seed"] == 0
     assert b["psnr"] is not None and b["gfd"] is not None
+
+
+def test_an_exported_folder_is_a_pretrained_entry_too(data, pretrained, tmp_path):
+    """`twostage export` output (config.json + model.safetensors) works as a `run:` entry: its view is an
+    export with the study's data keys, read by the loaders like the run it came from."""
+    import torch
+
+    from twostage import api
+    from twostage.engine.run_files import is_pretrained
+    from twostage.study.pretrained import link_run
+
+    export = api.save_pretrained(pretrained, tmp_path / "export")
+    plan = build_plan(load_spec(spec_with_run(data, export)), tmp_path / "study")
+    assert len({tokenizer_id(t) for t in plan.tokenizers}) == 2 and weights_file(export) == export / "model.safetensors"
+    before = snapshot(export)
+    view = link_run(export, tmp_path / "view", [f"data.root={data}"])
+    assert is_pretrained(view) and json.loads((view / "config.json").read_text())["data"]["root"] == str(data)
+    a, b = api.load_tokenizer(pretrained), api.load_tokenizer(view)
+    for key, t in a.model.state_dict().items():
+        assert torch.equal(t, b.model.state_dict()[key]), key
+    assert snapshot(export) == before

@@ -7,7 +7,8 @@ published checkpoint, or any finished `tokenizer train` run) that the study enco
 
 The run folder is only read. Its tokenizer job has no train stage; its first stage (`study link-run`)
 writes a *view* of it under the study folder, DIR/tokenizers/<id>/run/: the run's config.yaml with the
-study's `data:` keys applied (as a trained tokenizer gets them) and a symlink to the run's checkpoints.
+study's `data:` keys applied (as a trained tokenizer gets them) and a symlink to the run's checkpoints
+(for a `twostage export` folder: its config.json with the data keys and symlinks to its weights and records).
 Encoding, eval recon and the generators' decoding then read the view, so the study's data settings
 apply and nothing is ever written into the given folder.
 
@@ -17,6 +18,7 @@ so replacing the weights (or changing `data:`) is a new tokenizer job and re-run
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -27,13 +29,14 @@ from twostage.config import ConfigError
 
 def check_run_folder(path: str | Path, where: str) -> str:
     """The tokenizer kind of a run folder, or a one-line ConfigError (missing, not a tokenizer run)."""
-    from twostage.engine.run_files import recorded_kind
+    from twostage.engine.run_files import is_pretrained, recorded_kind
 
     run = Path(path)
     if not run.is_dir():
         raise ConfigError(f"{where}: run folder {str(path)!r} does not exist")
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{where}: {str(path)!r} is not a run folder (it has no config.yaml)")
+    if not ((run / "config.yaml").is_file() or is_pretrained(run)):
+        raise ConfigError(f"{where}: {str(path)!r} is not a run folder (it has no config.yaml) nor a "
+                          "`twostage export` folder (config.json + model.safetensors + pretrained.json)")
     kind = recorded_kind(run) or registry.default_kind("tokenizer")
     if kind not in registry.TOKENIZERS:
         raise ConfigError(f"{where}: {str(path)!r} is not a tokenizer run (its config.yaml has kind={kind!r}; "
@@ -64,10 +67,22 @@ def link_run(source: str | Path, out: str | Path, overrides: list[str] = ()) -> 
     """Write the view of a pretrained tokenizer run into `out` (see the module docstring); returns `out`.
 
     Re-running replaces the view's two entries and nothing else; `out` must not hold real checkpoints."""
+    from twostage.engine.run_files import PRETRAINED, RECORDS, config_path, is_pretrained
+
     source, out = Path(source), Path(out)
     check_run_folder(source, "study link-run")
-    _, cfg = registry.load_config("tokenizer", str(source / "config.yaml"), list(overrides))
+    _, cfg = registry.load_config("tokenizer", str(config_path(source)), list(overrides))
     out.mkdir(parents=True, exist_ok=True)
+    if is_pretrained(source):  # an export: the view is an export too (config.json + links to the rest)
+        for name in ("model.safetensors", PRETRAINED, *RECORDS):
+            if (out / name).is_symlink():
+                (out / name).unlink()
+            if (source / name).is_file():
+                os.symlink((source / name).resolve(), out / name)
+        tmp = out / f".config.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(configlib.to_dict(cfg), indent=2, default=list))
+        os.replace(tmp, out / "config.json")
+        return out
     link = out / "checkpoints"
     if link.is_symlink():
         link.unlink()
