@@ -119,33 +119,39 @@ def load_run_weights(run_dir: str | Path, module: str, *, weights: str = "auto",
     path = checkpoint_path(run_dir, step)
     if is_pretrained(run_dir):
         return _pretrained_weights(Path(run_dir), module, weights)
-    file = path / "ema.safetensors"
-    if weights == "ema" and not file.is_file():
+    file = checkpoint_file(path, weights)
+    match = ckpt.STEP_DIR.match(path.name)
+    return RunWeights(state=_module_state(file, module, run_dir), file=file, step=int(match.group(1)) if match else -1,
+                      weights=file.stem, checksum=file_sha256(file))
+
+
+def checkpoint_file(path: Path, weights: str = "auto") -> Path:
+    """The weights file of checkpoint folder `path`: ema.safetensors for "ema" (an error without it) and,
+    when the run saved it, for "auto"; model.safetensors for "raw" or a run without EMA."""
+    ema = Path(path) / "ema.safetensors"
+    if weights == "ema" and not ema.is_file():
         raise RunLoadError(f"{path} has no EMA weights (the run trained without train.ema_decay); use raw weights")
-    if weights == "raw" or not file.is_file():
-        file = path / "model.safetensors"
+    return ema if weights != "raw" and ema.is_file() else Path(path) / "model.safetensors"
+
+
+def _module_state(file: Path, module: str, run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """`module`'s tensors in a weights file, keys relative to the module; an error when it holds none."""
     from safetensors.torch import load_file
 
     state = strip_prefixes(load_file(str(file)), module)
     if not state:
         raise RunLoadError(f"{file} holds no '{module}.*' weights: is {run_dir} a run of this kind?")
-    match = ckpt.STEP_DIR.match(path.name)
-    return RunWeights(state=state, file=file, step=int(match.group(1)) if match else -1,
-                      weights=file.stem, checksum=file_sha256(file))
+    return state
 
 
 def _pretrained_weights(run_dir: Path, module: str, weights: str) -> RunWeights:
-    from safetensors.torch import load_file
-
     record = _pretrained_record(run_dir)
     if weights != "auto" and weights != record["weights"]:
         raise RunLoadError(f"{run_dir} holds the {record['weights']} weights only (a save_pretrained folder); "
                            f"load it with weights={record['weights']!r} or 'auto', or export the {weights} weights "
                            f"from the run folder {record['source']}")
     file = run_dir / "model.safetensors"
-    state = strip_prefixes(load_file(str(file)), module)
-    if not state:
-        raise RunLoadError(f"{file} holds no '{module}.*' weights: is {run_dir} a run of this kind?")
+    state = _module_state(file, module, run_dir)
     # `weights` as load_run_weights reports it for a run folder: the stem of the checkpoint file read
     return RunWeights(state=state, file=file, step=int(record["step"]),
                       weights="ema" if record["weights"] == "ema" else "model", checksum=file_sha256(file))
@@ -168,11 +174,7 @@ def save_pretrained(run_dir: str | Path, out: str | Path, *, weights: str = "aut
     if source.suffix != ".yaml":
         raise UserError(f"{run_dir} is already a save_pretrained folder; copy it instead")
     path = checkpoint_path(run_dir, step)
-    file = path / "ema.safetensors"
-    if weights == "ema" and not file.is_file():
-        raise RunLoadError(f"{path} has no EMA weights (the run trained without train.ema_decay); use raw weights")
-    if weights == "raw" or not file.is_file():
-        file = path / "model.safetensors"
+    file = checkpoint_file(path, weights)
     match = ckpt.STEP_DIR.match(path.name)
     record = {"source": str(run_dir.resolve()), "step": int(match.group(1)) if match else -1,
               "weights": "ema" if file.stem == "ema" else "raw",

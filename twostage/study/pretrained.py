@@ -47,14 +47,12 @@ def check_run_folder(path: str | Path, where: str) -> str:
 def weights_file(run: str | Path, where: str = "") -> Path:
     """The file `tokenizer encode` / `eval recon` read by default (weights auto: the latest checkpoint's
     EMA weights when saved, else its raw weights): the file whose hash identifies the tokenizer."""
-    from twostage.engine.run_files import RunLoadError, checkpoint_path
+    from twostage.engine.run_files import RunLoadError, checkpoint_file, checkpoint_path
 
     try:
-        folder = checkpoint_path(run)
+        return checkpoint_file(checkpoint_path(run))
     except RunLoadError as err:
         raise ConfigError(f"{where}: {err}" if where else str(err)) from None
-    ema = folder / "ema.safetensors"
-    return ema if ema.is_file() else folder / "model.safetensors"
 
 
 def weights_sha256(run: str | Path, where: str = "") -> str:
