@@ -62,9 +62,8 @@ from twostage import config as configlib
 from twostage.config import parse_overrides
 from twostage.convert import ConversionError
 from twostage.convert.llamagen_gpt import qk_row_order
-from twostage.convert.run_folder import Converted
+from twostage.convert.run_folder import Converted, tokenizer_cache_meta
 from twostage.convert.source import gather_state, listing, read_state_dict
-from twostage.data.token_cache import CacheMeta
 from twostage.generators.dit.config import DIT_SHAPES, DiTRunConfig
 from twostage.generators.dit.model import LightningDiT, ffn_hidden, sincos_2d
 from twostage.generators.dit.run import KIND, TIME_CONVENTION
@@ -291,22 +290,6 @@ def read_latent_stats(path: Path, channels: int) -> tuple[list[float], list[floa
     return out[0], out[1]
 
 
-def tokenizer_meta(tokenizer: Path, channels: int, num_classes: int, src: Path) -> CacheMeta:
-    """What model.json records of the tokenizer run: its latent grid, image size, weights' sha256."""
-    from twostage.tokenizers.base import load_tokenizer
-
-    tok = load_tokenizer(tokenizer)
-    layout = tok.cache_layout()
-    found = layout.meta.get("channels")
-    if layout.kind != "latents" or found != channels:
-        what = "discrete codes" if layout.kind != "latents" else f"latents of {found} channels"
-        raise ConversionError(f"{src} models latents of {channels} channels but the tokenizer run {tokenizer} has "
-                              f"{what}; give the KL run the DiT was trained on (e.g. `twostage convert vavae`)")
-    return CacheMeta(kind="latents", grid=tuple(tok.grid_size()), num_classes=num_classes,
-                     tokenizer_run=str(Path(tokenizer).resolve()), tokenizer_checksum=tok.checksum, split="",
-                     channels=channels, image_size=tok.image_size)
-
-
 def convert_lightningdit(src: Path, overrides: Sequence[str], tokenizer: Path, latent_stats: Path) -> Converted:
     """A dit generator run config, model and model.json holding the LightningDiT weights in `src`."""
     if not Path(latent_stats).is_file():  # before reading a checkpoint of gigabytes
@@ -316,7 +299,9 @@ def convert_lightningdit(src: Path, overrides: Sequence[str], tokenizer: Path, l
     heads = parse_overrides(list(overrides)).get("model", {}).get("heads")
     arch = architecture(state, src, heads)
     cfg = configlib.load(DiTRunConfig, {"kind": KIND, "model": arch["model"], "sample": SAMPLE}, list(overrides))
-    meta = tokenizer_meta(tokenizer, arch["channels"], arch["num_classes"], src)
+    meta = tokenizer_cache_meta(tokenizer, "latents", arch["channels"], arch["num_classes"], src,
+                                expects=f"models latents of {arch['channels']} channels",
+                                fix="give the KL run the DiT was trained on (e.g. `twostage convert vavae`)")
     mean, std = read_latent_stats(Path(latent_stats), arch["channels"])
     p = cfg.model.patch_size
     if meta.grid[0] % p or meta.grid[1] % p or (meta.grid[0] // p) * (meta.grid[1] // p) != arch["tokens"]:

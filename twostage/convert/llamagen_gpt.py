@@ -49,9 +49,8 @@ import torch
 from twostage import config as configlib
 from twostage.config import parse_overrides
 from twostage.convert import ConversionError
-from twostage.convert.run_folder import Converted
+from twostage.convert.run_folder import Converted, tokenizer_cache_meta
 from twostage.convert.source import gather_state, listing, read_state_dict
-from twostage.data.token_cache import CacheMeta
 from twostage.generators.ar.config import AR_SHAPES, ARRunConfig
 from twostage.generators.ar.model import ARTransformer
 from twostage.generators.ar.run import KIND
@@ -164,22 +163,6 @@ def mapped_state(model: ARTransformer, state: dict[str, torch.Tensor], src: Path
     return {key: permute_qk(t, heads) if key.endswith(".attn.qkv.weight") else t for key, t in out.items()}
 
 
-def tokenizer_meta(tokenizer: Path, vocab: int, num_classes: int, src: Path) -> CacheMeta:
-    """What model.json records of the tokenizer run: its grid, image size, weights' sha256."""
-    from twostage.tokenizers.base import load_tokenizer
-
-    tok = load_tokenizer(tokenizer)
-    layout = tok.cache_layout()
-    codebook = layout.meta.get("codebook_size")
-    if layout.kind != "tokens" or codebook != vocab:
-        what = "continuous latents" if layout.kind != "tokens" else f"a codebook of {codebook}"
-        raise ConversionError(f"{src} predicts {vocab} codes but the tokenizer run {tokenizer} has {what}; give the "
-                              "VQ run the GPT was trained on (e.g. `twostage convert llamagen-vq vq_ds16_c2i.pt`)")
-    return CacheMeta(kind="tokens", grid=tuple(tok.grid_size()), num_classes=num_classes,
-                     tokenizer_run=str(Path(tokenizer).resolve()), tokenizer_checksum=tok.checksum, split="",
-                     codebook_size=codebook, image_size=tok.image_size)
-
-
 def convert_llamagen_gpt(src: Path, overrides: Sequence[str], tokenizer: Path) -> Converted:
     """An ar generator run config, model and model.json holding the LlamaGen GPT weights in `src`."""
     raw, entry = read_state_dict(src, ENTRIES)
@@ -187,7 +170,10 @@ def convert_llamagen_gpt(src: Path, overrides: Sequence[str], tokenizer: Path) -
     heads = parse_overrides(list(overrides)).get("model", {}).get("heads")
     arch = architecture(state, src, heads)
     cfg = configlib.load(ARRunConfig, {"kind": KIND, "model": arch["model"], "sample": SAMPLE}, list(overrides))
-    meta = tokenizer_meta(tokenizer, arch["vocab_size"], arch["num_classes"], src)
+    meta = tokenizer_cache_meta(tokenizer, "tokens", arch["vocab_size"], arch["num_classes"], src,
+                                expects=f"predicts {arch['vocab_size']} codes",
+                                fix="give the VQ run the GPT was trained on (e.g. `twostage convert llamagen-vq "
+                                    "vq_ds16_c2i.pt`)")
     model = ARTransformer(cfg.model, arch["vocab_size"], arch["num_classes"], meta.grid)
     model.load_state_dict(mapped_state(model, state, src), strict=True)
     record = model_record(KIND, model, meta, batch_size=cfg.train.batch_size, train_cache=tokenizer,

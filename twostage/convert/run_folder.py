@@ -20,10 +20,16 @@ from torch import nn
 
 from twostage import config as configlib
 from twostage.common.errors import UserError
+from twostage.convert import ConversionError
+from twostage.data.token_cache import CacheMeta
 from twostage.engine import checkpoint as ckpt
 from twostage.engine.run_files import write_model_json
 
 STEP = 0  # a converted checkpoint is step 0 of its run folder
+
+# cache kind -> (the meta key a generator's input size must match, the kind in words, that size in words)
+CACHE_WORDS = {"tokens": ("codebook_size", "discrete codes", "a codebook of {}"),
+               "latents": ("channels", "continuous latents", "latents of {} channels")}
 
 
 @dataclass
@@ -32,6 +38,25 @@ class Converted:
     modules: dict[str, nn.Module]  # checkpoint module name -> model holding the converted weights
     converted_from: dict[str, Any]  # JSON-able record of the source, stored in the checkpoint's state
     model_json: dict[str, Any] | None = None  # a generator run's model.json record (None: a tokenizer run)
+
+
+def tokenizer_cache_meta(tokenizer: Path, kind: str, size: int, num_classes: int, src: Path, *, expects: str,
+                         fix: str) -> CacheMeta:
+    """What a converted generator's model.json records of its tokenizer run (grid, image size, weights'
+    sha256), after checking that the run writes the cache `kind` of `size` (codebook or channels) the
+    generator in `src` needs; `expects` / `fix` complete the one-line error ("{src} {expects} but ...")."""
+    from twostage.tokenizers.base import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    layout = tok.cache_layout()
+    key, _, sized = CACHE_WORDS[kind]
+    found = layout.meta.get(key)
+    if layout.kind != kind or found != size:
+        what = CACHE_WORDS[layout.kind][1] if layout.kind != kind else sized.format(found)
+        raise ConversionError(f"{src} {expects} but the tokenizer run {tokenizer} has {what}; {fix}")
+    return CacheMeta(kind=kind, grid=tuple(tok.grid_size()), num_classes=num_classes,
+                     tokenizer_run=str(Path(tokenizer).resolve()), tokenizer_checksum=tok.checksum, split="",
+                     image_size=tok.image_size, **{key: size})
 
 
 def check_out(out: Path) -> None:
