@@ -62,7 +62,6 @@ def balanced_labels(n: int, num_classes: int) -> np.ndarray:
     return np.sort(np.arange(n, dtype=np.int64) % num_classes, kind="stable")
 
 
-
 def proportional_labels(n: int, counts: Sequence[int]) -> np.ndarray:
     """n class labels in the proportions of `counts` (one count per class), grouped by class like
     balanced_labels.

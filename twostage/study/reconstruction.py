@@ -14,11 +14,11 @@ The CRT paper's "slightly worse rFD" and VA-VAE's reconstruction claims are answ
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any, Mapping, Sequence
 
+from twostage.study.frontier import finite
 from twostage.study.stats import Difference, Interval, mean_interval, paired_difference, verdict, welch_difference
 
 __all__ = ["RECON_METRICS", "TokenizerComparison", "tokenizer_values", "tokenizer_comparisons",
@@ -49,16 +49,12 @@ class TokenizerComparison:
                 "pairing": self.pairing, "verdict": self.verdict}
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def tokenizer_values(rows: Sequence[Mapping[str, Any]], metric: str) -> dict[str, dict[int, float]]:
     """{tokenizer cell: {tokenizer seed: value}} of one reconstruction metric (one value per tokenizer run)."""
     out: dict[str, dict[int, float]] = {}
     for r in rows:
         v = r.get(metric)
-        if _finite(v):
+        if finite(v):
             out.setdefault(r["tokenizer_cell"], {})[int(r["tokenizer_seed"])] = float(v)
     return out
 

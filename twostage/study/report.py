@@ -43,7 +43,7 @@ from twostage.study import plots
 from twostage.study.curves import TokenizerCurves, tokenizer_curves
 from twostage.study.frontier import finite, pareto_rfd_gfd, tokenizer_labels
 from twostage.study.protocols import COMPARABILITY, protocol_summary, rfd_name
-from twostage.study.reconstruction import tokenizer_comparisons
+from twostage.study.reconstruction import tokenizer_comparisons, tokenizer_values
 from twostage.study.render import findings, render_html, render_summary
 from twostage.study.replicates import GENERATION, aggregate, metric_name, normalise, series_components
 from twostage.study.seedfits import fit_series
@@ -85,11 +85,7 @@ def _design(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def _pareto(rows: list[dict[str, Any]], main: dict | None, labels: dict[str, str]) -> list[dict[str, Any]]:
     """pareto_rfd_gfd over tokenizer cells: rFD averaged over tokenizer seeds, gFD the best cell mean;
     both with their intervals over seeds for the figure."""
-    rfd: dict[str, dict[int, float]] = {}
-    for r in rows:
-        if finite(r.get("rfd")):
-            rfd.setdefault(r["tokenizer_cell"], {})[r["tokenizer_seed"]] = float(r["rfd"])
-    rfd_ci = {tc: mean_interval(list(v.values())) for tc, v in rfd.items()}
+    rfd_ci = {tc: mean_interval(list(v.values())) for tc, v in tokenizer_values(rows, "rfd").items()}
     cells = {c.key: c for c in (main["cells"] if main else [])}
     flat = [{"tokenizer_id": c.tokenizer_cell, "run_id": c.key, "compute": c.compute, "gfd": c.mean,
              "rfd": rfd_ci[c.tokenizer_cell].mean if c.tokenizer_cell in rfd_ci else None} for c in cells.values()]
