@@ -14,9 +14,8 @@ from twostage import api, config as configlib
 from twostage.cli import main
 from twostage.generators.dit.config import DDTConfig, DiTModelConfig, DiTRunConfig
 from twostage.generators.dit.model import DDTHead, LightningDiT, build_dit, forward_flops_per_image
-from twostage.tokenizers.kl.config import KLRunConfig
-from twostage.tokenizers.run import encode_run
-from twostage.tokenizers.run import train_run as train_tokenizer
+
+from test_dit_repa_shift import caches  # noqa: F401  (fixture: a tiny KL run's latent caches)
 
 HEAD = DDTConfig(enabled=True, width=96, depth=2, heads=4)  # wider than the tiny trunk (64): P is a Linear
 
@@ -140,23 +139,6 @@ def test_config_checks():
     assert (cfg.model.ddt.width, cfg.model.ddt.depth, cfg.model.ddt.heads) == (2048, 2, 16)  # RAE's DiT-DH-XL
     assert configlib.to_dict(cfg)["model"]["ddt"]["enabled"] is True
     assert DiTModelConfig().ddt.enabled is False
-
-
-@pytest.fixture(scope="module")
-def caches(tmp_path_factory):
-    """A tiny KL run (f4, 4 channels: 4x4 latents of 16x16 images) and its latent caches."""
-    tmp = tmp_path_factory.mktemp("kl")
-    rng = np.random.default_rng(0)
-    np.savez(tmp / "data.npz", images=rng.integers(0, 256, size=(12, 16, 16), dtype=np.uint8),
-             labels=np.arange(12) % 3)
-    cfg = configlib.load(KLRunConfig, None, [
-        "data.name=npz", f"data.root={tmp / 'data.npz'}", "data.image_size=16", "data.val_fraction=0.25",
-        "model.spec=f4d4", "model.base_channels=8", "model.enc_res_blocks=1", "model.dec_res_blocks=1",
-        "model.norm_groups=4", "loss.perceptual=none", "loss.gan_weight=0", "vf.enabled=false",
-        "monitor.grid_images=0", "train.steps=1", "train.batch_size=4", "train.ckpt_every=1",
-        "train.num_workers=0", "train.device=cpu", "train.progress=false"])  # fmt: skip
-    train_tokenizer(cfg, tmp / "kl")
-    return encode_run(tmp / "kl", "train", tmp / "cache_train"), encode_run(tmp / "kl", "val", tmp / "cache_val")
 
 
 def test_a_ddt_run_trains_with_repa_and_samples_through_the_cli(tmp_path, caches):
