@@ -34,6 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from twostage.common import atomic
 from twostage.common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -143,17 +144,9 @@ def _fsync_file(path: Path) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` by `text` so that a crash leaves either the old or the new file, never half of one;
-    a write that fails (a full disk) leaves the old file and no temporary one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    a write that fails (a full disk) leaves the old file and no temporary one. Synced to disk: run
+    records and the `latest` pointer must survive a power cut that the weights they name survive."""
+    atomic.write_text_atomic(path, text, fsync=True)
 
 
 _write_text_atomic = write_text_atomic

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
+from twostage.common.atomic import atomic_write
+
 __all__ = ["FeatureStats", "feature_stats", "frechet_distance", "fd_from_features", "psd_sqrt"]
 
 
@@ -43,11 +45,9 @@ class FeatureStats:
         """Write an .npz (mu, sigma, n, protocol as JSON); atomic, so a crash leaves no half file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
-        with open(tmp, "wb") as f:
+        with atomic_write(path, "wb") as f:
             np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
                      protocol=np.array(json.dumps(self.protocol, sort_keys=True)))
-        tmp.replace(path)
         return path
 
     @classmethod

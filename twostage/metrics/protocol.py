@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from twostage.common.atomic import write_text_atomic
 import twostage
 from twostage.common.device import device_name
 
@@ -97,7 +98,5 @@ def write_result(path: str | Path, metrics: dict[str, float], protocol: Protocol
     doc = {"metrics": metrics, "protocol": proto}
     if command:
         doc["command"] = command
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=False) + "\n")
     return path

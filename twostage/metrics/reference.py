@@ -39,6 +39,7 @@ import torch
 
 from twostage.backbones.base import FeatureNetwork
 from twostage.backbones.inception import InceptionFeatures
+from twostage.common.atomic import atomic_write
 from twostage.common.errors import UserError
 from twostage.data.datasets import npz_keys
 from twostage.metrics.extraction import extract_features
@@ -105,10 +106,8 @@ class ReferenceStats:
             arrays.update(mu_s=self.spatial.mu, sigma_s=self.spatial.sigma)
         if self.pr_features is not None:
             arrays["pr_features"] = self.pr_features.astype(np.float32)
-        tmp = path.with_name(path.name + ".part")
-        with open(tmp, "wb") as f:
+        with atomic_write(path, "wb") as f:  # jobs of one study may write the same statistics at once
             np.savez(f, **arrays)
-        tmp.replace(path)
         return path
 
     @classmethod

@@ -13,7 +13,6 @@ the l2-normalized quantized code vectors (what a stage-2 model actually sees, up
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from twostage.common.atomic import write_text_atomic
 from twostage.tokenizers.vq.crt import CausalPredictor
 
 
@@ -141,8 +141,6 @@ def probe_run(run: str | Path, *, train_images: int = 10000, val_images: int = 2
     }
     path = Path(out) if out is not None else Path(run) / "eval" / f"probe-step{tok.step}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2))
     return path, record
 
