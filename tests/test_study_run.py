@@ -168,6 +168,27 @@ def test_parallel_scheduler_respects_dependencies(data, tmp_path):
     assert not any(j.startswith("gen-") for j in finished)  # nothing ran on a failed tokenizer's cache
 
 
+def test_parallel_scheduler_keeps_going_past_a_failed_job(data, tmp_path):
+    """One failed tokenizer stops only the jobs that need it: the other tokenizer's generator runs still
+    run (a failure must not waste the rest of a time-limited allocation), and the error is raised."""
+    plan = build_plan(load_spec(tiny_spec(data)), tmp_path / "out")
+    tokenizers = [j.id for j in plan.jobs if j.kind == "tokenizer"]
+    assert len(tokenizers) >= 2
+    bad = tokenizers[0]
+    finished: set[str] = set()
+
+    def launch(job, gpu):
+        if job.id == bad:
+            raise StageError(f"{job.id} failed")
+        finished.add(job.id)
+
+    with pytest.raises(StageError, match=f"{bad} failed"):
+        run_parallel(plan, [0], launch)
+    needs_bad = {j.id for j in plan.jobs if bad in j.deps}
+    assert needs_bad and not needs_bad & finished
+    assert finished == {j.id for j in plan.jobs} - needs_bad - {bad}
+
+
 def test_dry_run_lists_jobs(data, tmp_path, capsys):
     spec_file = tmp_path / "study.yaml"
     spec_file.write_text(yaml.safe_dump(tiny_spec(data)))

@@ -129,7 +129,9 @@ def launch_subprocess(job: Job, gpu: int, root: Path, threads: int | None = None
 
 def run_parallel(plan: Plan, gpus: list[int], launch: Callable[[Job, int], None]) -> None:
     """Run the plan's unfinished jobs, one per entry of `gpus` at a time (a GPU listed k times takes k
-    jobs at once), each once its dependencies are done."""
+    jobs at once), each once its dependencies are done. A failed job does not stop the others (as
+    `make -k`): every job that does not depend on it still runs, so one bad run costs one run of a
+    time-limited allocation, not the rest of it; the errors are raised together at the end."""
     pending = {j.id: j for j in plan.jobs if not job_done(j, plan.root)}
     finished = {j.id for j in plan.jobs if j.id not in pending}
     free: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -148,13 +150,12 @@ def run_parallel(plan: Plan, gpus: list[int], launch: Callable[[Job, int], None]
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
         while pending or running:
-            if not errors:
-                ready = [j for j in pending.values() if all(d in finished for d in j.deps)]
-                for job in ready:
-                    del pending[job.id]
-                    running[pool.submit(on_gpu, job)] = job.id
+            ready = [j for j in pending.values() if all(d in finished for d in j.deps)]
+            for job in ready:
+                del pending[job.id]
+                running[pool.submit(on_gpu, job)] = job.id
             if not running:
-                break  # nothing can start: a dependency failed
+                break  # what is left depends on a failed job
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
                 job_id = running.pop(fut)
