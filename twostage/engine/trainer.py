@@ -38,6 +38,20 @@ temporary folder), and the fix: free space and re-run, or move the run folder an
 EMA copies over the ranks with FSDP2 instead of DDP's full copies; its checkpoints add DCP shards (`dcp/`) that the
 resume reads (resharded on another world size), and rank 0 writes the consolidated weights every loader reads.
 
+SIGTERM (preemption, `timeout`, `kill`) and SIGUSR1 (SLURM's `--signal` warning before the kill) stop a run
+cleanly. The handlers, set for the loop (main thread only; the previous ones are restored after), only
+record the signal. The loop finishes the step it is in, writes a normal checkpoint at that step (unless that
+step has just written its periodic one) without `Task.on_checkpoint`'s side work (validation and previews
+take too long when a kill is coming), logs the step, closes the loader and the log, and exits with
+SystemExit(128 + the signal number), 143 for SIGTERM, as a terminated process does: a study takes it as a
+failed stage, so the job is not done and the next `study run` resumes it. A single process stops at the end
+of the current step. Under torchrun the ranks must stop together (one stopping alone would leave the others
+waiting in a collective), so the request rides on the all-reduce of the logs and every rank stops at the next
+`log_every` step: keep log_every within the grace time before the kill. SLURM and `timeout` signal the whole
+process group: torch's DataLoader workers would die of the SIGTERM and the main process then raise about them,
+so batches are fetched with the stop signals blocked; the workers (forked by a fetch) inherit the block and
+live on until the loader is closed.
+
 Every `log_every` / `ckpt_every` step the weights of the trained modules and their EMA copies are checked
 for NaN/inf (one reduction per module on the device, synced together with the logs), so no checkpoint
 with non-finite weights is ever written. Side work at checkpoints (`Task.on_checkpoint`: validation,
@@ -53,6 +67,7 @@ import json
 import logging
 import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -85,6 +100,7 @@ RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "trai
 # how the run continues, but not the model, the data order or the seed.
 OPT_IN_CHANGES = {"train.precision", "train.device", "train.stop_on_nonfinite", "train.ema_decay"}
 RESUME_FLAG = "--resume-with-changes"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what stops a run with a checkpoint (module docstring)
 
 
 @contextlib.contextmanager
@@ -198,6 +214,7 @@ class _Trainer:
         self.step = 0
         self.full_config = configlib.to_dict(full_config) if full_config is not None else {"train": configlib.to_dict(cfg)}
         self.log: RunLog | None = None  # opened once every check has passed (`_start`)
+        self.stop_signal: int | None = None  # a STOP_SIGNALS signal received (or, distributed, another rank's)
 
     # -- setup --------------------------------------------------------------------------------------
 
@@ -464,6 +481,17 @@ class _Trainer:
             return {k: self._to_device(v) for k, v in batch.items()}
         return batch
 
+    def _next_batch(self) -> Any:
+        """The next micro-batch, fetched with STOP_SIGNALS blocked: the loader's workers, forked by a fetch,
+        inherit the mask, so a signal to the whole process group stays pending in them instead of killing
+        them (and making torch raise here before the checkpoint); this process gets it when the fetch ends."""
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            batch = next(self.loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return self._to_device(batch)
+
     def _run_phase(self, phase, micro_batches, scratches, sums, counts, first_bad) -> torch.Tensor:
         trained = {m for opt in phase.optimizers for m in self.specs[opt].modules}
         multi_phase = len(self.phases) > 1
@@ -593,6 +621,11 @@ class _Trainer:
                 raise ckpt.DiskFullError(self._disk_full_message(err), ckpt.os_error_code(err)) from err
             raise
         self._close()
+        if self.stop_signal is not None:
+            if self.world.is_main:
+                log.warning("%s: training stopped at step %d with a checkpoint there; re-running the same command "
+                            "resumes from it", signal.Signals(self.stop_signal).name, self.step)
+            raise SystemExit(128 + self.stop_signal)
         return last
 
     def _start(self) -> None:
@@ -634,7 +667,27 @@ class _Trainer:
         return (f"no space left on the device of {self.run_dir} ({reason}{writing}) at step {self.step}; {kept}. "
                 f"Free some space (or lower train.keep_checkpoints) and re-run the same command, {elsewhere}")
 
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """Record STOP_SIGNALS in self.stop_signal while the loop runs (it acts on them at a step boundary)."""
+        def record(signum, frame):
+            self.stop_signal = signum
+
+        try:
+            previous = {s: signal.signal(s, record) for s in STOP_SIGNALS}
+        except ValueError:  # not the main thread, where Python can set no handler: run without
+            previous = {}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():  # None: a handler not set from Python, which cannot be restored
+                signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
     def _train(self) -> dict[str, float]:
+        with self._stop_signals():
+            return self._loop()
+
+    def _loop(self) -> dict[str, float]:
         self._start()
         cfg, accum = self.cfg, self.cfg.grad_accum
         images_per_step = cfg.batch_size
@@ -645,7 +698,7 @@ class _Trainer:
         bar = _progress(self.cfg, self.step, self.world)
         window_start, window_steps, paused = time.perf_counter(), 0, 0.0
         while self.step < cfg.steps:
-            micro_batches = [self._to_device(next(self.loader)) for _ in range(accum)]
+            micro_batches = [self._next_batch() for _ in range(accum)]
             scratches: list[dict] = [{} for _ in range(accum)]
             for phase in self.phases:
                 if phase.active(self.step):
@@ -660,9 +713,15 @@ class _Trainer:
             do_ckpt = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or self.step in cfg.ckpt_at
             if do_log or do_ckpt:
                 self._check_finite(first_bad)  # before anything is logged or saved
+            stop = False
             if do_log:
                 keys = sorted(sums)
-                values = mean_across_ranks(torch.stack([sums[k] for k in keys]), self.world).tolist() if keys else []
+                packed = [sums[k] for k in keys]
+                if self.world.distributed:  # the stop request rides along, so that every rank stops at this step
+                    packed.append(torch.full((), float(self.stop_signal is not None), device=self.device))
+                values = mean_across_ranks(torch.stack(packed), self.world).tolist() if packed else []
+                if self.world.distributed:
+                    stop = values.pop() > 0
                 elapsed = time.perf_counter() - window_start - paused
                 last = {k: v / counts[k] for k, v in zip(keys, values)}
                 last.update({f"lr/{n}": s.get_last_lr()[0] for n, s in self.schedulers.items()})
@@ -693,6 +752,16 @@ class _Trainer:
                         view.cpu()  # give the device memory back to training
                 barrier(self.world)
                 paused += time.perf_counter() - pause_start  # checkpoint time is not training throughput
+            if not self.world.distributed:  # a Python flag: checked every step, no sync
+                stop = self.stop_signal is not None
+            if stop:
+                if not do_ckpt:  # else the checkpoint just written is the one to resume from
+                    if not do_log:
+                        self._check_finite(first_bad)  # as before every checkpoint
+                    self._save()  # without the side work: the kill is coming
+                # A rank that got no signal itself stops because another one did: the job is being stopped.
+                self.stop_signal = self.stop_signal or signal.SIGTERM
+                break
         if bar is not None:
             bar.close()
         return last
