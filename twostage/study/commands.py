@@ -65,6 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fit each tokenizer's lower envelope of cell means (compute-optimal law) or every cell")
     r.set_defaults(func=cmd_report)
 
+    c = sub.add_parser("replication", help="do ORIGINAL's verdicts hold in RERUN (the same spec, other seeds)? "
+                                           "exit 1 when a winner does not (twostage/study/replication.py)")
+    c.add_argument("original", type=Path, help="study folder with a report (twostage study report)")
+    c.add_argument("rerun", type=Path, help="the re-run's study folder with a report")
+    c.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    c.set_defaults(func=cmd_replication)
+
     v = sub.add_parser("link-run", help="a pretrained tokenizer run's view in a study folder (the study's first "
                                         "stage for a `run:` entry; twostage/study/pretrained.py)")
     v.add_argument("run", type=Path, help="tokenizer run folder (only read)")
@@ -94,6 +101,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     from twostage.study.report import cmd_report as report
 
     return report(args)
+
+
+def cmd_replication(args: argparse.Namespace) -> int:
+    from twostage.common.atomic import write_text_atomic
+    from twostage.study.replication import replication_report
+
+    text, rows = replication_report(args.original, args.rerun)
+    print(text, end="")
+    if args.out is not None:
+        write_text_atomic(args.out, text)
+    return 1 if any(r.failed for r in rows) else 0
 
 
 def cmd_link_run(args: argparse.Namespace) -> int:

@@ -40,10 +40,17 @@ class TokenizerComparison:
     diff: Difference  # a - b
     pairing: str  # "paired tokenizer seeds" | "unpaired (no shared seeds): Welch" | "1 seed"
     verdict: str
+    label_a: str
+    label_b: str
+
+    @property
+    def winner(self) -> str | None:
+        return self.verdict.removesuffix(" better") if self.verdict.endswith(" better") else None
 
     def to_dict(self) -> dict[str, Any]:
         d = self.diff
-        return {"metric": self.metric, "a": self.a, "b": self.b, "mean_a": self.interval_a.mean,
+        return {"metric": self.metric, "a": self.a, "b": self.b, "label_a": self.label_a, "label_b": self.label_b,
+                "winner": self.winner, "mean_a": self.interval_a.mean,
                 "mean_b": self.interval_b.mean, "seeds_a": self.interval_a.n, "seeds_b": self.interval_b.n,
                 "difference": {"mean": d.mean, "low": d.low, "high": d.high, "dof": d.dof, "method": d.method},
                 "pairing": self.pairing, "verdict": self.verdict}
@@ -74,7 +81,8 @@ def _compare(metric: str, a: str, b: str, values: Mapping[str, Mapping[int, floa
             "unpaired (no shared seeds): Welch"
     else:
         diff, how = paired_difference([ia.mean], [ib.mean]), "1 seed"
-    return TokenizerComparison(metric, a, b, ia, ib, diff, how, verdict(diff, lower, (labels[a], labels[b])))
+    return TokenizerComparison(metric, a, b, ia, ib, diff, how, verdict(diff, lower, (labels[a], labels[b])),
+                               labels[a], labels[b])
 
 
 def tokenizer_comparisons(rows: Sequence[Mapping[str, Any]], labels: Mapping[str, str]) -> list[TokenizerComparison]:
