@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Copy what a committed study result keeps from a study folder brought back by run.sh (unpacked
+# studies.tgz): the spec, table, logs of the runner, and the tokenizers' records (config, run record,
+# done markers, validation curve points, reconstruction metrics) — no weights, no per-run generator
+# folders (the table holds their numbers), no report pages (rebuilt by `twostage study report`).
+#
+#   bash results/studies/keep.sh /tmp/unpacked/crt results/study_crt
+set -euo pipefail
+src=${1:?study folder}; dest=${2:?destination}
+mkdir -p "$dest/report"
+for f in study.yaml results.parquet commands.log run.log; do [ -f "$src/$f" ] && cp "$src/$f" "$dest/"; done
+[ -f "$src/../device.txt" ] && cp "$src/../device.txt" "$dest/"
+if [ -d "$src/tokenizers" ]; then
+  (cd "$src" && find tokenizers \( -name config.yaml -o -name run.json -o -path '*/done/*.json' -o -path '*/val/*.json' \
+     -o -path '*/eval/recon.json' \) -type f -print0 | tar --null -cf - -T -) | tar -C "$dest" -xf -
+fi
+printf '%s\n' "# the report pages and figures are rebuilt by \`twostage study report $dest --bootstrap 200\`" '*.png' 'report.html' \
+  > "$dest/report/.gitignore"
