@@ -147,24 +147,38 @@ def test_every_generator_kind_builds_a_task():
     assert issubclass(ConfigError, UserError)
 
 
-def test_flow_generator_trains_as_replicas(tmp_path):
-    """The DiT's loss draws noise and timesteps (per replica under vmap): no bit-equality to check, but
-    the joint run trains, each replica's folder loads and samples like a single run's."""
-    from test_device_cache import latent_cache
+def _latent_cache(folder: Path, codes, scale: float = 1.0, shift: float = 0.0) -> Path:
+    """A float32 latent cache of `codes` * scale + shift with its per-channel statistics (the DiT's
+    normalization reads them), 4 classes, 3 channels on a 2x2 grid."""
+    import numpy as np
 
-    caches = [latent_cache(tmp_path / f"lat{k}", n=24, seed=k) for k in range(2)]
-    cfg = api.load_config("dit_fmnist", ["model.size=mini", "train.steps=4", "train.batch_size=8", "train.ckpt_every=2",
-                                         "train.log_every=1", "train.num_workers=0", "train.device=cpu",
-                                         "train.progress=false", "val.batch_size=8", "val.max_samples=8",
-                                         "sample.grid_at_checkpoint=0", "optim.warmup_steps=0"])
+    from twostage.data.cache_writer import write_arrays
+    from twostage.data.token_cache import CacheMeta
+
+    codes = codes * scale + shift
+    mean, std = codes.mean(axis=(0, 1, 3, 4)), codes.std(axis=(0, 1, 3, 4))
+    meta = CacheMeta(kind="latents", grid=(2, 2), num_classes=4, tokenizer_run="/nonexistent", tokenizer_checksum="x",
+                     split="train", channels=3, image_size=8, latent_mean=mean.tolist(), latent_std=std.tolist())
+    return write_arrays(folder, meta, codes, np.arange(len(codes)) % 4, dtype=np.float32)
+
+
+def _dit_config(*extra: str):
+    return api.load_config("dit_fmnist", ["model.size=mini", "train.steps=4", "train.batch_size=8", "train.ckpt_every=2",
+                                          "train.log_every=1", "train.num_workers=0", "train.device=cpu",
+                                          "train.progress=false", "val.batch_size=8", "val.max_samples=8",
+                                          "sample.grid_at_checkpoint=0", "optim.warmup_steps=0", *extra])
+
+
+def test_flow_generator_trains_as_replicas_on_the_caches_of_two_tokenizers(tmp_path):
+    """The DiT's loss draws noise and timesteps (per replica under vmap): no bit-equality with separate
+    runs to check, but the joint run trains on two caches, each replica's folder loads like a single run's."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    caches = [_latent_cache(tmp_path / f"lat{k}", rng.standard_normal((24, 2, 3, 2, 2)).astype(np.float32))
+              for k in range(2)]
     outs = [tmp_path / "d0", tmp_path / "d1"]
-    # the DiT's loss normalizes with its own cache's statistics: replicas on two caches are refused, before
-    # anything is written
-    with pytest.raises(ConfigError, match="must read one cache"):
-        api.train_generator_replicas(cfg, caches, outs, [0, 1], tmp_path / "pack", val_caches=caches)
-    assert not any(o.exists() for o in outs) and not (tmp_path / "pack").exists()
-    caches = [caches[0]] * 2
-    last = api.train_generator_replicas(cfg, caches, outs, [0, 1], tmp_path / "pack", val_caches=caches)
+    last = api.train_generator_replicas(_dit_config(), caches, outs, [0, 1], tmp_path / "pack", val_caches=caches)
     assert all(torch.isfinite(torch.tensor(last[f"flow/loss_r{k}"])) for k in range(2))
     for k, out in enumerate(outs):
         model, info = api.load_generator(out)
@@ -172,6 +186,44 @@ def test_flow_generator_trains_as_replicas(tmp_path):
         assert (out / "val" / "step_0000004.json").is_file()
     a, b = (load_run_weights(o, "dit") for o in outs)
     assert any(not torch.equal(a.state[k], b.state[k]) for k in a.state)  # two seeds, two models
+
+
+def test_each_flow_replica_normalizes_with_its_own_cache(tmp_path, monkeypatch):
+    """Cache B is cache A scaled by 4 and shifted by 3, with its own statistics: normalized, the two are the
+    same data. With the loss's random draws made deterministic (the same for every replica) and one seed,
+    the replica on B must train exactly like the one on A; with replica 0's statistics for both (the code
+    before Task.replica_tensors) B's inputs would be 4x off and the two would differ."""
+    import numpy as np
+
+    from twostage.generators.dit import task as dit_task
+
+    monkeypatch.setattr(dit_task, "sample_time", lambda n, **kw: torch.full((n,), 0.3, device=kw.get("device")))
+    monkeypatch.setattr(torch, "randn_like", lambda x, **kw: torch.sin(3.0 * x + 1.0))
+    codes = np.random.default_rng(0).standard_normal((24, 2, 3, 2, 2)).astype(np.float32)
+    caches = [_latent_cache(tmp_path / "a", codes), _latent_cache(tmp_path / "b", codes, scale=4.0, shift=3.0)]
+    outs = [tmp_path / "ra", tmp_path / "rb"]
+    last = api.train_generator_replicas(_dit_config("label_dropout=0"), caches, outs, [5, 5], tmp_path / "pack")
+    assert last["flow/loss_r0"] == pytest.approx(last["flow/loss_r1"], rel=1e-4)
+    a, b = (load_run_weights(o, "dit", weights="raw").state for o in outs)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_repa_replicas_must_share_a_cache(tmp_path):
+    """With REPA the loss decodes latents with its cache's tokenizer, which one stacked loss cannot do per
+    replica: replicas on two caches are refused before anything is written."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    caches = [_latent_cache(tmp_path / f"lat{k}", rng.standard_normal((24, 2, 3, 2, 2)).astype(np.float32))
+              for k in range(2)]
+    outs = [tmp_path / "d0", tmp_path / "d1"]
+    with pytest.raises(ConfigError, match="must read one cache"):
+        api.train_generator_replicas(_dit_config("repa.enabled=true", "repa.layer=2"), caches, outs, [0, 1], tmp_path / "pack")
+    assert not any(o.exists() for o in outs) and not (tmp_path / "pack").exists()
+    assert registry.generator_kind("dit").replicas_share_cache(_dit_config("repa.enabled=true", "repa.layer=2"))
+    assert not registry.generator_kind("dit").replicas_share_cache(_dit_config())
+    assert not registry.generator_kind("ar").replicas_share_cache(_config())
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,

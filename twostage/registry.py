@@ -22,7 +22,8 @@ What a generator kind provides:
     sample      sample_run(run, num, out, **options) -> the samples file
     cache       the cache kind it trains on; a study pairs each tokenizer with the generator of its cache
     options     the kind's own options of `generator sample` beyond the shared ones
-    replicas_share_cache   whether stacked replicas of the kind must read one cache (seeds only)
+    replicas_share_cache_if   a boolean config key; where it is true, stacked replicas of the kind
+                              must read one cache (differ in seed only)
 """
 
 from __future__ import annotations
@@ -70,10 +71,18 @@ class GeneratorKind:
     cache: str
     summary: str
     options: tuple[str, ...] = ()  # kind-specific keyword options of sample_run
-    # Stacked replicas (twostage/engine/replicas.py) run replica 0's loss code for every replica. True when
-    # that loss reads state of its own cache (the DiT: the cache's latent mean / std, and REPA's decoder of
-    # its tokenizer), so replicas of this kind may differ in seed only, not in cache.
-    replicas_share_cache: bool = False
+    # Stacked replicas (twostage/engine/replicas.py) run replica 0's loss code for every replica; state of
+    # a replica's own cache reaches its loss only as tensors (Task.replica_tensors: the DiT's latent mean
+    # and std). A config key (dotted) that, when true, makes the loss read cache state that is not a
+    # tensor (the DiT's REPA: a decoder of the cache's tokenizer), so replicas must share one cache.
+    replicas_share_cache_if: str = ""
+
+    def replicas_share_cache(self, cfg: Any) -> bool:
+        """Whether stacked replicas of this generator config must read one cache (differ in seed only)."""
+        value = cfg
+        for part in filter(None, self.replicas_share_cache_if.split(".")):
+            value = getattr(value, part)
+        return bool(self.replicas_share_cache_if) and bool(value)
 
     def config_class(self) -> type:
         return _resolve(self.config)
@@ -182,7 +191,7 @@ register_generator(GeneratorKind(
     name="dit", config="twostage.generators.dit.config:DiTRunConfig", task="twostage.generators.dit.run:build_task",
     load="twostage.generators.dit.run:load_run", sample="twostage.generators.dit.run:sample_run", cache="latents",
     summary="LightningDiT rectified-flow transformer over continuous latents",
-    options=("steps", "sampler", "shift", "cfg_interval"), replicas_share_cache=True))
+    options=("steps", "sampler", "shift", "cfg_interval"), replicas_share_cache_if="repa.enabled"))
 
 
 __all__ = ["TokenizerKind", "GeneratorKind", "TOKENIZERS", "GENERATORS", "register_tokenizer", "register_generator",

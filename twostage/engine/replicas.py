@@ -10,7 +10,8 @@ Each replica stays *the same run* it would be alone, up to floating-point roundi
 * initialization: each replica's Task is built after `seed_everything(its train.seed)`, exactly as
   a single run builds it, and its weights are stacked afterwards;
 * data: each replica reads its own cache in its own order (twostage/data/stacked.py: one loader per
-  replica, seeded with that replica's seed);
+  replica, seeded with that replica's seed), and what its loss reads of that cache (the DiT's latent
+  statistics) reaches it as its slice of the stacked `Task.replica_tensors` (PhaseContext.replica);
 * loss: the phase's loss is the *sum* of the replicas' own losses, so each replica's gradient is the
   gradient of its own loss (a mean over replicas would scale it by 1/K, which gradient clipping and
   Adam's epsilon would notice);
@@ -163,6 +164,7 @@ class ReplicaTask(TaskBase):
         self.tasks, self.run_dirs, self.configs = tasks, [Path(d) for d in run_dirs], configs
         self.modules: dict[str, nn.Module] = {
             name: StackedModule([t.modules[name] for t in tasks]) for name in first.modules}
+        self._own: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     @property
     def replicas(self) -> int:
@@ -182,10 +184,11 @@ class ReplicaTask(TaskBase):
         names = list(self.modules)
         bases = {n: m.base for n, m in self.modules.items()}
 
-        def stacked_values(weights: dict[str, dict[str, torch.Tensor]], batch: Any, step: int, device: torch.device):
-            def one(w: dict[str, dict[str, torch.Tensor]], b: Any):
+        def stacked_values(weights: dict[str, dict[str, torch.Tensor]], batch: Any, own: dict[str, torch.Tensor],
+                           step: int, device: torch.device):
+            def one(w: dict[str, dict[str, torch.Tensor]], b: Any, r: dict[str, torch.Tensor]):
                 models = {n: _ReplicaView(bases[n], w[n]) for n in names}
-                value, logs = phase.loss(PhaseContext(b, step, models, {}, device))
+                value, logs = phase.loss(PhaseContext(b, step, models, {}, device, replica=r))
                 return value, {k: torch.as_tensor(v, device=device) for k, v in logs.items()}
 
             # The fused attention kernels (flash / efficient / cuDNN) get strides under vmap they do not
@@ -193,18 +196,29 @@ class ReplicaTask(TaskBase):
             # 2.11). The math backend is plain matmuls and softmax, which vmap batches correctly; at
             # the sequence lengths of small generators it costs little.
             with sdpa_kernel([SDPBackend.MATH]):
-                return vmap(one, randomness="different")(weights, batch)
+                return vmap(one, randomness="different")(weights, batch, own)
 
         # train.compile: the vmapped loss is what runs (StackedModule.forward never does), so it is what
         # the engine's compile flag compiles; elementwise work and the math-backend attention then fuse.
         run = torch.compile(stacked_values) if self.configs[0].train.compile else stacked_values
 
         def loss(ctx: PhaseContext):
-            values, logs = run({n: ctx.models[n].stacked() for n in names}, ctx.batch, ctx.step, ctx.device)
+            own = self._replica_tensors(ctx.device)
+            values, logs = run({n: ctx.models[n].stacked() for n in names}, ctx.batch, own, ctx.step, ctx.device)
             per_replica = {f"loss_r{k}": values[k].detach() for k in range(self.replicas)}
             return values.sum(), {**{k: v.mean() for k, v in logs.items()}, **per_replica}
 
         return loss
+
+    def _replica_tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every task's `replica_tensors` stacked to (K, ...), built once per device (no copy per step)."""
+        if device not in self._own:
+            per_task = [t.replica_tensors(device) if hasattr(t, "replica_tensors") else {} for t in self.tasks]
+            keys = set(per_task[0])
+            if any(set(p) != keys for p in per_task):
+                raise ValueError("replicas' tasks return different replica_tensors keys")
+            self._own[device] = {k: torch.stack([p[k] for p in per_task]) for k in sorted(keys)}
+        return self._own[device]
 
     # -- run folders of the replicas --------------------------------------------------------------------
 

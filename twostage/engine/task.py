@@ -79,6 +79,10 @@ class PhaseContext:
     models: Mapping[str, nn.Module]  # trained ones DDP-wrapped (if distributed), others frozen
     scratch: dict[str, Any]  # per micro-batch, shared by the phases of one step
     device: torch.device
+    # Inside stacked replicas (twostage/engine/replicas.py): this replica's slice of every task's
+    # `replica_tensors`, the state of its own data the loss reads (e.g. its cache's latent statistics).
+    # Empty in a plain run, where the loss reads its task's own state.
+    replica: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Task(Protocol):
@@ -131,6 +135,12 @@ class TaskBase:
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+    def replica_tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Tensors of this task's own data that its loss reads (the same keys and shapes in every replica
+        of one kind and config); stacked replicas pass each replica its own as `PhaseContext.replica`,
+        so replicas may train on different caches. Default: none."""
+        return {}
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -74,10 +74,11 @@ def train_replicas(cfg: Any, caches: Sequence[str | Path], outs: Sequence[str | 
     pack = Path(pack)
     _check_replicas(caches, outs, seeds, val_caches, pack)
     kind = registry.generator_kind(cfg.kind)
-    if kind.replicas_share_cache and len({Path(c).resolve() for c in caches}) > 1:
-        raise ConfigError(f"replicas of a {cfg.kind} generator must read one cache (they differ in --seeds only): "
-                          "its loss normalizes with its own cache's statistics, which one stacked loss cannot do "
-                          "per replica; train runs on other caches separately or as their own replica group")
+    if kind.replicas_share_cache(cfg) and len({Path(c).resolve() for c in caches}) > 1:
+        raise ConfigError(f"replicas of this {cfg.kind} generator must read one cache (they differ in --seeds only): "
+                          f"with {kind.replicas_share_cache_if}=true its loss uses a network of its own cache's "
+                          "tokenizer, which one stacked loss cannot do per replica; train runs on other caches "
+                          "separately or as their own replica group")
     build = kind.task_fn()
     configs = replica_configs(cfg, seeds)
     tasks, datasets = [], []

@@ -25,7 +25,7 @@ def pack_key(gen: ResolvedGenerator) -> str:
     cols = tok.config.study_columns()
     shape = {"kind": tok.kind, "tokens": tok.tokens_per_image, "codebook_size": cols.get("codebook_size"),
              "latent_channels": cols.get("latent_channels"), "data": configlib.to_dict(tok.config.data)}
-    if registry.generator_kind(gen.kind).replicas_share_cache:  # seeds of one tokenizer run only
+    if registry.generator_kind(gen.kind).replicas_share_cache(gen.config):  # seeds of one tokenizer run only
         shape["tokenizer_run"] = tokenizer_id(tok)
     return configlib.config_hash({"generator": config_without(gen.config, "seed"), "preset": gen.preset,
                                   "cache_shape": shape})

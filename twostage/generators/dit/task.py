@@ -173,8 +173,18 @@ class DiTTask(TaskBase):
             self._stats[device] = self.space.stats(device, self.cfg.flow.normalize_latents)
         return self._stats[device]
 
-    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, std = self._device_stats(latents.device)
+    def replica_tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The cache's latent statistics: stacked replicas on several caches each normalize with their own."""
+        mean, std = self._device_stats(device)
+        return {"latent_mean": mean, "latent_std": std}
+
+    def normalize(self, latents: torch.Tensor, replica: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(latents - mean) / std with this cache's statistics, or with `replica`'s (a stacked replica's own
+        cache, PhaseContext.replica) when given."""
+        if replica:
+            mean, std = replica["latent_mean"], replica["latent_std"]
+        else:
+            mean, std = self._device_stats(latents.device)
         return (latents.float() - mean) / std
 
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -194,7 +204,7 @@ class DiTTask(TaskBase):
     def flow_loss(self, ctx: PhaseContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         latents, labels = ctx.batch
         latents = latents.to(ctx.device, non_blocking=True)
-        x1 = self.normalize(latents)
+        x1 = self.normalize(latents, ctx.replica)
         labels = labels.to(ctx.device, non_blocking=True).long()
         n = x1.shape[0]
         if self.cfg.label_dropout > 0:  # classifier-free guidance: learn the unconditional model on the null class
