@@ -123,3 +123,25 @@ def test_fd_infinity_subset_fds_equal_frechet_distance_of_the_subsets():
         for size, fd in zip(r.sizes, r.fds):
             s = feature_stats(x[draws.choice(n, size, replace=False)])
             assert fd == pytest.approx(frechet_distance(s.mu, s.sigma, ref_mu, ref_sigma), rel=1e-7)
+
+
+def test_torch_path_gives_the_numpy_values(monkeypatch):
+    """On a CUDA device the estimators compute with torch tensors (the same code as for numpy arrays):
+    forced onto torch on the CPU here, KID, FD_inf and the bootstrap give the numpy path's values."""
+    import torch
+
+    from twostage.metrics import unbiased
+
+    rng = np.random.default_rng(0)
+    x, ref = rng.normal(size=(300, 16)), rng.normal(0.2, 1.1, size=(400, 16))
+    ref_mu, ref_sigma = ref.mean(0), np.cov(ref, rowvar=False)
+    small = rng.normal(size=(12, 16))  # N <= D: the Gram-matrix branch of the resampled FD
+    results = {}
+    for path in ("numpy", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(unbiased, "_f64", lambda a, device: torch.as_tensor(np.asarray(a, np.float64)))
+        results[path] = (unbiased.kid(x, ref, num_subsets=5, subset_size=100, seed=1).mean,
+                         unbiased.fd_infinity(x, ref_mu, ref_sigma, seed=2).fd_inf,
+                         unbiased.bootstrap_fd(x, ref_mu, ref_sigma, num_resamples=5, seed=3).std,
+                         unbiased.bootstrap_fd(small, ref_mu, ref_sigma, num_resamples=5, seed=3).std)
+    np.testing.assert_allclose(results["torch"], results["numpy"], rtol=1e-9)

@@ -237,7 +237,7 @@ def generation_metrics(
 
         log.info("FD bootstrap interval: %d resamples of %d samples", bootstrap_resamples, n)
         boot = bootstrap_fd(pool, ref.pool.mu, ref.pool.sigma, num_resamples=bootstrap_resamples,
-                            confidence=confidence, seed=seed, ref_sigma_sqrt=ref_sqrt)
+                            confidence=confidence, seed=seed, ref_sigma_sqrt=ref_sqrt, device=device)
         low, high = boot.centered
         out[fd_name + "_low"], out[fd_name + "_high"] = max(low, 0.0), high  # FD >= 0
         notes["fd_bootstrap"] = {"num_resamples": bootstrap_resamples, "confidence": confidence, "seed": seed,
@@ -272,7 +272,7 @@ def generation_metrics(
         else:
             log.info("FD_inf: FD of subsets of %d..%d samples", int(np.ceil(frac * n)), n)
             r = fd_infinity(pool, ref.pool.mu, ref.pool.sigma, num_sizes=fdinf_num_sizes, min_fraction=frac,
-                            confidence=confidence, seed=seed, ref_sigma_sqrt=ref_sqrt)
+                            confidence=confidence, seed=seed, ref_sigma_sqrt=ref_sqrt, device=device)
             name = metric_name("fdinf", network)
             out[name], out[name + "_stderr"] = r.fd_inf, r.stderr
             notes["fd_infinity"] = {"sizes": list(r.sizes), "min_fraction": frac, "num_sizes": fdinf_num_sizes,
@@ -294,7 +294,8 @@ def generation_metrics(
             from twostage.metrics.unbiased import kid
 
             log.info("KID: %d subsets of %d samples", kid_subsets, min(kid_subset_size, n, len(ref.pr_features)))
-            k = kid(pool, ref.pr_features, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
+            k = kid(pool, ref.pr_features, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed,
+                    device=device)
             name = metric_name("kid", network)
             out[name], out[name + "_stderr"] = k.mean, k.stderr
             notes["kid"] = {"num_subsets": k.num_subsets, "subset_size": k.subset_size, "seed": seed,

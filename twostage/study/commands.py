@@ -33,6 +33,8 @@ DEMO_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from twostage.cli import OUT_FILE
+
     top = subparsers.add_parser("study", help="run a compression-generation trade-off study; report on it",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = top.add_subparsers(dest="study_command", metavar="ACTION", required=True)
@@ -70,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("original", type=Path, help="study folder with a report (twostage study report)")
     c.add_argument("rerun", type=Path, help="the re-run's study folder with a report")
     c.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
-    c.set_defaults(func=cmd_replication)
+    c.set_defaults(func=cmd_replication, out_kind=OUT_FILE)
 
     v = sub.add_parser("link-run", help="a pretrained tokenizer run's view in a study folder (the study's first "
                                         "stage for a `run:` entry; twostage/study/pretrained.py)")
