@@ -1,5 +1,6 @@
-"""SIGTERM / SIGUSR1 during training (twostage/engine/trainer.py): the run finishes its step, checkpoints it
-without the side work, exits with 128 + the signal number, and the same command resumes it exactly.
+"""SIGTERM / SIGUSR1 during training (twostage/engine/preemption.py, trainer.py): the run finishes its
+step, checkpoints it without the side work, exits with 128 + the signal number, and the same command
+resumes it exactly.
 
 The signal is real (os.kill of this process while a step is computed), so the handlers are the trainer's; a
 test handler stands in for the caller's, fails the test if a signal reaches it and must be back afterwards.
@@ -26,7 +27,7 @@ from test_engine import _free_port  # noqa: E402
 from test_faults_support import assert_bit_identical, final_checkpoint, token_cache  # noqa: E402
 from test_replicas import TRAIN as REPLICA_TRAIN  # noqa: E402
 
-from twostage.engine import trainer  # noqa: E402
+from twostage.engine import preemption, trainer  # noqa: E402
 from twostage.study.runner import StageError, invoke  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def outer_handler():
     def outer(signum, frame):
         raise AssertionError(f"{signal.Signals(signum).name} reached the caller's handler, not the trainer's")
 
-    previous = {s: signal.signal(s, outer) for s in trainer.STOP_SIGNALS}
+    previous = {s: signal.signal(s, outer) for s in preemption.STOP_SIGNALS}
     yield outer
     for s, handler in previous.items():
         signal.signal(s, handler)
@@ -97,7 +98,7 @@ def test_handlers_are_set_for_training_only(tmp_path, monkeypatch, outer_handler
                         lambda self, step, run_dir, models: during.append(signal.getsignal(signal.SIGTERM)))
     toy_task.run(str(tmp_path / "a"), 3, ckpt_every=3)
     assert len(during) == 1 and during[0] is not outer_handler
-    assert all(signal.getsignal(s) is outer_handler for s in trainer.STOP_SIGNALS)
+    assert all(signal.getsignal(s) is outer_handler for s in preemption.STOP_SIGNALS)
     # Outside the main thread Python sets no signal handlers: the run trains without them.
     errors: list[BaseException] = []
 

@@ -9,20 +9,8 @@ host sync in steady state). Resume is automatic and exact: when `run_dir/checkpo
 checkpoint, modules, EMA, optimizers, schedulers, RNG states, the data position and the task's own
 state are restored and the run continues as if it had never stopped.
 
-Config changes between a run and its resumption (the saved `config.yaml` against the new config):
-
-* `RESUMABLE_CHANGES` (train.steps, train.log_every, ...) are always accepted.
-* `resume_changes=True` (the CLIs' `--resume-with-changes`) also accepts optimizer / schedule changes:
-  every key under a section named `optim` at any depth (optim.lr, optim.ae.betas, ...; lr, betas, eps,
-  weight_decay, warmup_steps, schedule, min_lr_ratio, grad_clip, kind, fused) and `OPT_IN_CHANGES`
-  (train.precision, train.device, train.stop_on_nonfinite, and train.ema_decay from one number to
-  another). The optimizers keep their state (moments, step counts) but take every hyperparameter from
-  the new config, and each schedule is the new config's schedule evaluated at the resumed step.
-* Everything else (model, data, loss, train.seed, train.batch_size, train.grad_accum, switching EMA on
-  or off, ...) is refused: it would not be the same run any more.
-
-Accepted changes are saved to `config.yaml` and appended to `run.json` as
-`"changes": [{"step": N, "changes": {"optim.lr": [old, new], ...}}, ...]` (N: the resumed step).
+Config changes between a run and its resumption: twostage/engine/resume_changes.py (what is accepted,
+with --resume-with-changes or always, and what is refused).
 
 Nothing is written into the run folder before every check has passed: the config comparison above, then
 reading and loading the latest checkpoint. A refused resume leaves the folder byte for byte as it was (no
@@ -38,19 +26,8 @@ temporary folder), and the fix: free space and re-run, or move the run folder an
 EMA copies over the ranks with FSDP2 instead of DDP's full copies; its checkpoints add DCP shards (`dcp/`) that the
 resume reads (resharded on another world size), and rank 0 writes the consolidated weights every loader reads.
 
-SIGTERM (preemption, `timeout`, `kill`) and SIGUSR1 (SLURM's `--signal` warning before the kill) stop a run
-cleanly. The handlers, set for the loop (main thread only; the previous ones are restored after), only
-record the signal. The loop finishes the step it is in, writes a normal checkpoint at that step (unless that
-step has just written its periodic one) without `Task.on_checkpoint`'s side work (validation and previews
-take too long when a kill is coming), logs the step, closes the loader and the log, and exits with
-SystemExit(128 + the signal number), 143 for SIGTERM, as a terminated process does: a study takes it as a
-failed stage, so the job is not done and the next `study run` resumes it. A single process stops at the end
-of the current step. Under torchrun the ranks must stop together (one stopping alone would leave the others
-waiting in a collective), so the request rides on the all-reduce of the logs and every rank stops at the next
-`log_every` step: keep log_every within the grace time before the kill. SLURM and `timeout` signal the whole
-process group: torch's DataLoader workers would die of the SIGTERM and the main process then raise about them,
-so batches are fetched with the stop signals blocked; the workers (forked by a fetch) inherit the block and
-live on until the loader is closed.
+SIGTERM and SIGUSR1 stop a run at a step boundary with a checkpoint and exit 128 + the signal number
+(twostage/engine/preemption.py; under torchrun at the next `log_every` step).
 
 Every `log_every` / `ckpt_every` step the weights of the trained modules and their EMA copies are checked
 for NaN/inf (one reduction per module on the device, synced together with the logs), so no checkpoint
@@ -59,8 +36,6 @@ sample grids, ...) runs with the global RNGs forked, so it cannot shift the trai
 """
 
 from __future__ import annotations
-
-from twostage.common.errors import UserError
 
 import contextlib
 import json
@@ -79,8 +54,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from twostage import config as configlib
+from twostage.common.errors import UserError
 from twostage.engine import checkpoint as ckpt
 from twostage.engine import fsdp as fsdplib
+from twostage.engine import preemption, resume_changes
 from twostage.engine.config import TrainConfig
 from twostage.engine.distributed import World, barrier, init_world, mean_across_ranks, resolve_device
 from twostage.engine.ema import EMA
@@ -92,15 +69,7 @@ from twostage.engine.task import PhaseContext, Task
 
 log = logging.getLogger(__name__)
 
-# Keys that may change between a run and its resumption without breaking exactness.
-RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
-                     "train.progress", "train.num_workers", "train.compile", "train.data_on_device",
-                     "train.ckpt_at"}
-# Keys (besides everything under an `optim` section) accepted only with resume_changes=True: they change
-# how the run continues, but not the model, the data order or the seed.
-OPT_IN_CHANGES = {"train.precision", "train.device", "train.stop_on_nonfinite", "train.ema_decay"}
-RESUME_FLAG = "--resume-with-changes"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what stops a run with a checkpoint (module docstring)
+
 
 
 @contextlib.contextmanager
@@ -121,20 +90,6 @@ def isolated_rng(device: torch.device):
 
 class NonFiniteLossError(UserError, RuntimeError):
     """The loss or the weights became NaN/inf; the message names the step and the way back."""
-
-
-def change_kind(key: str, old: Any, new: Any) -> str:
-    """How a resumed run treats a change of the flattened config key `key`: "free" (always accepted),
-    "opt_in" (accepted with resume_changes=True) or "refused"."""
-    if key in RESUMABLE_CHANGES:
-        return "free"
-    if "optim" in key.split(".")[:-1]:
-        return "opt_in"
-    if key in OPT_IN_CHANGES:
-        if key == "train.ema_decay" and (old is None or new is None):
-            return "refused"  # turning EMA on or off changes what the checkpoints hold
-        return "opt_in"
-    return "refused"
 
 
 def seed_everything(seed: int) -> None:
@@ -246,45 +201,11 @@ class _Trainer:
         }
 
     def _check_config(self) -> None:
-        """Compare the run folder's saved config with the new one; refuse what cannot be resumed and
-        keep the accepted differences in self.changes (written to run.json once the resume worked)."""
-        saved = self.run_dir / "config.yaml"
-        if not (saved.is_file() and self.world.is_main):
-            return
-        import yaml
-
-        old = _flatten(yaml.safe_load(saved.read_text()) or {})
-        new = _flatten(self.full_config)
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        kinds = {k: change_kind(k, old.get(k), new.get(k)) for k in changed}
-        refused = [k for k in changed if kinds[k] == "refused"]
-        opt_in = [k for k in changed if kinds[k] == "opt_in"]
-
-        def shown(config: dict, key: str) -> str:  # a key a config omits is a field at its default (`added`)
-            return repr(config[key]) if key in config else "(default)"
-
-        def details(keys: list[str]) -> str:
-            text = ", ".join(f"{k}: {shown(old, k)} -> {shown(new, k)}" for k in keys[:8])
-            return text + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-
-        if refused:
-            others = [k for k in changed if k not in refused]
-            also = f"; also changed: {details(others)}" if others else ""
-            raise configlib.ConfigError(
-                f"{self.run_dir} holds a run with a different config ({details(refused)}{also}). "
-                f"{'This setting changes' if len(refused) == 1 else 'These settings change'} the model, the data, "
-                f"the seed or what a checkpoint holds, so the run cannot continue with "
-                f"{'it' if len(refused) == 1 else 'them'}: resume with the same config, or train into a new --out "
-                "folder."
-            )
-        if opt_in and not self.resume_changes:
-            raise configlib.ConfigError(
-                f"{self.run_dir} holds a run with a different config ({details(changed)}). Only optimizer / "
-                f"schedule settings changed: re-run with {RESUME_FLAG} (resume_changes=True in Python) to continue "
-                "this run from its latest checkpoint with them (recorded in run.json), or resume with the same "
-                "config, or train into a new --out folder."
-            )
-        self.changes = {k: [old.get(k), new.get(k)] for k in changed}
+        """Compare the run folder's saved config with the new one (resume_changes.check_changes); refuse
+        what cannot be resumed and keep the accepted differences in self.changes (written to run.json
+        once the resume worked)."""
+        if self.world.is_main:
+            self.changes = resume_changes.check_changes(self.run_dir, self.full_config, self.resume_changes)
 
     def _write_run_files(self) -> None:
         """config.yaml (the config being run), run.json (environment + history of accepted changes)."""
@@ -299,7 +220,7 @@ class _Trainer:
                 **run_environment(self.device), "world_size": self.world.size, "parallel": self.cfg.parallel,
                 "precision": "bf16" if self.autocast_dtype else "fp32", "parameters": params,
             }
-            history = _read_changes(self.run_dir / "run.json")
+            history = resume_changes.read_changes(self.run_dir / "run.json")
             if self.changes:
                 history.append({"step": self.step, "changes": self.changes})
                 log.info("resumed at step %d with config changes: %s", self.step,
@@ -431,9 +352,9 @@ class _Trainer:
                     raise ckpt.CheckpointError(f"{path} has no EMA weights but train.ema_decay is set")
                 ckpt.load_module_tensors(self.ema.modules, {k: v.to(self.device) for k, v in ema.items()})
             for name, opt in self.optimizers.items():
-                opt.load_state_dict(_with_hyperparameters(state["optimizers"][name], opt))
+                opt.load_state_dict(resume_changes.with_hyperparameters(state["optimizers"][name], opt))
         for name, sched in self.schedulers.items():
-            _load_schedule(sched, state["schedulers"][name])
+            resume_changes.load_schedule(sched, state["schedulers"][name])
         if state["world_size"] != self.world.size:
             if self.fsdp:
                 # DCP reshards weights and optimizer state; the loader position (batches of the epoch)
@@ -482,15 +403,7 @@ class _Trainer:
         return batch
 
     def _next_batch(self) -> Any:
-        """The next micro-batch, fetched with STOP_SIGNALS blocked: the loader's workers, forked by a fetch,
-        inherit the mask, so a signal to the whole process group stays pending in them instead of killing
-        them (and making torch raise here before the checkpoint); this process gets it when the fetch ends."""
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            batch = next(self.loader)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        return self._to_device(batch)
+        return self._to_device(preemption.fetch_shielded(self.loader))
 
     def _run_phase(self, phase, micro_batches, scratches, sums, counts, first_bad) -> torch.Tensor:
         trained = {m for opt in phase.optimizers for m in self.specs[opt].modules}
@@ -602,14 +515,15 @@ class _Trainer:
                           "weights), so that the run resumes from it")
         else:
             where = "no checkpoint with finite weights was written before it"
-        flat = _flatten(self.full_config)
+        flat = resume_changes.flatten(self.full_config)
         lr_keys = [k for k in flat if k.split(".")[-1] == "lr" and "optim" in k.split(".")[:-1]]
         lower = (f"lower the learning rate ({', '.join(f'{k}={flat[k]!r}' for k in lr_keys[:4])})" if lr_keys
                  else "lower the learning rate")
         then = (f"it resumes from {good.name} with the new optimizer settings" if good is not None
                 else "the run starts over in this folder (or train into a new --out folder)")
+        flag = resume_changes.RESUME_FLAG
         return (f"{what}; training stopped at step {self.step} without saving, and {where}. To continue, {lower} "
-                f"(or raise the warmup, or set a gradient clip) and re-run the same command with {RESUME_FLAG} "
+                f"(or raise the warmup, or set a gradient clip) and re-run the same command with {flag} "
                 f"(resume_changes=True in Python): {then}.")
 
     def run(self) -> dict[str, float]:
@@ -667,24 +581,11 @@ class _Trainer:
         return (f"no space left on the device of {self.run_dir} ({reason}{writing}) at step {self.step}; {kept}. "
                 f"Free some space (or lower train.keep_checkpoints) and re-run the same command, {elsewhere}")
 
-    @contextlib.contextmanager
-    def _stop_signals(self):
-        """Record STOP_SIGNALS in self.stop_signal while the loop runs (it acts on them at a step boundary)."""
-        def record(signum, frame):
+    def _train(self) -> dict[str, float]:
+        def record(signum: int) -> None:
             self.stop_signal = signum
 
-        try:
-            previous = {s: signal.signal(s, record) for s in STOP_SIGNALS}
-        except ValueError:  # not the main thread, where Python can set no handler: run without
-            previous = {}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():  # None: a handler not set from Python, which cannot be restored
-                signal.signal(s, signal.SIG_DFL if handler is None else handler)
-
-    def _train(self) -> dict[str, float]:
-        with self._stop_signals():
+        with preemption.stop_signals(record):
             return self._loop()
 
     def _loop(self) -> dict[str, float]:
@@ -805,50 +706,3 @@ def _abs_sums(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         except (RuntimeError, TypeError):  # no foreach support for these tensors: per tensor below
             pass
     return [torch.linalg.vector_norm(t, ord=1) for t in tensors]
-
-
-def _with_hyperparameters(saved: dict[str, Any], opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """A saved optimizer state whose param groups take every hyperparameter (lr, betas, eps, weight decay,
-    flags) from `opt`, the optimizer built from the config being run; the per-parameter state (moments,
-    step counts) is the saved one. For an unchanged config the two agree."""
-    fresh = opt.state_dict()["param_groups"]
-    if len(saved["param_groups"]) != len(fresh):
-        raise ckpt.CheckpointError(
-            f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter groups, the new one "
-            f"{len(fresh)}: the trained modules changed, so this run cannot be resumed"
-        )
-    groups = [{**old, **{k: v for k, v in new.items() if k not in ("params", "param_names")}}
-              for old, new in zip(saved["param_groups"], fresh)]
-    return {**saved, "param_groups": groups}
-
-
-def _load_schedule(sched: torch.optim.lr_scheduler.LambdaLR, saved: dict[str, Any]) -> None:
-    """Restore a schedule's position (last_epoch) but keep the base learning rates and the lambdas of the
-    config being run, and set each group's lr to that schedule at the restored position."""
-    base_lrs = list(sched.base_lrs)
-    sched.load_state_dict(saved)
-    sched.base_lrs = base_lrs
-    lrs = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, base_lrs)]
-    for group, lr in zip(sched.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    sched._last_lr = list(lrs)
-
-
-def _read_changes(path: Path) -> list[dict[str, Any]]:
-    """The list of config changes a run.json already records (empty when there is none)."""
-    try:
-        changes = json.loads(path.read_text()).get("changes", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    return changes if isinstance(changes, list) else []
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out

@@ -197,8 +197,9 @@ def _verdict_lines(original: Path, rerun: Path, rows: list[Replication]) -> list
              f"tokenizer {sb.get('tokenizer')}, generator {sb.get('generator')}."]
     shared = {k: sorted(set(sa.get(k, [])) & set(sb.get(k, []))) for k in ("tokenizer", "generator")}
     if any(shared.values()):
-        lines.append("The re-run shares seeds with the original (" + ", ".join(f"{k} {v}" for k, v in shared.items() if v)
-                     + "): an independent check of the verdicts uses other seeds.")
+        common = ", ".join(f"{k} {v}" for k, v in shared.items() if v)
+        lines.append(f"The re-run shares seeds with the original ({common}): an independent check of the verdicts "
+                     "uses other seeds.")
     winners = [r for r in rows if r.original is not None and r.original.winner is not None]
     failed = [r for r in winners if r.failed]
     counts = {s: sum(r.status == s for r in rows) for s in
