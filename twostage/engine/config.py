@@ -18,6 +18,11 @@ class TrainConfig:
     precision: str = field(default="auto", metadata=check(choices=("auto", "bf16", "fp32")))
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
     compile: bool = False
+    # Bit-identical re-runs on one machine and software stack (twostage/engine/determinism.py): GPU kernels
+    # with atomic adds (convolution and embedding backward, scatter) otherwise make two runs of one seed
+    # differ as much as two seeds do (results/studies/README.md). Slower; an op without a deterministic
+    # kernel raises, naming itself. Studies leave it off: their seeds sample that spread on purpose.
+    deterministic: bool = field(default=False, metadata=check(added=True))
     # Data parallelism under torchrun: ddp (every rank holds the whole model, optimizer and EMA) or fsdp
     # (FSDP2: weights, gradients, optimizer state and EMA sharded over the ranks, checkpoints written
     # with torch.distributed.checkpoint plus consolidated safetensors; twostage/engine/fsdp.py). fsdp

@@ -57,7 +57,7 @@ from twostage import config as configlib
 from twostage.common.errors import UserError
 from twostage.engine import checkpoint as ckpt
 from twostage.engine import fsdp as fsdplib
-from twostage.engine import preemption, resume_changes
+from twostage.engine import determinism, preemption, resume_changes
 from twostage.engine.config import TrainConfig
 from twostage.engine.distributed import World, barrier, init_world, mean_across_ranks, resolve_device
 from twostage.engine.ema import EMA
@@ -585,7 +585,7 @@ class _Trainer:
         def record(signum: int) -> None:
             self.stop_signal = signum
 
-        with preemption.stop_signals(record):
+        with preemption.stop_signals(record), determinism.deterministic(self.cfg.deterministic):
             return self._loop()
 
     def _loop(self) -> dict[str, float]:

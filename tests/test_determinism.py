@@ -1,0 +1,69 @@
+"""train.deterministic (twostage/engine/determinism.py): deterministic kernels inside the training loop
+only, the process's own settings before and after; a changed flag resumes (it does not change the run)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from toy_task import ToyImages, ToyTask  # noqa: E402
+
+from twostage.engine.config import TrainConfig  # noqa: E402
+from twostage.engine.resume_changes import change_kind  # noqa: E402
+from twostage.engine.trainer import seed_everything, train  # noqa: E402
+
+
+class RecordingTask(ToyTask):
+    """Records, at every step, whether deterministic algorithms were on and cuDNN autotuning off."""
+
+    def __init__(self):
+        super().__init__(critic=False)
+        self.seen: list[tuple[bool, bool, str | None]] = []
+
+    def main_loss(self, ctx):
+        self.seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                          os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return super().main_loss(ctx)
+
+
+def _train(tmp_path: Path, name: str, deterministic: bool, steps: int = 3) -> RecordingTask:
+    seed_everything(0)
+    task = RecordingTask()
+    cfg = TrainConfig(steps=steps, batch_size=8, log_every=3, ckpt_every=3, num_workers=0, progress=False,
+                      device="cpu", deterministic=deterministic)
+    train(task, cfg, ToyImages(), tmp_path / name)
+    return task
+
+
+def test_deterministic_kernels_only_inside_the_loop(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.benchmark = True
+    try:
+        on = _train(tmp_path, "on", True)
+        assert on.seen and all(s == (True, False, ":4096:8") for s in on.seen)
+        # back to what the process had
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        off = _train(tmp_path, "off", False)
+        assert all(s == (False, True, None) for s in off.seen)
+    finally:
+        torch.use_deterministic_algorithms(before)
+        torch.backends.cudnn.benchmark = False
+
+
+def test_two_deterministic_runs_are_bit_identical_and_the_flag_resumes(tmp_path):
+    from twostage.engine.run_files import load_run_weights
+
+    _train(tmp_path, "a", True), _train(tmp_path, "b", True)
+    wa, wb = (load_run_weights(tmp_path / n, "net", weights="raw").state for n in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert change_kind("train.deterministic", False, True) == "free"
+    _train(tmp_path, "a", False, steps=6)  # resumed from step 3 with the flag off
+    assert load_run_weights(tmp_path / "a", "net", weights="raw").step == 6
