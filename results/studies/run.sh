@@ -35,13 +35,7 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor}
 mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
 [ -f .carry/inductor.tgz ] && tar -C "$TORCHINDUCTOR_CACHE_DIR" -xzf .carry/inductor.tgz && echo "inductor cache from .carry"
 if [ "${MPS:-0}" = 1 ]; then
-  if command -v nvidia-cuda-mps-control >/dev/null; then
-    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-    nvidia-cuda-mps-control -d && echo "MPS daemon started" && trap 'echo quit | nvidia-cuda-mps-control' EXIT
-  else
-    echo "MPS=1 but nvidia-cuda-mps-control is not installed: jobs share the GPU in time slices"
-  fi
+  source results/studies/mps.sh && mps_start && trap mps_stop EXIT
 fi
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
   $PY -c "import torch, platform; print('torch', torch.__version__, 'python', platform.python_version())"
