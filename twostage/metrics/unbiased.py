@@ -45,6 +45,11 @@ def _eigvalsh(m):
     return torch.linalg.eigvalsh(m) if isinstance(m, torch.Tensor) else np.linalg.eigvalsh(m)
 
 
+def _rows(a, index: np.ndarray):
+    """a[index] for a numpy array or a tensor (the index moved to the tensor's device first)."""
+    return a[torch.as_tensor(index, device=a.device)] if isinstance(a, torch.Tensor) else a[index]
+
+
 def _check_reference(mu: np.ndarray, ref_mu, ref_sigma) -> tuple[np.ndarray, np.ndarray]:
     ref_mu, ref_sigma = np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64)
     if ref_mu.shape != mu.shape or ref_sigma.shape != (mu.size, mu.size):
@@ -168,7 +173,7 @@ def kid(features, ref_features, *, num_subsets: int = 100, subset_size: int = 10
     rng = np.random.default_rng(seed)
     draws = [(rng.choice(len(x), m, replace=False), rng.choice(len(y), m, replace=False)) for _ in range(num_subsets)]
     xd, yd = _f64(x, device), _f64(y, device)
-    values = np.array([_mmd2_unbiased(xd[i], yd[j]) for i, j in draws])
+    values = np.array([_mmd2_unbiased(_rows(xd, i), _rows(yd, j)) for i, j in draws])
     std = float(values.std(ddof=1)) if num_subsets > 1 else 0.0
     return KID(float(values.mean()), std, std / float(np.sqrt(num_subsets)), num_subsets, m)
 
@@ -225,15 +230,15 @@ class _FixedReferenceFD:
         keep = np.flatnonzero(counts > 0)
         c = _f64(counts[keep], self.device)
         n = float(counts.sum())  # N for a bootstrap resample, the subset size for a subset
-        d = c @ self.xc[keep] / n
-        tr_s = (c @ self.sq[keep] - n * d @ d) / (n - 1)  # sum_i c_i |xc_i - d|^2 / (N-1)
+        d = c @ _rows(self.xc, keep) / n
+        tr_s = (c @ _rows(self.sq, keep) - n * d @ d) / (n - 1)  # sum_i c_i |xc_i - d|^2 / (N-1)
         w = (c / (n - 1)) ** 0.5
         if self.y is None:  # N <= D: the Gram matrix (xc_i - d) ref_sigma (xc_j - d)^T from P
-            pk = self.p[keep][:, keep]
+            pk = _rows(_rows(self.p, keep).T, keep).T  # P[keep][:, keep] (P is symmetric)
             q = pk @ c / n  # xc_i ref_sigma d^T
             gram = (pk - q[:, None] - q[None, :] + (c @ q) / n) * (w[:, None] * w[None, :])
         else:
-            yk = self.y[keep]
+            yk = _rows(self.y, keep)
             z = (yk - c @ yk / n) * w[:, None]
             gram = z @ z.T if z.shape[0] < z.shape[1] else z.T @ z
         tr_cross = float((_eigvalsh(gram).clip(0.0, None) ** 0.5).sum())
