@@ -57,7 +57,7 @@ import torch
 from twostage import config as configlib
 from twostage.convert import ConversionError
 from twostage.convert.run_folder import Converted
-from twostage.convert.source import gather_state, listing, read_state_dict, split_fused_qkv
+from twostage.convert.source import channel_mult, gather_state, listing, read_state_dict, split_fused_qkv
 from twostage.tokenizers.base import MODULE
 from twostage.tokenizers.kl.config import KLRunConfig
 from twostage.tokenizers.kl.model import KLModel
@@ -197,12 +197,7 @@ def architecture(state: dict[str, torch.Tensor], src: Path, what: str) -> dict:
     encoder = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
     decoder = [state[f"decoder.up.{i}.block.0.conv1.weight"].shape[0]
                for i in range(_count(state, "decoder.up.{}.block.0.conv1.weight"))]
-    if any(w % base for w in encoder + decoder):
-        raise ConversionError(f"{src}: level widths {encoder} (encoder) / {decoder} (decoder) are not all "
-                              f"multiples of the base width {base}")
-    if encoder != decoder:
-        raise ConversionError(f"{src}: the encoder's channel multipliers {[w // base for w in encoder]} differ from "
-                              f"the decoder's {[w // base for w in decoder]}; twostage's kl model has one channel_mult")
+    mult = channel_mult(encoder, decoder, base, src, "kl")
     attn = {side: [i for i in range(levels) if f"{side}.{group}.{i}.attn.0.q.weight" in state]
             for side, group in (("encoder", "down"), ("decoder", "up"))}
     mid = {side: f"{side}.mid.attn_1.q.weight" in state for side in ("encoder", "decoder")}
@@ -220,7 +215,7 @@ def architecture(state: dict[str, torch.Tensor], src: Path, what: str) -> dict:
     model = {
         "spec": f"f{2 ** (levels - 1)}d{d}", "in_channels": in_channels,
         "out_channels": state["decoder.conv_out.weight"].shape[0], "base_channels": base,
-        "channel_mult": [w // base for w in encoder],
+        "channel_mult": mult,
         "enc_res_blocks": _count(state, "encoder.down.0.block.{}.conv1.weight"),
         "dec_res_blocks": _count(state, "decoder.up.0.block.{}.conv1.weight"),
         "norm_groups": LDM_NORM_GROUPS, "attn_heads": 1, "mid_attn": mid["encoder"], "dropout": 0.0,

@@ -41,7 +41,7 @@ import torch
 from twostage import config as configlib
 from twostage.convert import ConversionError
 from twostage.convert.run_folder import Converted
-from twostage.convert.source import gather_state, listing, read_state_dict, split_fused_qkv
+from twostage.convert.source import channel_mult, gather_state, listing, read_state_dict, split_fused_qkv
 from twostage.tokenizers.base import MODULE
 from twostage.tokenizers.vq.config import VQRunConfig
 from twostage.tokenizers.vq.model import VQModel
@@ -104,16 +104,11 @@ def architecture(state: dict[str, torch.Tensor], src: Path) -> dict:
         side = "encoder" if not encoder else "decoder"
         raise ConversionError(f"{src} is not a LlamaGen VQ tokenizer state dict: it has no "
                               f"{side}.conv_blocks.0.res.0.conv1.weight")
-    if any(w % base for w in encoder + decoder):
-        raise ConversionError(f"{src}: level widths {encoder} (encoder) / {decoder} (decoder) are not all multiples "
-                              f"of the base width {base}")
-    if encoder != decoder:
-        raise ConversionError(f"{src}: the encoder's channel multipliers {[w // base for w in encoder]} differ from "
-                              f"the decoder's {[w // base for w in decoder]}; twostage's vq model has one channel_mult")
+    mult = channel_mult(encoder, decoder, base, src, "vq")
     codebook = state["quantize.embedding.weight"]
     return {
         "in_channels": in_channels, "out_channels": state["decoder.conv_out.weight"].shape[0],
-        "base_channels": base, "channel_mult": [w // base for w in encoder],
+        "base_channels": base, "channel_mult": mult,
         "enc_res_blocks": _res_blocks(state, "encoder"), "dec_res_blocks": _res_blocks(state, "decoder"),
         "z_channels": state["encoder.conv_out.weight"].shape[0], "norm_groups": 32, "attn_heads": 1,
         "mid_attn": True, "dropout": 0.0, "codebook_size": codebook.shape[0], "code_dim": codebook.shape[1],

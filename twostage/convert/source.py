@@ -67,6 +67,20 @@ def listing(keys: Sequence[str], n: int = 4) -> str:
     return f"{shown} and {len(keys) - n} more" if len(keys) > n else shown
 
 
+def channel_mult(encoder: Sequence[int], decoder: Sequence[int], base: int, src: Path, kind: str) -> list[int]:
+    """The one channel multiplier list of twostage's conv autoencoders (`kind` model) from a peer's level
+    widths, encoder and decoder in the same order; a ConversionError when they are not multiples of the
+    base width or differ between the two sides."""
+    if any(w % base for w in [*encoder, *decoder]):
+        raise ConversionError(f"{src}: level widths {list(encoder)} (encoder) / {list(decoder)} (decoder) are not all "
+                              f"multiples of the base width {base}")
+    if list(encoder) != list(decoder):
+        raise ConversionError(f"{src}: the encoder's channel multipliers {[w // base for w in encoder]} differ from "
+                              f"the decoder's {[w // base for w in decoder]}; twostage's {kind} model has one "
+                              "channel_mult")
+    return [w // base for w in encoder]
+
+
 def gather_state(ours: dict[str, torch.Tensor], sources: dict[str, list[str]], state: dict[str, torch.Tensor],
                  src: Path, what: str, ignored: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """Our state dict from the peer's: `sources[key]` names the peer tensors that make our `key` (several
