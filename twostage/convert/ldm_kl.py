@@ -141,12 +141,8 @@ def ldm_name(key: str, levels: int) -> str:
 
 def ldm_state(state: dict[str, torch.Tensor], src: Path) -> dict[str, torch.Tensor]:
     """A diffusers AutoencoderKL state dict renamed to the LDM layout."""
-    missing = [k for k in DIFFUSERS_ANCHORS if k not in state]
-    if missing:
-        hint = (" It has the original LDM layout (encoder.down.0.block...): use `twostage convert ldm-kl`."
-                if all(k in state for k in LDM_ANCHORS) else "")
-        raise ConversionError(f"{src} does not hold diffusers AutoencoderKL weights: it has no {listing(missing)} "
-                              f"({_found(state)}).{hint}")
+    _require_layout(state, src, "diffusers AutoencoderKL", DIFFUSERS_ANCHORS, LDM_ANCHORS,
+                    "the original LDM layout (encoder.down.0.block...): use `twostage convert ldm-kl`")
     levels = _count(state, "decoder.up_blocks.{}.resnets.0.conv1.weight")
     out = {}
     for key, value in state.items():
@@ -162,6 +158,17 @@ def ldm_state(state: dict[str, torch.Tensor], src: Path) -> dict[str, torch.Tens
 
 def _found(state: dict[str, torch.Tensor]) -> str:
     return f"{len(state)} tensor{'' if len(state) == 1 else 's'}, e.g. {listing(sorted(state), 3) or 'none'}"
+
+
+def _require_layout(state: dict[str, torch.Tensor], src: Path, what: str, anchors: Sequence[str],
+                    other: Sequence[str], other_layout: str) -> None:
+    """A ConversionError unless `state` has every key of `anchors`; it points to the other converter when
+    the keys are those of the `other` layout."""
+    missing = [k for k in anchors if k not in state]
+    if missing:
+        hint = f" It has {other_layout}." if all(k in state for k in other) else ""
+        raise ConversionError(f"{src} does not hold {what} weights: it has no {listing(missing)} "
+                              f"({_found(state)}).{hint}")
 
 
 def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
@@ -186,12 +193,8 @@ def select(state: dict[str, torch.Tensor], drop: Sequence[str]) -> tuple[dict[st
 
 def architecture(state: dict[str, torch.Tensor], src: Path, what: str) -> dict:
     """The `model` section (KLModelConfig fields) of the LDM-layout autoencoder whose weights `state` holds."""
-    missing = [k for k in LDM_ANCHORS if k not in state]
-    if missing:
-        hint = (" It has diffusers' layout (encoder.down_blocks...): use `twostage convert diffusers-kl`."
-                if all(k in state for k in DIFFUSERS_ANCHORS) else "")
-        raise ConversionError(f"{src} does not hold {what} weights: it has no {listing(missing)} "
-                              f"({_found(state)}).{hint}")
+    _require_layout(state, src, what, LDM_ANCHORS, DIFFUSERS_ANCHORS,
+                    "diffusers' layout (encoder.down_blocks...): use `twostage convert diffusers-kl`")
     base, in_channels = state["encoder.conv_in.weight"].shape[:2]
     levels = _count(state, "encoder.down.{}.block.0.conv1.weight")
     encoder = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
