@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from twostage.common.atomic import write_text_atomic
 from twostage.common.errors import UserError
 
 T = TypeVar("T")
@@ -360,7 +361,8 @@ def load(cls: type[T], source: str | Path | dict | None = None, overrides: list[
 
 
 def save(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    """The config as YAML, written atomically (complete or not at all; the old file stays on a failure)."""
+    write_text_atomic(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
 def config_hash(obj: Any) -> str:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import zipfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -37,6 +35,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from twostage.common.atomic import atomic_write
 from twostage.data import emoji_bundle
 from twostage.data.datasets import ArrayDataset
 from twostage.data.emoji_fetch import SOURCES, LocatedSource, locate_all, require
@@ -261,10 +260,8 @@ def _write_cache(path: Path, built: dict) -> bool:
         for old in path.parent.glob(f"decoded-{path.name.split('-')[1]}-*.npz"):
             if old != path:
                 old.unlink(missing_ok=True)  # a stale build of the same size
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.part", delete=False) as fh:
+        with atomic_write(path, "wb") as fh:  # created with the umask's permissions: the cache may be shared
             np.savez(fh, provenance=np.array(json.dumps(built["provenance"])), **built["arrays"])
-        os.chmod(fh.name, 0o644)  # NamedTemporaryFile creates 0600; the cache may be shared
-        os.replace(fh.name, path)
         return True
     except OSError as err:  # a read-only cache only costs a rebuild next time
         log.warning("could not write the decoded emoji cache %s (%s); continuing without it", path, err)

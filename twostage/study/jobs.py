@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from twostage import config as configlib
+from twostage.common.atomic import write_text_atomic
 from twostage.study.spec import ResolvedGenerator, ResolvedTokenizer, StudySpec
 
 
@@ -74,9 +74,7 @@ def write_marker(job: Job, stage: Stage, root: Path, wall_s: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"job": job.id, "stage": stage.name, "argv": stage.argv, "fingerprint": fingerprint(stage.argv, root),
               "wall_s": wall_s, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)  # a marker exists complete or not at all
+    write_text_atomic(path, json.dumps(record, indent=2))  # a marker exists complete or not at all
 
 
 def clear_markers_after(job: Job, stage: Stage) -> None:

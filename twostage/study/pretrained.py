@@ -24,6 +24,7 @@ from pathlib import Path
 
 from twostage import config as configlib
 from twostage import registry
+from twostage.common.atomic import write_text_atomic
 from twostage.config import ConfigError
 
 
@@ -77,9 +78,7 @@ def link_run(source: str | Path, out: str | Path, overrides: list[str] = ()) -> 
                 (out / name).unlink()
             if (source / name).is_file():
                 os.symlink((source / name).resolve(), out / name)
-        tmp = out / f".config.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(configlib.to_dict(cfg), indent=2, default=list))
-        os.replace(tmp, out / "config.json")
+        write_text_atomic(out / "config.json", json.dumps(configlib.to_dict(cfg), indent=2, default=list))
         return out
     link = out / "checkpoints"
     if link.is_symlink():
@@ -87,9 +86,7 @@ def link_run(source: str | Path, out: str | Path, overrides: list[str] = ()) -> 
     elif link.exists():  # a real folder: never delete checkpoints the study did not link
         raise ConfigError(f"{out} holds a checkpoints folder of its own; it is not a view of a pretrained run")
     os.symlink(source.resolve() / "checkpoints", link, target_is_directory=True)
-    tmp = out / f".config.yaml.tmp-{os.getpid()}"
-    configlib.save(cfg, tmp)
-    os.replace(tmp, out / "config.yaml")
+    configlib.save(cfg, out / "config.yaml")
     return out
 
 

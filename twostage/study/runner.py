@@ -168,10 +168,7 @@ def run_parallel(plan: Plan, gpus: list[int], launch: Callable[[Job, int], None]
 
 
 def save_spec(spec: StudySpec, root: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{SPEC_FILE}.tmp-{os.getpid()}"
-    configlib.save(spec, tmp)
-    os.replace(tmp, root / SPEC_FILE)
+    configlib.save(spec, root / SPEC_FILE)  # atomic: child jobs read it
 
 
 def run_study(spec: StudySpec, root: Path, only: list[str] | None = None, gpus: int | None = None,
