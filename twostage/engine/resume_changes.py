@@ -60,7 +60,8 @@ def change_kind(key: str, old: Any, new: Any) -> str:
 def check_changes(run_dir: Path, full_config: dict, accept_optim: bool) -> dict[str, list[Any]]:
     """{changed key: [old, new]} between the run folder's saved config.yaml and `full_config` (empty for a
     new run), when every change can be resumed: RESUMABLE_CHANGES always, optimizer / schedule changes
-    and OPT_IN_CHANGES with `accept_optim` (the CLIs' {RESUME_FLAG}); a ConfigError naming them otherwise."""
+    and OPT_IN_CHANGES with `accept_optim` (the CLIs' --resume-with-changes); a ConfigError naming them
+    otherwise."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return {}
