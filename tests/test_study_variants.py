@@ -139,7 +139,7 @@ def test_no_op_variant_and_clashing_labels_are_refused(tmp_path):
 # the replica rules (twostage/study/packs.py), not the identity of a run.
 BEFORE = {"study_crt": ("76851f18aa583678", 42), "study_continuous": ("0194bedccfd1829f", 60)}
 # spec edits made since (they change the runs, so their ids): undone here to compare the code's ids
-SINCE = {"study_crt": ["tokenizer.overrides=[train.ckpt_every=500,monitor.val_images=1000]",
+SINCE = {"study_crt": ["tokenizer.steps=2000", "tokenizer.overrides=[train.ckpt_every=500,monitor.val_images=1000]",
                        "generators.ar.overrides=[sample.grid_at_checkpoint=16]"]}
 
 
