@@ -58,3 +58,28 @@ def test_published_vq16_size_is_about_72m_parameters():
     n = sum(p.numel() for p in model.parameters())
     assert 70e6 < n < 74e6
     assert model.downsample_factor == 16 and model.grid_size(256) == (16, 16)
+
+
+def test_optimizer_state_of_a_channels_last_model_takes_its_strides_back_after_a_checkpoint(tmp_path):
+    # a checkpoint stores Adam's moments contiguous; the compiled CUDA tokenizer's parameters are channels_last,
+    # and the fused CUDA Adam refuses moments of other strides at the first step after a resume
+    from twostage.engine import checkpoint as ckpt
+    from twostage.engine.optim import match_state_layout_
+
+    torch.manual_seed(0)
+    model = VQModel(tiny((1, 2, 2))).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)).recon.square().mean().backward()
+    opt.step()
+    path = ckpt.save_checkpoint(tmp_path, 1, ckpt.module_tensors({"m": model}), {"opt": opt.state_dict()})
+    _, _, state, _ = ckpt.load_checkpoint(path)
+    resumed = torch.optim.Adam(model.parameters(), lr=1e-3)
+    resumed.load_state_dict(state["opt"])
+    conv = next(p for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1)
+    assert resumed.state[conv]["exp_avg"].stride() != conv.stride()  # what load_state_dict leaves
+    match_state_layout_(resumed)
+    assert len(resumed.state) > 10
+    for p in resumed.state:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert resumed.state[p][key].stride() == p.stride()
+            torch.testing.assert_close(resumed.state[p][key], opt.state[p][key], rtol=0, atol=0)

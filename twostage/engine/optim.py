@@ -42,6 +42,19 @@ def build_optimizer(modules: list[nn.Module], cfg: OptimConfig, device: torch.de
     return cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 
+def match_state_layout_(opt: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor (Adam's moments) its parameter's strides, in place.
+
+    A checkpoint stores tensors contiguous, and `load_state_dict` keeps the loaded strides; a
+    channels_last parameter (the tokenizers' compiled CUDA path) then meets NCHW moments, which the
+    fused CUDA Adam kernel rejects ("params, grads, exp_avgs, and exp_avg_sqs must have same dtype,
+    device, and layout") at the first step after a resume. Values are unchanged."""
+    for param, state in opt.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
     """Multiplier of the base LR at `step` (0-based): linear warmup, then constant or cosine."""
     if cfg.warmup_steps and step < cfg.warmup_steps:

@@ -61,7 +61,7 @@ from twostage.engine import determinism, preemption, resume_changes
 from twostage.engine.config import TrainConfig
 from twostage.engine.distributed import World, barrier, init_world, mean_across_ranks, resolve_device
 from twostage.engine.ema import EMA
-from twostage.engine.optim import build_optimizer, build_scheduler
+from twostage.engine.optim import build_optimizer, build_scheduler, match_state_layout_
 from twostage.engine.replicas import clip_per_replica_
 from twostage.engine.run_files import run_environment
 from twostage.engine.run_log import RunLog
@@ -353,6 +353,7 @@ class _Trainer:
                 ckpt.load_module_tensors(self.ema.modules, {k: v.to(self.device) for k, v in ema.items()})
             for name, opt in self.optimizers.items():
                 opt.load_state_dict(resume_changes.with_hyperparameters(state["optimizers"][name], opt))
+                match_state_layout_(opt)
         for name, sched in self.schedulers.items():
             resume_changes.load_schedule(sched, state["schedulers"][name])
         if state["world_size"] != self.world.size:
