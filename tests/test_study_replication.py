@@ -11,7 +11,8 @@ import yaml
 from study_synthetic import TOKENIZERS, VERDICT_TOKENIZERS, make_rows, write_results
 from twostage import cli
 from twostage.study.replication import (CONTRADICTED, HOLDS, NOT_REPLICATED, ONLY_ORIGINAL, ONLY_RERUN, RESOLVED, TIE,
-                                        Verdict, compare_verdicts, load_verdicts, replication_report)
+                                        Verdict, compare_verdicts, load_verdicts, replication_report,
+                                        spec_differences)
 from twostage.study.report import build_report
 
 
@@ -115,3 +116,16 @@ def test_no_reports_and_no_shared_runs_raise(tmp_path, missing):
     _fits(tmp_path / ("b" if missing == "original" else "a"), "crt better", "crt")
     with pytest.raises(Exception, match="study report"):
         replication_report(tmp_path / "a", tmp_path / "b")
+
+
+def test_spec_differences_name_what_changed_beyond_seeds(tmp_path):
+    a = {"name": "crt", "tokenizer": {"steps": 2000, "overrides": ["x=1"]}, "seeds": {"tokenizer": [0, 1, 2]}}
+    b = {"name": "crt", "tokenizer": {"steps": 3000, "overrides": ["x=1"]}, "budgets": [10],
+         "seeds": {"tokenizer": [3, 4, 5]}}
+    assert spec_differences(a, b) == ["tokenizer.steps: 2000 -> 3000", "budgets: (unset) -> [10]"]
+    assert spec_differences(a, {**a, "seeds": {"tokenizer": [7]}}) == []  # other seeds only: a replication
+    for name, spec in (("a", a), ("b", b)):
+        _fits(tmp_path / name, "crt better", "crt")
+        (tmp_path / name / "study.yaml").write_text(yaml.safe_dump(spec))
+    text, _ = replication_report(tmp_path / "a", tmp_path / "b")
+    assert "The specs differ beyond seeds" in text and "`tokenizer.steps: 2000 -> 3000`" in text

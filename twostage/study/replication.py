@@ -31,9 +31,12 @@ from typing import Any, Iterable
 
 import yaml
 
+from twostage import config as configlib
 from twostage.common.errors import UserError
+from twostage.study.spec import load_spec
 
 __all__ = ["Verdict", "Replication", "load_verdicts", "compare_verdicts", "tokenizer_reruns", "replication_report",
+           "spec_differences",
            "HOLDS", "CONTRADICTED", "NOT_REPLICATED", "RESOLVED", "TIE", "ONLY_ORIGINAL", "ONLY_RERUN"]
 
 HOLDS, CONTRADICTED, NOT_REPLICATED = "holds", "contradicted", "not replicated"
@@ -141,6 +144,37 @@ def compare_verdicts(original: Iterable[Verdict], rerun: Iterable[Verdict]) -> l
     return [Replication(a.get(k), b.get(k), _status(a.get(k), b.get(k))) for k in keys]
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def spec_differences(original: dict[str, Any], rerun: dict[str, Any]) -> list[str]:
+    """The settings two study specs set differently, seeds aside ("tokenizer.steps: 2000 -> 3000"): a
+    re-run is a replication of the original's verdicts only where these are none; otherwise it tests
+    whether the verdicts survive the change."""
+    a, b = _flat({k: v for k, v in original.items() if k != "seeds"}), _flat({k: v for k, v in rerun.items()
+                                                                              if k != "seeds"})
+    return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in list(a) + [k for k in b if k not in a]
+            if a.get(k) != b.get(k)]
+
+
+def _spec(folder: Path) -> dict[str, Any] | None:
+    """The folder's spec with every default filled in (specs saved by older code leave some out), or as
+    written when this code cannot load it."""
+    path = folder / "study.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return configlib.to_dict(load_spec(path))
+    except (UserError, ValueError, TypeError):
+        return yaml.safe_load(path.read_text())
+
+
 def _seeds(folder: Path) -> dict[str, list[int]]:
     fits = json.loads((folder / "report" / "fits.json").read_text())
     return (fits.get("design") or {}).get("seeds") or {}
@@ -200,6 +234,11 @@ def _verdict_lines(original: Path, rerun: Path, rows: list[Replication]) -> list
         common = ", ".join(f"{k} {v}" for k, v in shared.items() if v)
         lines.append(f"The re-run shares seeds with the original ({common}): an independent check of the verdicts "
                      "uses other seeds.")
+    spec_a, spec_b = _spec(original), _spec(rerun)
+    changed = spec_differences(spec_a, spec_b) if spec_a is not None and spec_b is not None else []
+    if changed:
+        lines.append("The specs differ beyond seeds, so this tests whether the verdicts survive the change, not a "
+                     "replication of one spec: " + "; ".join(f"`{c}`" for c in changed) + ".")
     winners = [r for r in rows if r.original is not None and r.original.winner is not None]
     failed = [r for r in winners if r.failed]
     counts = {s: sum(r.status == s for r in rows) for s in
