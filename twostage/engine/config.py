@@ -43,10 +43,16 @@ class TrainConfig:
     # so the hot loop never waits on the GPU).
     stop_on_nonfinite: bool = True
     progress: bool = True
+    # [A, B]: torch.profiler over steps A..B-1, written to RUN/profile/ (twostage/engine/profiling.py); [] = off
+    profile_steps: list[int] = field(default_factory=list, metadata=check(added=True))
 
     def check(self) -> None:
         if any(s <= 0 for s in self.ckpt_at):
             raise ConfigError(f"train.ckpt_at={self.ckpt_at!r}: checkpoint steps must be positive")
+        if self.profile_steps and (len(self.profile_steps) != 2
+                                   or not 0 <= self.profile_steps[0] < self.profile_steps[1] <= self.steps):
+            raise ConfigError(f"train.profile_steps={self.profile_steps!r}: give [first step, end step] within "
+                              f"train.steps={self.steps}, e.g. train.profile_steps=[100,120], or [] for no profile")
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}"

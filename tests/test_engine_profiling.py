@@ -1,0 +1,48 @@
+"""`train.profile_steps=[A,B]`: a real (tiny) tokenizer run profiles steps A..B-1 and writes the table and
+trace; a bad window is refused before any work; the profile window changes nothing a run computes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_faults_support import make_npz, train_tokenizer  # noqa: E402
+
+from twostage.config import ConfigError  # noqa: E402
+from twostage.engine.config import TrainConfig  # noqa: E402
+from twostage.engine.run_log import read_metrics  # noqa: E402
+
+
+def test_a_tokenizer_run_writes_the_profile_of_its_window_and_trains_the_same(tmp_path):
+    data = make_npz(tmp_path)
+    plain = train_tokenizer("vq", data, tmp_path / "plain", steps=4)
+    profiled = train_tokenizer("vq", data, tmp_path / "profiled", steps=4, extra=["train.profile_steps=[1,3]"])
+    table = (profiled / "profile" / "steps_0000001-0000003.txt").read_text()
+    assert "2 step(s) on cpu" in table and "wall per step" in table
+    assert "n/a (no CUDA kernels: a CPU run)" in table
+    ops = int(next(line for line in table.splitlines() if line.startswith("CPU events per step")).split()[4])
+    assert ops > 100  # forward + backward + optimizer of a real VQ tokenizer
+    assert "aten::convolution" in table or "aten::conv2d" in table  # the op table, by CPU time
+    trace = json.loads(gzip.open(profiled / "profile" / "trace_steps_0000001-0000003.json.gz").read())
+    assert trace["traceEvents"]
+    assert not (plain / "profile").exists()
+    losses = [[r["autoencoder/loss"] for r in read_metrics(run) if "autoencoder/loss" in r] for run in (plain, profiled)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4  # profiling observes; it does not change the run
+
+
+@pytest.mark.parametrize("window", [[5], [3, 3], [-1, 2], [2, 11]])
+def test_a_bad_profile_window_is_refused_with_the_fix(window):
+    with pytest.raises(ConfigError, match=r"train.profile_steps=.*e.g. train.profile_steps=\[100,120\]"):
+        TrainConfig(steps=10, profile_steps=window).check()
+
+
+def test_the_window_is_not_part_of_a_default_configs_identity():
+    from twostage import config as configlib
+
+    assert "profile_steps" not in configlib.to_dict(TrainConfig())  # job ids of existing studies stay
+
