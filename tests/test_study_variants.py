@@ -140,7 +140,8 @@ def test_no_op_variant_and_clashing_labels_are_refused(tmp_path):
 BEFORE = {"study_crt": ("76851f18aa583678", 42), "study_continuous": ("0194bedccfd1829f", 60)}
 # spec edits made since (they change the runs, so their ids): undone here to compare the code's ids
 SINCE = {"study_crt": ["tokenizer.steps=2000", "tokenizer.overrides=[train.ckpt_every=500,monitor.val_images=1000]",
-                       "generators.ar.overrides=[sample.grid_at_checkpoint=16]"]}
+                       "generators.ar.overrides=[sample.grid_at_checkpoint=16]"],
+         "study_continuous": ["tokenizer.steps=1000", "tokenizer.overrides=[train.ckpt_every=250,monitor.val_images=1000]"]}
 
 
 @pytest.mark.parametrize("name", sorted(BEFORE))
