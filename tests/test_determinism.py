@@ -31,11 +31,12 @@ class RecordingTask(ToyTask):
         return super().main_loss(ctx)
 
 
-def _train(tmp_path: Path, name: str, deterministic: bool, steps: int = 3) -> RecordingTask:
+def _train(tmp_path: Path, name: str, deterministic: bool, steps: int = 3,
+           cudnn_benchmark: bool | None = None) -> RecordingTask:
     seed_everything(0)
     task = RecordingTask()
     cfg = TrainConfig(steps=steps, batch_size=8, log_every=3, ckpt_every=3, num_workers=0, progress=False,
-                      device="cpu", deterministic=deterministic)
+                      device="cpu", deterministic=deterministic, cudnn_benchmark=cudnn_benchmark)
     train(task, cfg, ToyImages(), tmp_path / name)
     return task
 
@@ -56,6 +57,25 @@ def test_deterministic_kernels_only_inside_the_loop(tmp_path, monkeypatch):
     finally:
         torch.use_deterministic_algorithms(before)
         torch.backends.cudnn.benchmark = False
+
+
+def test_cudnn_autotuning_is_on_in_the_loop_unless_deterministic_or_turned_off(tmp_path):
+    import pytest
+
+    from twostage.config import ConfigError
+
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        assert all(benchmark for _, benchmark, _ in _train(tmp_path, "auto", False).seen)  # default: autotune
+        assert not torch.backends.cudnn.benchmark  # the process's setting back after the loop
+        assert not any(benchmark for _, benchmark, _ in _train(tmp_path, "off", False, cudnn_benchmark=False).seen)
+        assert not any(benchmark for _, benchmark, _ in _train(tmp_path, "det", True).seen)
+    finally:
+        torch.backends.cudnn.benchmark = previous
+    with pytest.raises(ConfigError, match="cudnn_benchmark=true with train.deterministic=true"):
+        TrainConfig(deterministic=True, cudnn_benchmark=True).check()
+    assert change_kind("train.cudnn_benchmark", None, False) == "free"  # resumable: kernels, not the run
 
 
 def test_two_deterministic_runs_are_bit_identical_and_the_flag_resumes(tmp_path):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Where a study tokenizer step's time goes on the GPU: `train.profile_steps` (twostage/engine/profiling.py)
 # over steps 100-119 of study_crt's two tokenizer configs (baseline, +CRT; compiled, as the study runs
-# them), first one process alone, then PROCESSES of each config at once (the study's six jobs sharing the
-# GPU). Each run's table (wall and device-busy ms per step, kernels per step, top ops by device time)
+# them), first one process alone (the baseline also with cuDNN's heuristic algorithm choice,
+# train.cudnn_benchmark=false, as the engine ran before it autotuned), then PROCESSES of each config at
+# once (the study's six jobs sharing the GPU). Each run's table (wall and device-busy ms per step, kernels per step, top ops by device time)
 # lands in $OUT/profile/:
 #
 #   OUT=... bash results/throughput/profile_tokenizer.sh          (carry .carry, as results/studies/run.sh)
@@ -35,6 +36,7 @@ train() {  # NAME SEED EXTRA...
 }
 rm -rf /tmp/profile_runs && mkdir -p /tmp/profile_runs
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/profile/device.txt"; date -u +%FT%TZ | tee -a "$OUT/profile/device.txt"
+train alone_baseline_cudnn_heuristics 0 train.cudnn_benchmark=false   # the engine's kernels before 2026-12-02
 train alone_baseline 0
 train alone_crt 0 $CRT
 for k in $(seq 1 "$PROCESSES"); do train "shared_baseline_$k" "$k" & train "shared_crt_$k" "$k" $CRT & done; wait

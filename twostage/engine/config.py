@@ -23,6 +23,8 @@ class TrainConfig:
     # differ as much as two seeds do (results/studies/README.md). Slower; an op without a deterministic
     # kernel raises, naming itself. Studies leave it off: their seeds sample that spread on purpose.
     deterministic: bool = field(default=False, metadata=check(added=True))
+    # cuDNN autotuning of convolution algorithms (twostage/engine/determinism.py); null = on unless deterministic
+    cudnn_benchmark: bool | None = field(default=None, metadata=check(added=True))
     # Data parallelism under torchrun: ddp (every rank holds the whole model, optimizer and EMA) or fsdp
     # (FSDP2: weights, gradients, optimizer state and EMA sharded over the ranks, checkpoints written
     # with torch.distributed.checkpoint plus consolidated safetensors; twostage/engine/fsdp.py). fsdp
@@ -49,6 +51,9 @@ class TrainConfig:
     def check(self) -> None:
         if any(s <= 0 for s in self.ckpt_at):
             raise ConfigError(f"train.ckpt_at={self.ckpt_at!r}: checkpoint steps must be positive")
+        if self.deterministic and self.cudnn_benchmark:
+            raise ConfigError("train.cudnn_benchmark=true with train.deterministic=true: autotuned convolution "
+                              "kernels differ between runs; leave train.cudnn_benchmark unset (null) or false")
         if self.profile_steps and (len(self.profile_steps) != 2
                                    or not 0 <= self.profile_steps[0] < self.profile_steps[1] <= self.steps):
             raise ConfigError(f"train.profile_steps={self.profile_steps!r}: give [first step, end step] within "

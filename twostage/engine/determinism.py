@@ -1,4 +1,12 @@
-"""`train.deterministic`: the same run twice, bit for bit, on one machine and software stack.
+"""`train.deterministic` and `train.cudnn_benchmark`: which kernels the training loop may use.
+
+`train.cudnn_benchmark` (default: on unless deterministic) lets cuDNN time its convolution algorithms
+for each new input shape and keep the fastest. Training shapes are fixed, so the timing is paid once per
+shape; without it cuDNN picks by heuristics, which for bf16 NHWC convolutions of small images need not
+be the fastest. It changes which algorithm runs, so rounding differs from run to run (as atomic adds
+already make it differ, below); it is off when `train.deterministic` is on.
+
+`train.deterministic`: the same run twice, bit for bit, on one machine and software stack.
 
 Without it a CUDA run is not a function of its seed: kernels that accumulate with atomic adds (the
 backward passes of convolutions and embeddings, scatter / index_add, some reductions) add in whatever
@@ -24,6 +32,22 @@ import torch
 
 
 @contextlib.contextmanager
+def kernel_settings(deterministic_kernels: bool, cudnn_benchmark: bool | None) -> Iterator[None]:
+    """The training loop's kernel settings inside the block (cudnn_benchmark None: on unless
+    deterministic); the process's previous settings after."""
+    benchmark = (not deterministic_kernels) if cudnn_benchmark is None else cudnn_benchmark
+    if deterministic_kernels and benchmark:
+        raise ValueError("cudnn_benchmark=True with deterministic=True: autotuned kernels differ between runs")
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = benchmark
+    try:
+        with deterministic(deterministic_kernels):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+@contextlib.contextmanager
 def deterministic(enabled: bool) -> Iterator[None]:
     """Deterministic kernels inside the block when `enabled`; the process's previous settings after."""
     if not enabled:
@@ -43,4 +67,4 @@ def deterministic(enabled: bool) -> Iterator[None]:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
-__all__ = ["deterministic"]
+__all__ = ["deterministic", "kernel_settings"]

@@ -586,7 +586,7 @@ class _Trainer:
         def record(signum: int) -> None:
             self.stop_signal = signum
 
-        with preemption.stop_signals(record), determinism.deterministic(self.cfg.deterministic), \
+        with preemption.stop_signals(record), determinism.kernel_settings(self.cfg.deterministic, self.cfg.cudnn_benchmark), \
                 profiling.profiled_steps(self.cfg.profile_steps, self.run_dir, self.device,
                                          enabled=self.world.is_main) as self.profiler:
             return self._loop()
