@@ -8,6 +8,8 @@ Two numbers that do not need a GPU, for reading a GPU profile of six tokenizer j
   step) for the baseline and the +CRT configuration of study_crt (crt.enabled, the quantizer's entropy
   term), with the perceptual loss off by default so that the difference is the CRT arm's own. On a GPU
   whose processes take turns, each op is at least one kernel launch.
+- model FLOPs per training step (forward + backward, torch.utils.flop_counter, perceptual loss on, at
+  the preset's batch size): the arithmetic a GPU profile's step time is measured against.
 - the training data loader's cost per batch in the main process (the preset's Fashion-MNIST pipeline,
   no workers): what a job's data loading asks of the host CPU.
 """
@@ -62,6 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(3):
             step()
         print(f"{name:9s} {ops:6d} ops per step, {(time.perf_counter() - start) / 3 * 1e3:7.0f} ms per step on the CPU")
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = api.load_config(args.preset).train.batch_size
+    x = torch.rand(batch, 3, 32, 32) * 2 - 1
+    for name, overrides in (("baseline", []), ("+CRT", CRT)):
+        task = VQTokenizerTask(api.load_config(args.preset, ["train.device=cpu", *overrides]))
+        ctx = PhaseContext((x, torch.zeros(batch, dtype=torch.long)), 500, task.modules, {}, torch.device("cpu"))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss, _ = task.autoencoder_loss(ctx)
+            loss.backward()
+        print(f"{name:9s} {counter.get_total_flops() / 1e12:6.3f} TFLOP per training step (batch {batch}, "
+              "forward + backward, perceptual loss on)")
 
     cfg = api.load_config(args.preset)
     loader = build_loader(build_dataset(cfg.data, "train"), batch_size=cfg.train.batch_size, seed=0, num_workers=0,
