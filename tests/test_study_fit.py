@@ -160,6 +160,10 @@ def test_optimal_tokenizer_and_crossover_from_fitted_laws():
     assert [(s["key"], s["extrapolated"]) for s in segs] == [("b", True), ("b", False)]
     assert segs[0]["c_hi"] == pytest.approx(1e14) and segs[1]["c_lo"] == pytest.approx(1e14)
     assert optimal_from_fits({"n": fits["none"]})["segments"] == []
+    # one fitted law beside one without: nothing is compared, and the reader is told which had no law
+    alone = optimal_from_fits({"a": fits["a"], "n": fits["none"]})
+    assert alone["segments"] == [] and alone["fitted"] == ["a"] and alone["unfitted"] == ["n"]
+    assert optimal_from_fits(fits)["unfitted"] == ["none"]
 
 
 def test_pareto_rfd_vs_best_gfd():
@@ -326,3 +330,14 @@ def test_seed_bootstrap_reports_an_unresolved_crossover_and_one_seed_has_none():
     one = _seed_series([0], 0.0, n_boot=10)
     assert one["level"] is None and one["seed_ci"] == {} and one["crossovers"]
     assert all(x["status"] == "1 seed: no interval" and x["low"] is None for x in one["crossovers"])
+
+
+def test_the_optimum_lines_name_the_tokenizers_without_a_law():
+    from twostage.study.render import _optimal_lines
+
+    labels = {"a": "A", "b": "B", "n": "N"}
+    one = {"optimal": {"segments": [], "fitted": ["a"], "unfitted": ["n"]}, "crossovers": [], "name": "FD"}
+    assert _optimal_lines(one, labels) == ["only A has a fitted law: no comparison"]
+    seg = {"c_lo": 1e12, "c_hi": 1e14, "key": "a", "extrapolated": False}
+    two = {"optimal": {"segments": [seg], "fitted": ["a", "b"], "unfitted": ["n"]}, "crossovers": [], "name": "FD"}
+    assert _optimal_lines(two, labels)[-1] == "among the fitted laws only: N not compared (no fitted law)"

@@ -96,11 +96,13 @@ def optimal_from_fits(fits: Mapping[str, FitResult], c_range: tuple[float, float
     """Which key's fitted law is lowest at each compute of a log-spaced grid over c_range (default:
     the union of the fitted points' ranges). Returns the grid and winners, the segments
     [{c_lo, c_hi, key, extrapolated}] (extrapolated: the segment leaves the winner's own fitted
-    compute range; a span is split where that range begins or ends) and the crossovers
-    [{compute, from, to, value}]."""
+    compute range; a span is split where that range begins or ends), the crossovers
+    [{compute, from, to, value}], and the keys with and without a fitted law ("fitted", "unfitted").
+    Fewer than two fitted laws compare nothing: no segments then (one law is not "optimal")."""
     ok = {k: f for k, f in sorted(fits.items()) if f.ok}
-    if not ok:
-        return {"grid": [], "winner": [], "segments": [], "crossovers": []}
+    who = {"fitted": list(ok), "unfitted": sorted(k for k, f in fits.items() if not f.ok)}
+    if len(ok) < 2:
+        return {"grid": [], "winner": [], "segments": [], "crossovers": [], **who}
     if c_range is None:
         c_range = (min(f.compute_range[0] for f in ok.values()), max(f.compute_range[1] for f in ok.values()))
     lo, hi = (float(v) for v in c_range)
@@ -128,7 +130,8 @@ def optimal_from_fits(fits: Mapping[str, FitResult], c_range: tuple[float, float
         for a, b in zip(cuts[:-1], cuts[1:]):
             extrapolated = a < r_lo * (1 - 1e-9) or b > r_hi * (1 + 1e-9)
             segments.append({"c_lo": float(a), "c_hi": float(b), "key": k, "extrapolated": bool(extrapolated)})
-    return {"grid": grid.tolist(), "winner": [keys[w] for w in win], "segments": segments, "crossovers": crossovers}
+    return {"grid": grid.tolist(), "winner": [keys[w] for w in win], "segments": segments, "crossovers": crossovers,
+            **who}
 
 
 def pareto_rfd_gfd(rows: Iterable[Row]) -> list[dict[str, Any]]:

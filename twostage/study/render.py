@@ -180,6 +180,11 @@ def _optimal_lines(s: dict, L: dict[str, str]) -> list[str]:
             f": {x['status']}"
         lines.append(f"crossover at C = {x['compute']:.3e}: {L[x['from']]} → {L[x['to']]} "
                      f"({s['name']} {x['value']:.4g}{ci})")
+    unfitted = [L[k] for k in opt.get("unfitted", [])]
+    if lines and unfitted:
+        lines.append(f"among the fitted laws only: {', '.join(unfitted)} not compared (no fitted law)")
+    elif not lines and len(opt.get("fitted", [])) == 1:
+        lines = [f"only {L[opt['fitted'][0]]} has a fitted law: no comparison"]
     return lines or ["no fitted law in this series"]
 
 
