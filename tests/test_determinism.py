@@ -87,3 +87,18 @@ def test_two_deterministic_runs_are_bit_identical_and_the_flag_resumes(tmp_path)
     assert change_kind("train.deterministic", False, True) == "free"
     _train(tmp_path, "a", False, steps=6)  # resumed from step 3 with the flag off
     assert load_run_weights(tmp_path / "a", "net", weights="raw").step == 6
+
+
+def test_compile_mode_needs_compile_and_reaches_torch_compile():
+    import pytest
+
+    from twostage.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.compile_mode=reduce-overhead takes effect only with train.compile=true"):
+        TrainConfig(compile_mode="reduce-overhead").check()
+    graphs = TrainConfig(compile=True, compile_mode="reduce-overhead")
+    assert graphs.compile_options == {"mode": "reduce-overhead"} and graphs.cuda_graphs
+    plain = TrainConfig(compile=True)
+    assert plain.compile_options == {} and not plain.cuda_graphs
+    assert not TrainConfig(compile=True, compile_mode="max-autotune-no-cudagraphs").cuda_graphs
+    assert change_kind("train.compile_mode", "default", "reduce-overhead") == "free"

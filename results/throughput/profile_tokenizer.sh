@@ -2,22 +2,24 @@
 # Where a study tokenizer step's time goes on the GPU: `train.profile_steps` (twostage/engine/profiling.py)
 # over steps 100-119 of study_crt's two tokenizer configs (baseline, +CRT; compiled, as the study runs
 # them), first one process alone (the baseline also with cuDNN's heuristic algorithm choice,
-# train.cudnn_benchmark=false, as the engine ran before it autotuned), then PROCESSES of each config at
-# once (the study's six jobs sharing the GPU). Each run's table (wall and device-busy ms per step, kernels per step, top ops by device time)
-# lands in $OUT/profile/:
+# train.cudnn_benchmark=false, as the engine ran before it autotuned, and with CUDA graphs,
+# train.compile_mode=reduce-overhead, unless GRAPHS=0); each run's table (wall and device-busy ms per step,
+# kernels per step, top ops by device time) lands in $OUT/profile/. Then PROCESSES (6) compiled baseline
+# jobs at once, the study's situation, for each kernel choice (benchmarks/bench_tokenizer_run.py: aggregate
+# steps/s, $OUT/profile/shared_ab.txt):
 #
 #   OUT=... bash results/throughput/profile_tokenizer.sh          (carry .carry, as results/studies/run.sh)
 #
 # EXTRA="..." appends overrides to every run (a CPU smoke test: EXTRA="train.device=cpu train.compile=false
-# train.batch_size=4 loss.perceptual=none train.num_workers=0" PROCESSES=1).
+# train.batch_size=4 loss.perceptual=none train.num_workers=0" PROCESSES=1 GRAPHS=0).
 #
-# Read: busy / wall of a lone process says whether one job is launch-bound; with K jobs at once, K x busy
-# against the wall per step says whether the GPU is full. Run it after a study call on the same machine
-# and the inductor cache is warm (compiling the two configs from cold takes about 2 minutes).
+# Read: busy / wall of a lone process says whether one job is launch-bound; K x (a lone job's busy ms)
+# against the shared runs' ms per step says whether K jobs fill the GPU. Run it after a study call on the
+# same machine, when the inductor cache is warm (compiling the two configs from cold takes ~2 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:?set OUT}
-PROCESSES=${PROCESSES:-3}
+PROCESSES=${PROCESSES:-6}
 source results/studies/carry_env.sh
 mkdir -p "$OUT/profile"
 COMMON="optim.ae.schedule=cosine train.compile=true train.steps=130 train.profile_steps=[100,120] \
@@ -34,5 +36,14 @@ nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/profile/device.txt
 train alone_baseline_cudnn_heuristics 0 train.cudnn_benchmark=false   # the engine's kernels before 2026-12-02
 train alone_baseline 0
 train alone_crt 0 $CRT
-for k in $(seq 1 "$PROCESSES"); do train "shared_baseline_$k" "$k" & train "shared_crt_$k" "$k" $CRT & done; wait
+# the compiled modules' forward and backward replayed as CUDA graphs (a separate compile: ~2 minutes cold)
+[ "${GRAPHS:-1}" = 1 ] && train alone_baseline_cuda_graphs 0 train.compile_mode=reduce-overhead
+# the study's situation: six compiled baseline jobs sharing the GPU, aggregate steps/s for each kernel choice
+{ for variant in train.cudnn_benchmark=false train.cudnn_benchmark=true train.compile_mode=reduce-overhead; do
+    [ "$variant" = train.compile_mode=reduce-overhead ] && [ "${GRAPHS:-1}" != 1 ] && continue
+    echo "# $variant"
+    # CPU threads split between the jobs, as the study runner splits them (twostage/study/runner.py)
+    OMP_NUM_THREADS=$(( $(nproc) / PROCESSES > 0 ? $(nproc) / PROCESSES : 1 )) \
+      $PY benchmarks/bench_tokenizer_run.py --steps 150 --processes "$PROCESSES" --compile on $variant ${EXTRA:-} 2>&1 | tail -2
+  done; } | tee "$OUT/profile/shared_ab.txt"
 for f in "$OUT"/profile/*.txt; do [ "$(basename "$f")" = device.txt ] && continue; echo "== $(basename "$f" .txt)"; sed -n 2,5p "$f"; done

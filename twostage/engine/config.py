@@ -18,6 +18,11 @@ class TrainConfig:
     precision: str = field(default="auto", metadata=check(choices=("auto", "bf16", "fp32")))
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
     compile: bool = False
+    # torch.compile's mode for train.compile: "reduce-overhead" also replays each compiled module's forward and
+    # backward kernels as CUDA graphs (one launch instead of hundreds: small models are launch-bound),
+    # "max-autotune-no-cudagraphs" times Triton / cuDNN kernels per shape at compile time (slow to compile)
+    compile_mode: str = field(default="default", metadata=check(
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"), added=True))
     # Bit-identical re-runs on one machine and software stack (twostage/engine/determinism.py): GPU kernels
     # with atomic adds (convolution and embedding backward, scatter) otherwise make two runs of one seed
     # differ as much as two seeds do (results/studies/README.md). Slower; an op without a deterministic
@@ -48,9 +53,22 @@ class TrainConfig:
     # [A, B]: torch.profiler over steps A..B-1, written to RUN/profile/ (twostage/engine/profiling.py); [] = off
     profile_steps: list[int] = field(default_factory=list, metadata=check(added=True))
 
+    @property
+    def compile_options(self) -> dict:
+        """Keyword arguments of torch.compile / nn.Module.compile for train.compile_mode."""
+        return {} if self.compile_mode == "default" else {"mode": self.compile_mode}
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether compiled modules replay as CUDA graphs (the trainer then marks each step's start)."""
+        return self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")
+
     def check(self) -> None:
         if any(s <= 0 for s in self.ckpt_at):
             raise ConfigError(f"train.ckpt_at={self.ckpt_at!r}: checkpoint steps must be positive")
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"train.compile_mode={self.compile_mode} takes effect only with train.compile=true: "
+                              "set train.compile=true, or leave train.compile_mode at default")
         if self.deterministic and self.cudnn_benchmark:
             raise ConfigError("train.cudnn_benchmark=true with train.deterministic=true: autotuned convolution "
                               "kernels differ between runs; leave train.cudnn_benchmark unset (null) or false")

@@ -200,7 +200,8 @@ class ReplicaTask(TaskBase):
 
         # train.compile: the vmapped loss is what runs (StackedModule.forward never does), so it is what
         # the engine's compile flag compiles; elementwise work and the math-backend attention then fuse.
-        run = torch.compile(stacked_values) if self.configs[0].train.compile else stacked_values
+        train = self.configs[0].train
+        run = torch.compile(stacked_values, **train.compile_options) if train.compile else stacked_values
 
         def loss(ctx: PhaseContext):
             own = self._replica_tensors(ctx.device)

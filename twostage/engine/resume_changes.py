@@ -37,7 +37,7 @@ from twostage.engine import checkpoint as ckpt
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
                      "train.progress", "train.num_workers", "train.compile", "train.data_on_device",
                      "train.ckpt_at", "train.deterministic", "train.profile_steps",
-                     "train.cudnn_benchmark"}
+                     "train.cudnn_benchmark", "train.compile_mode"}
 # Keys (besides everything under an `optim` section) accepted only with resume_changes=True: they change
 # how the run continues, but not the model, the data order or the seed.
 OPT_IN_CHANGES = {"train.precision", "train.device", "train.stop_on_nonfinite", "train.ema_decay"}

@@ -143,7 +143,7 @@ class _Trainer:
             self._shard()  # before the optimizers are built: fully_shard replaces the parameters
         if cfg.compile:
             for module in task.modules.values():
-                module.compile()  # in place: state_dict keys stay unprefixed
+                module.compile(**cfg.compile_options)  # in place: state_dict keys stay unprefixed
 
         specs = task.optimizers()
         self.optimizers = {
@@ -603,6 +603,9 @@ class _Trainer:
         window_start, window_steps, paused = time.perf_counter(), 0, 0.0
         while self.step < cfg.steps:
             self.profiler.begin(self.step)
+            if cfg.cuda_graphs and self.device.type == "cuda":
+                # a new step: the previous step's graph outputs may be overwritten (torch.compile CUDA graph trees)
+                torch.compiler.cudagraph_mark_step_begin()
             micro_batches = [self._next_batch() for _ in range(accum)]
             scratches: list[dict] = [{} for _ in range(accum)]
             for phase in self.phases:

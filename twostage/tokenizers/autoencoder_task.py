@@ -152,7 +152,7 @@ class AutoencoderTask(TaskBase):
             if self.channels_last:
                 net.to(memory_format=torch.channels_last)
         if self.perceptual is not None and device.type == "cuda" and self.cfg.train.compile:
-            self.perceptual.compile()
+            self.perceptual.compile(**self.cfg.train.compile_options)
         self._frozen_device = device
 
     def generator_adversarial(self, ctx: PhaseContext, recon: torch.Tensor) -> torch.Tensor | None:
