@@ -34,9 +34,8 @@ TOP_OPS = 30
 
 
 def _device_time_us(event) -> float:
-    """An event's own device time, in microseconds (the attribute was renamed in torch 2.4)."""
-    value = getattr(event, "self_device_time_total", None)
-    return float(value if value is not None else getattr(event, "self_cuda_time_total", 0.0))
+    """An event's own device time, in microseconds (torch >= 2.4 names it `device`, not `cuda`)."""
+    return float(event.self_device_time_total)
 
 
 class StepProfiler:
@@ -99,7 +98,7 @@ class StepProfiler:
             f"CPU events per step      {len(cpu_ops) / steps:10.0f}  (ops and the calls nested in them)",
             "",
         ]
-        sort = "self_cuda_time_total" if on_device else "self_cpu_time_total"
+        sort = "self_device_time_total" if on_device else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=TOP_OPS, max_name_column_width=60)
         (folder / f"{name}.txt").write_text("\n".join(lines) + table + "\n")
         trace = folder / f"trace_{name}.json"
