@@ -46,3 +46,38 @@ def test_the_window_is_not_part_of_a_default_configs_identity():
 
     assert "profile_steps" not in configlib.to_dict(TrainConfig())  # job ids of existing studies stay
 
+
+
+def test_the_table_of_a_cuda_window_reports_device_busy_time_and_kernels(tmp_path):
+    """The CUDA branch (no GPU here): kernel events' own device time summed per step against the wall
+    time, kernels per step, the op table sorted by device time."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.autograd import DeviceType
+
+    from twostage.engine.profiling import StepProfiler
+
+    kernels = [SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=1500.0) for _ in range(8)]
+    ops = [SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=0.0) for _ in range(20)]
+    sorted_by = []
+
+    class FakeProfile:
+        def events(self):
+            return kernels + ops
+
+        def key_averages(self):
+            return SimpleNamespace(table=lambda sort_by, **_: sorted_by.append(sort_by) or "TABLE")
+
+        def export_chrome_trace(self, path):
+            Path(path).write_text('{"traceEvents": []}')
+
+    profiler = StepProfiler([10, 14], tmp_path, torch.device("cuda"))
+    profiler._write(FakeProfile(), wall_s=0.024, steps=4)  # 8 kernels x 1.5 ms in 24 ms of wall time
+    text = (tmp_path / "profile" / "steps_0000010-0000014.txt").read_text()
+    assert "4 step(s) on cuda" in text
+    assert "wall per step                  6.00 ms" in text
+    assert "device busy per step           3.00 ms  (50% of the wall time" in text
+    assert "kernels per step                  2" in text and "CPU events per step               5" in text
+    assert text.rstrip().endswith("TABLE") and sorted_by == ["self_device_time_total"]
+    assert (tmp_path / "profile" / "trace_steps_0000010-0000014.json.gz").is_file()
