@@ -15,8 +15,9 @@
 # the call comes back as $OUT/inductor.tgz (when under 12 MB, so that it fits the 64 MiB carry with
 # .carry's wheels and data); copied to .carry/inductor.tgz, the next call starts from it.
 # MPS=1 starts the CUDA MPS daemon for the call, so the jobs sharing the GPU run their kernels at the
-# same time instead of in time slices (small models fill a fraction of the SMs); skipped with a note
-# where nvidia-cuda-mps-control is missing.
+# same time instead of in time slices; skipped with a note where nvidia-cuda-mps-control is missing. For
+# six compiled tokenizer jobs on an H200 it bought nothing (0.98x: results/throughput/2026-12-02/
+# mps_bench.txt), so it is off unless asked for.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 START=$(date +%s)
