@@ -17,13 +17,15 @@ Numbers, all from what the study wrote (nothing is re-run to measure it):
   folder) are left out and counted. A stage's wall time is what `twostage ...` took in-process,
   so the feature network's or the model's construction is in it; the runner's own overhead and the
   report are not (the end-to-end time is printed when this script ran the study).
-- generator training FLOPs: the results table's `compute` column (C = training FLOPs per token x
-  tokens seen; twostage/study/flops.py), summed over generator runs (the table has one row per
-  evaluation seed: each run is counted once).
-- on CUDA only: model-FLOP utilization = generator FLOPs / generator-training wall time / 790e12
-  (H200/H100 dense bf16 peak). The wall time includes data loading, validation and checkpoints, so
-  it is a lower bound on the training loop's MFU; with --jobs-per-gpu k > 1 the jobs share a GPU and
-  the aggregate is over the GPU-seconds the jobs held (sum of their wall times), not the elapsed time.
+- generator training FLOPs: what the training stages did, C = training FLOPs per token (each run's
+  model.json) x tokens seen (twostage/study/flops.py), summed over the runs that were trained (by their own
+  job or as replicas of a finished pack; budgets branched from a longer run add nothing).
+- on CUDA only: model-FLOP utilization = generator FLOPs / generator-training time / 790e12 (H200/H100
+  dense bf16 peak), twice: over the summed wall times of the training stages (the GPU-seconds the jobs
+  held: with --jobs-per-gpu k > 1 jobs share a GPU, so this understates what the GPU did), and over
+  their elapsed time (the union of the stages' [finished - wall_s, finished] intervals from the markers:
+  what one GPU delivered while any of them trained). Both wall times include data loading, validation,
+  checkpoints and compilation, so both are lower bounds on the training loops' MFU.
 - peak GPU memory: torch.cuda.max_memory_allocated of this process, only when this script ran the
   study in-process (one GPU or none, one job per GPU); jobs in subprocesses (several GPUs or
   --jobs-per-gpu > 1) and a folder that is only read report "n/a".
@@ -71,10 +73,32 @@ def stage_name(kind: str, stage: str) -> str:
     return f"{kind} {stage}"
 
 
+def _interval(record: dict[str, Any]) -> tuple[float, float] | None:
+    """[start, end] of a finished stage in seconds since the epoch, from its marker (None without a time)."""
+    from datetime import datetime
+
+    finished = record.get("finished")
+    if not finished:
+        return None
+    end = datetime.fromisoformat(str(finished).replace("Z", "+00:00")).timestamp()
+    return end - float(record.get("wall_s", 0.0)), end
+
+
+def elapsed(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end] intervals: the time during which at least one ran."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 def stage_times(plan: Plan) -> dict[str, Any]:
-    """Per reported stage: {"wall_s", "stages" (markers counted), "missing" (stages not done)}; plus
-    the slowest single stages and the markers outside the plan."""
+    """Per reported stage: {"wall_s", "elapsed_s" (union of its stages' intervals), "stages" (markers
+    counted), "missing" (stages not done)}; plus the slowest single stages and the markers outside the plan."""
     per: dict[str, dict[str, float]] = {name: {"wall_s": 0.0, "stages": 0, "missing": 0} for _, _, name in STAGES}
+    spans: dict[str, list[tuple[float, float]]] = {}
     single = []
     for job in plan.jobs:
         for stage in job.stages:
@@ -86,7 +110,12 @@ def stage_times(plan: Plan) -> dict[str, Any]:
                 continue
             entry["wall_s"] += float(record.get("wall_s", 0.0))
             entry["stages"] += 1
+            span = _interval(record)
+            if span is not None:
+                spans.setdefault(name, []).append(span)
             single.append((float(record.get("wall_s", 0.0)), job.id, stage.name, job.label))
+    for name, entry in per.items():
+        entry["elapsed_s"] = elapsed(spans.get(name, []))
     known = {str(job.marker(s.name)) for job in plan.jobs for s in job.stages}
     outside = [p for p in plan.root.glob("*/*/done/*.json") if str(p) not in known]
     single.sort(reverse=True)
@@ -94,20 +123,34 @@ def stage_times(plan: Plan) -> dict[str, Any]:
 
 
 def generator_flops(plan: Plan) -> tuple[float, int, list[str]]:
-    """(sum of `compute` over generator runs, number of runs, their devices from run.json)."""
-    path = plan.root / "results.parquet"
-    devices = []
-    for job in plan.generator_jobs:
+    """(training FLOPs the generator-training stages did, number of runs trained, their devices).
+
+    A run counts when it was trained, by its own train stage or as a replica of a finished pack: its
+    model.json's training FLOPs per token x its steps x batch x tokens per image (the `compute`
+    convention, twostage/study/flops.py). A budget branched from a longer run trained nothing of its own,
+    and a run whose training finished but whose evaluation did not still counts."""
+    from twostage.study.flops import recorded_flops_per_token, training_compute
+
+    jobs = {j.id: j for j in plan.jobs}
+    total, runs, devices = 0.0, 0, []
+    for gen, job in zip(plan.generators, plan.generator_jobs):
         run_json = job.folder / "run.json"
         if run_json.is_file():
             devices.append(str(json.loads(run_json.read_text()).get("device", "?")))
-    if not path.is_file():
-        return math.nan, 0, devices
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(path, columns=["run_id", "compute"]).to_pylist()
-    per_run = {r["run_id"]: r["compute"] for r in rows if r["compute"] is not None}
-    return float(sum(per_run.values())), len(per_run), devices
+        if any(s.name == "branch" for s in job.stages):
+            continue
+        own = next((s for s in job.stages if s.name == "train"), None)
+        pack = next((jobs[d] for d in job.deps if d.startswith("pack-") and d in jobs), None)
+        trained = (own is not None and read_marker(job, own, plan.root) is not None) or \
+            (pack is not None and read_marker(pack, pack.stages[0], plan.root) is not None)
+        model_json = job.folder / "model.json"
+        if not trained or not model_json.is_file():
+            continue
+        per_token = recorded_flops_per_token(json.loads(model_json.read_text()), str(model_json))
+        train = gen.config.train
+        total += training_compute(per_token, train.steps, train.batch_size, gen.tokenizer.tokens_per_image)[1]
+        runs += 1
+    return (total if runs else math.nan), runs, devices
 
 
 def summarize(plan: Plan, *, end_to_end_s: float | None = None, peak_mem: int | None = None,
@@ -115,6 +158,7 @@ def summarize(plan: Plan, *, end_to_end_s: float | None = None, peak_mem: int | 
     t = stage_times(plan)
     flops, runs, devices = generator_flops(plan)
     gen_wall = t["stages"]["generator training"]["wall_s"]
+    gen_elapsed = t["stages"]["generator training"]["elapsed_s"]
     cuda = any(d.startswith("cuda") for d in devices)
     out: dict[str, Any] = {
         "folder": str(plan.root), "jobs": len(plan.jobs), "generator_runs": runs,
@@ -122,12 +166,14 @@ def summarize(plan: Plan, *, end_to_end_s: float | None = None, peak_mem: int | 
         "slowest_stages": [{"wall_s": w, "job": j, "stage": s, "label": lab} for w, j, s, lab in t["slowest"]],
         "markers_outside_plan": t["outside_plan"], "end_to_end_s": end_to_end_s,
         "generator_flops": flops, "generator_devices": sorted(set(devices)),
-        "mfu": None, "peak_gpu_memory_bytes": None,
+        "mfu": None, "mfu_elapsed": None, "peak_gpu_memory_bytes": None,
         "peak_gpu_memory_note": "in-process run" if peak_mem is not None else
         ("not on CUDA" if not cuda else "n/a: jobs ran in subprocesses or the folder was only read"),
     }
     if cuda and gen_wall > 0 and math.isfinite(flops):
         out["mfu"] = flops / gen_wall / PEAK_BF16
+    if cuda and gen_elapsed > 0 and math.isfinite(flops):
+        out["mfu_elapsed"] = flops / gen_elapsed / PEAK_BF16
     if cuda and peak_mem is not None and in_process:
         out["peak_gpu_memory_bytes"] = peak_mem
     return out
@@ -135,11 +181,12 @@ def summarize(plan: Plan, *, end_to_end_s: float | None = None, peak_mem: int | 
 
 def print_table(s: dict[str, Any]) -> None:
     total = s["total_stage_wall_s"] or math.nan
-    print(f"study folder {s['folder']}: {s['jobs']} jobs, {s['generator_runs']} generator runs in results.parquet")
-    print(f"{'stage':36s} {'wall s':>9s} {'share':>6s} {'stages':>7s} {'not done':>9s}")
+    print(f"study folder {s['folder']}: {s['jobs']} jobs, {s['generator_runs']} generator runs trained")
+    print(f"{'stage':36s} {'wall s':>9s} {'share':>6s} {'elapsed s':>10s} {'stages':>7s} {'not done':>9s}")
     for name, v in s["stages"].items():
         share = v["wall_s"] / total if total else math.nan
-        print(f"{name:36s} {v['wall_s']:9.1f} {100 * share:5.1f}% {int(v['stages']):7d} {int(v['missing']):9d}")
+        print(f"{name:36s} {v['wall_s']:9.1f} {100 * share:5.1f}% {v['elapsed_s']:10.1f} {int(v['stages']):7d} "
+              f"{int(v['missing']):9d}")
     print(f"{'sum of stages':36s} {s['total_stage_wall_s']:9.1f}")
     if s["end_to_end_s"] is not None:
         print(f"{'end to end (study run, this process)':36s} {s['end_to_end_s']:9.1f}")
@@ -149,15 +196,17 @@ def print_table(s: dict[str, Any]) -> None:
     for x in s["slowest_stages"]:
         print(f"  {x['wall_s']:8.1f} s  {x['job']} {x['stage']:12s} {x['label']}")
     f = s["generator_flops"]
-    print(f"generator training FLOPs (sum of `compute`): {f:.4g}" if math.isfinite(f) else
-          "generator training FLOPs: no results.parquet yet")
+    print(f"generator training FLOPs (trained runs, branched budgets excluded): {f:.4g}" if math.isfinite(f) else
+          "generator training FLOPs: no trained run with a model.json yet")
     gen_wall = s["stages"]["generator training"]["wall_s"]
     if gen_wall > 0 and math.isfinite(f):
         print(f"generator training throughput: {f / gen_wall:.4g} FLOP/s over {gen_wall:.1f} s of training stages")
     print(f"generator devices: {', '.join(s['generator_devices']) or '?'}")
     if s["mfu"] is not None:
-        print(f"aggregate MFU vs {PEAK_BF16 / 1e12:.0f} TFLOP/s bf16: {100 * s['mfu']:.2f}% "
-              "(training-stage wall time incl. data, validation, checkpoints)")
+        print(f"aggregate MFU vs {PEAK_BF16 / 1e12:.0f} TFLOP/s bf16: {100 * s['mfu']:.2f}% over the summed "
+              f"wall times, {100 * (s['mfu_elapsed'] or math.nan):.2f}% over the elapsed time "
+              f"({s['stages']['generator training']['elapsed_s']:.1f} s; both incl. data, validation, "
+              "checkpoints, compilation)")
     else:
         print("aggregate MFU: n/a (generators did not train on CUDA)")
     mem = s["peak_gpu_memory_bytes"]

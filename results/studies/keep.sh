@@ -2,7 +2,7 @@
 # Copy what a committed study result keeps from a study folder brought back by run.sh (unpacked
 # studies.tgz): the spec, table, logs of the runner, and the tokenizers' records (config, run record,
 # done markers, validation curve points, reconstruction metrics) and the generator runs' and packs' done
-# markers and run.json; no weights, no other per-run generator files (the table holds their numbers), no
+# markers, run.json and model.json; no weights, no other per-run generator files (the table holds their numbers), no
 # report pages (rebuilt by `twostage study report`).
 #
 #   bash results/studies/keep.sh /tmp/unpacked/crt results/study_crt
@@ -15,10 +15,11 @@ if [ -d "$src/tokenizers" ]; then
   (cd "$src" && find tokenizers \( -name config.yaml -o -name run.json -o -path '*/done/*.json' -o -path '*/val/*.json' \
      -o -path '*/eval/recon.json' \) -type f -print0 | tar --null -cf - -T -) | tar -C "$dest" -xf -
 fi
-# the generator runs' and packs' done markers and run records: each stage's wall time and the device it ran on
-# (benchmarks/bench_study.py reads them)
+# the generator runs' and packs' done markers, run records and model records: each stage's wall time, the
+# device it ran on and the model's training FLOPs per token (benchmarks/bench_study.py reads them)
 for part in generators packs; do
-  [ -d "$src/$part" ] && (cd "$src" && find "$part" \( -path '*/done/*.json' -o -name run.json \) -type f -print0 \
+  [ -d "$src/$part" ] && (cd "$src" && find "$part" -maxdepth 3 \( -path '*/done/*.json' -o -name run.json \
+    -o -name model.json \) -type f -print0 \
     | tar --null -cf - -T -) | tar -C "$dest" -xf -
 done
 printf '%s\n' "# the report pages and figures are rebuilt by \`twostage study report $dest --bootstrap 200\`" '*.png' 'report.html' \
