@@ -10,6 +10,10 @@
 #
 #   OUT=... bash results/throughput/profile_tokenizer.sh          (carry .carry, as results/studies/run.sh)
 #
+# The eager tokenizer of 2026-12-01 was profiled once (tokenizer_profile/: ~33 ms of GPU work per step,
+# led by convolution backward, GroupNorm, NCHW<->NHWC conversions and the perceptual network's native
+# depthwise kernels); this one profiles the compiled channels_last jobs the studies run now.
+#
 # EXTRA="..." appends overrides to every run (a CPU smoke test: EXTRA="train.device=cpu train.compile=false
 # train.batch_size=4 loss.perceptual=none train.num_workers=0" PROCESSES=1 GRAPHS=0).
 #
