@@ -20,12 +20,19 @@ Numbers, all from what the study wrote (nothing is re-run to measure it):
 - generator training FLOPs: what the training stages did, C = training FLOPs per token (each run's
   model.json) x tokens seen (twostage/study/flops.py), summed over the runs that were trained (by their own
   job or as replicas of a finished pack; budgets branched from a longer run add nothing).
+- tokenizer training FLOPs: one training step of each tokenizer config counted by torch.utils.flop_counter
+  on the CPU at batch 4 (forward + backward of every phase active at the run's middle step, the frozen
+  perceptual / VF networks included), scaled to the run's batch size and steps, summed over the finished
+  tokenizer jobs (a few seconds per distinct config). Operations outside matmuls and convolutions
+  (norms, activations) are not counted, as in the generators' convention.
 - on CUDA only: model-FLOP utilization = generator FLOPs / generator-training time / 790e12 (H200/H100
   dense bf16 peak), twice: over the summed wall times of the training stages (the GPU-seconds the jobs
   held: with --jobs-per-gpu k > 1 jobs share a GPU, so this understates what the GPU did), and over
   their elapsed time (the union of the stages' [finished - wall_s, finished] intervals from the markers:
   what one GPU delivered while any of them trained). Both wall times include data loading, validation,
-  checkpoints and compilation, so both are lower bounds on the training loops' MFU.
+  checkpoints and compilation, so both are lower bounds on the training loops' MFU. The same for the
+  tokenizer training stage. A stage resumed across device calls keeps only its last attempt's wall
+  time in its marker while its FLOPs count the whole run: its MFU is then too high.
 - peak GPU memory: torch.cuda.max_memory_allocated of this process, only when this script ran the
   study in-process (one GPU or none, one job per GPU); jobs in subprocesses (several GPUs or
   --jobs-per-gpu > 1) and a folder that is only read report "n/a".
@@ -153,6 +160,56 @@ def generator_flops(plan: Plan) -> tuple[float, int, list[str]]:
     return (total if runs else math.nan), runs, devices
 
 
+TOKENIZER_FLOP_BATCH = 4  # FLOPs scale with the batch; counting at 4 keeps the CPU pass to seconds
+
+
+def tokenizer_step_flops(tok: Any) -> float:
+    """Training FLOPs of one step of a study tokenizer at its configured batch size (see the docstring)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from twostage import config as configlib
+    from twostage import registry
+    from twostage.engine.task import PhaseContext
+
+    kind = registry.tokenizer_kind(tok.kind)
+    _, cfg = registry.load_config("tokenizer", configlib.to_dict(tok.config), ["train.device=cpu", "train.compile=false"])
+    task = kind.task_class()(cfg, channels_last=False)
+    b, size = TOKENIZER_FLOP_BATCH, cfg.data.image_size
+    images = torch.rand(b, cfg.model.in_channels, size, size) * 2 - 1
+    batch, step, scratch = (images, torch.zeros(b, dtype=torch.long)), cfg.train.steps // 2, {}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for phase in task.phases():
+            if phase.active(step):
+                loss, _ = phase.loss(PhaseContext(batch, step, task.modules, scratch, torch.device("cpu")))
+                loss.backward()
+    return counter.get_total_flops() * cfg.train.batch_size / b
+
+
+def tokenizer_flops(plan: Plan) -> tuple[float, int, list[str]]:
+    """(training FLOPs of the finished tokenizer jobs, how many, their devices from run.json)."""
+    from twostage.study.jobs import tokenizer_id
+
+    by_id = {f"tok-{tokenizer_id(t)}": t for t in plan.tokenizers}
+    per_config: dict[str, float] = {}
+    total, runs, devices = 0.0, 0, []
+    for job in plan.jobs:
+        tok = by_id.get(job.id)
+        train = next((s for s in job.stages if s.name == "train"), None)
+        if job.kind != "tokenizer" or tok is None or train is None or read_marker(job, train, plan.root) is None:
+            continue
+        run_json = job.folder / "run.json"
+        if run_json.is_file():
+            devices.append(str(json.loads(run_json.read_text()).get("device", "?")))
+        key = json.dumps([tok.kind, tok.preset, [o for o in tok.overrides if not o.startswith("train.seed=")]])
+        if key not in per_config:
+            per_config[key] = tokenizer_step_flops(tok)
+        total += per_config[key] * tok.config.train.steps
+        runs += 1
+    return (total if runs else math.nan), runs, devices
+
+
 def summarize(plan: Plan, *, end_to_end_s: float | None = None, peak_mem: int | None = None,
               in_process: bool = False) -> dict[str, Any]:
     t = stage_times(plan)
@@ -160,6 +217,8 @@ def summarize(plan: Plan, *, end_to_end_s: float | None = None, peak_mem: int | 
     gen_wall = t["stages"]["generator training"]["wall_s"]
     gen_elapsed = t["stages"]["generator training"]["elapsed_s"]
     cuda = any(d.startswith("cuda") for d in devices)
+    tok_flops, tok_runs, tok_devices = tokenizer_flops(plan)
+    tok_elapsed = t["stages"]["tokenizer training"]["elapsed_s"]
     out: dict[str, Any] = {
         "folder": str(plan.root), "jobs": len(plan.jobs), "generator_runs": runs,
         "stages": t["stages"], "total_stage_wall_s": sum(v["wall_s"] for v in t["stages"].values()),
@@ -167,6 +226,7 @@ def summarize(plan: Plan, *, end_to_end_s: float | None = None, peak_mem: int | 
         "markers_outside_plan": t["outside_plan"], "end_to_end_s": end_to_end_s,
         "generator_flops": flops, "generator_devices": sorted(set(devices)),
         "mfu": None, "mfu_elapsed": None, "peak_gpu_memory_bytes": None,
+        "tokenizer_flops": tok_flops, "tokenizer_runs": tok_runs, "tokenizer_mfu_elapsed": None,
         "peak_gpu_memory_note": "in-process run" if peak_mem is not None else
         ("not on CUDA" if not cuda else "n/a: jobs ran in subprocesses or the folder was only read"),
     }
@@ -174,6 +234,8 @@ def summarize(plan: Plan, *, end_to_end_s: float | None = None, peak_mem: int | 
         out["mfu"] = flops / gen_wall / PEAK_BF16
     if cuda and gen_elapsed > 0 and math.isfinite(flops):
         out["mfu_elapsed"] = flops / gen_elapsed / PEAK_BF16
+    if any(d.startswith("cuda") for d in tok_devices) and tok_elapsed > 0 and math.isfinite(tok_flops):
+        out["tokenizer_mfu_elapsed"] = tok_flops / tok_elapsed / PEAK_BF16
     if cuda and peak_mem is not None and in_process:
         out["peak_gpu_memory_bytes"] = peak_mem
     return out
@@ -209,6 +271,14 @@ def print_table(s: dict[str, Any]) -> None:
               "checkpoints, compilation)")
     else:
         print("aggregate MFU: n/a (generators did not train on CUDA)")
+    tf = s["tokenizer_flops"]
+    if math.isfinite(tf):
+        print(f"tokenizer training FLOPs ({s['tokenizer_runs']} runs, flop counter at batch {TOKENIZER_FLOP_BATCH} "
+              f"scaled): {tf:.4g}")
+    if s["tokenizer_mfu_elapsed"] is not None:
+        print(f"tokenizer training MFU vs {PEAK_BF16 / 1e12:.0f} TFLOP/s bf16: {100 * s['tokenizer_mfu_elapsed']:.2f}% "
+              f"over the elapsed time ({s['stages']['tokenizer training']['elapsed_s']:.1f} s, incl. compilation "
+              "and checkpoint validation; too high where a stage was resumed: its marker times the last attempt)")
     mem = s["peak_gpu_memory_bytes"]
     print(f"peak GPU memory: {mem / 2**30:.2f} GiB (torch.cuda.max_memory_allocated, in-process run)" if mem is not None
           else f"peak GPU memory: n/a ({s['peak_gpu_memory_note']})")

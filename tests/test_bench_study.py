@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_study import elapsed, generator_flops, stage_times  # noqa: E402
+from bench_study import elapsed, generator_flops, stage_times, tokenizer_flops  # noqa: E402
 
 from twostage.study.plan import build_plan  # noqa: E402
 from twostage.study.spec import load_spec  # noqa: E402
@@ -39,3 +39,12 @@ def test_the_committed_crt_study_counts_its_packed_runs_once_and_its_branches_no
             per_size.setdefault(gen.size, set()).add(job.id)
     assert {k: len(v) for k, v in per_size.items()} == {"tiny": 6, "mini": 6, "small": 6}
     assert flops > 1e16
+
+
+def test_tokenizer_flops_of_the_committed_crt_study_match_a_full_batch_count():
+    """6 tokenizer runs x 3000 steps; one step at batch 128 counts 1.432 TFLOP (baseline) and 1.510 TFLOP
+    (+CRT), results/throughput/2026-12-02/tokenizer_ops_cpu.txt: counting at batch 4 and scaling agrees."""
+    folder = ROOT / "results" / "study_crt"
+    flops, runs, devices = tokenizer_flops(build_plan(load_spec(folder / "study.yaml"), folder))
+    assert runs == 6 and set(devices) == {"cuda:0"}
+    assert flops == pytest.approx(3000 * 3 * (1.432e12 + 1.510e12), rel=2e-3)
