@@ -141,9 +141,7 @@ def generator_flops(plan: Plan) -> tuple[float, int, list[str]]:
     jobs = {j.id: j for j in plan.jobs}
     total, runs, devices = 0.0, 0, []
     for gen, job in zip(plan.generators, plan.generator_jobs):
-        run_json = job.folder / "run.json"
-        if run_json.is_file():
-            devices.append(str(json.loads(run_json.read_text()).get("device", "?")))
+        devices += [d for d in [_device(job.folder)] if d is not None]
         if any(s.name == "branch" for s in job.stages):
             continue
         own = next((s for s in job.stages if s.name == "train"), None)
@@ -163,8 +161,9 @@ def generator_flops(plan: Plan) -> tuple[float, int, list[str]]:
 TOKENIZER_FLOP_BATCH = 4  # FLOPs scale with the batch; counting at 4 keeps the CPU pass to seconds
 
 
-def tokenizer_step_flops(tok: Any) -> float:
-    """Training FLOPs of one step of a study tokenizer at its configured batch size (see the docstring)."""
+def tokenizer_step_flops(kind: str, config: Any, step: int, count_batch: int = TOKENIZER_FLOP_BATCH) -> float:
+    """Training FLOPs of one step of a tokenizer config at its configured batch size: forward + backward of
+    the phases active at `step`, counted at `count_batch` images (see the docstring) and scaled."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -172,12 +171,11 @@ def tokenizer_step_flops(tok: Any) -> float:
     from twostage import registry
     from twostage.engine.task import PhaseContext
 
-    kind = registry.tokenizer_kind(tok.kind)
-    _, cfg = registry.load_config("tokenizer", configlib.to_dict(tok.config), ["train.device=cpu", "train.compile=false"])
-    task = kind.task_class()(cfg, channels_last=False)
-    b, size = TOKENIZER_FLOP_BATCH, cfg.data.image_size
+    _, cfg = registry.load_config("tokenizer", configlib.to_dict(config), ["train.device=cpu", "train.compile=false"])
+    task = registry.tokenizer_kind(kind).task_class()(cfg, channels_last=False)
+    b, size = count_batch, cfg.data.image_size
     images = torch.rand(b, cfg.model.in_channels, size, size) * 2 - 1
-    batch, step, scratch = (images, torch.zeros(b, dtype=torch.long)), cfg.train.steps // 2, {}
+    batch, scratch = (images, torch.zeros(b, dtype=torch.long)), {}
     counter = FlopCounterMode(display=False)
     with counter:
         for phase in task.phases():
@@ -185,6 +183,12 @@ def tokenizer_step_flops(tok: Any) -> float:
                 loss, _ = phase.loss(PhaseContext(batch, step, task.modules, scratch, torch.device("cpu")))
                 loss.backward()
     return counter.get_total_flops() * cfg.train.batch_size / b
+
+
+def _device(run_dir: Path) -> str | None:
+    """The device a run trained on, from its run.json (None without one)."""
+    run_json = run_dir / "run.json"
+    return str(json.loads(run_json.read_text()).get("device", "?")) if run_json.is_file() else None
 
 
 def tokenizer_flops(plan: Plan) -> tuple[float, int, list[str]]:
@@ -199,12 +203,10 @@ def tokenizer_flops(plan: Plan) -> tuple[float, int, list[str]]:
         train = next((s for s in job.stages if s.name == "train"), None)
         if job.kind != "tokenizer" or tok is None or train is None or read_marker(job, train, plan.root) is None:
             continue
-        run_json = job.folder / "run.json"
-        if run_json.is_file():
-            devices.append(str(json.loads(run_json.read_text()).get("device", "?")))
+        devices += [d for d in [_device(job.folder)] if d is not None]
         key = json.dumps([tok.kind, tok.preset, [o for o in tok.overrides if not o.startswith("train.seed=")]])
         if key not in per_config:
-            per_config[key] = tokenizer_step_flops(tok)
+            per_config[key] = tokenizer_step_flops(tok.kind, tok.config, tok.config.train.steps // 2)
         total += per_config[key] * tok.config.train.steps
         runs += 1
     return (total if runs else math.nan), runs, devices

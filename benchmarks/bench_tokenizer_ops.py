@@ -65,18 +65,13 @@ def main(argv: list[str] | None = None) -> int:
             step()
         print(f"{name:9s} {ops:6d} ops per step, {(time.perf_counter() - start) / 3 * 1e3:7.0f} ms per step on the CPU")
 
-    from torch.utils.flop_counter import FlopCounterMode
+    from bench_study import tokenizer_step_flops  # benchmarks/ is on sys.path when run as a script
 
-    batch = api.load_config(args.preset).train.batch_size
-    x = torch.rand(batch, 3, 32, 32) * 2 - 1
     for name, overrides in (("baseline", []), ("+CRT", CRT)):
-        task = VQTokenizerTask(api.load_config(args.preset, ["train.device=cpu", *overrides]))
-        ctx = PhaseContext((x, torch.zeros(batch, dtype=torch.long)), 500, task.modules, {}, torch.device("cpu"))
-        counter = FlopCounterMode(display=False)
-        with counter:
-            loss, _ = task.autoencoder_loss(ctx)
-            loss.backward()
-        print(f"{name:9s} {counter.get_total_flops() / 1e12:6.3f} TFLOP per training step (batch {batch}, "
+        cfg = api.load_config(args.preset, overrides)
+        batch = cfg.train.batch_size  # counted at the full batch: the check on bench_study's scaled count
+        flops = tokenizer_step_flops("vq", cfg, step=500, count_batch=batch)
+        print(f"{name:9s} {flops / 1e12:6.3f} TFLOP per training step (batch {batch}, "
               "forward + backward, perceptual loss on)")
 
     cfg = api.load_config(args.preset)

@@ -247,6 +247,17 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level with dotted keys, the override syntax ({"train": {"lr": 1}} ->
+    {"train.lr": 1}); a value that is not a dict is {prefix or "value": d}."""
+    if not isinstance(d, dict):
+        return {prefix or "value": d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _is_default(f: dataclasses.Field, value: Any) -> bool:
     if f.default_factory is not dataclasses.MISSING:
         return value == f.default_factory()
@@ -379,6 +390,7 @@ __all__ = [
     "from_dict",
     "validate",
     "to_dict",
+    "flatten",
     "parse_overrides",
     "merge",
     "load",

@@ -34,10 +34,9 @@ import torch
 @contextlib.contextmanager
 def kernel_settings(deterministic_kernels: bool, cudnn_benchmark: bool | None) -> Iterator[None]:
     """The training loop's kernel settings inside the block (cudnn_benchmark None: on unless
-    deterministic); the process's previous settings after."""
+    deterministic; TrainConfig.check refuses true with deterministic); the process's previous settings
+    after."""
     benchmark = (not deterministic_kernels) if cudnn_benchmark is None else cudnn_benchmark
-    if deterministic_kernels and benchmark:
-        raise ValueError("cudnn_benchmark=True with deterministic=True: autotuned kernels differ between runs")
     previous = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = benchmark
     try:

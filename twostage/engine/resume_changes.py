@@ -67,8 +67,8 @@ def check_changes(run_dir: Path, full_config: dict, accept_optim: bool) -> dict[
     if not saved.is_file():
         return {}
 
-    old = flatten(yaml.safe_load(saved.read_text()) or {})
-    new = flatten(full_config)
+    old = configlib.flatten(yaml.safe_load(saved.read_text()) or {})
+    new = configlib.flatten(full_config)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     kinds = {k: change_kind(k, old.get(k), new.get(k)) for k in changed}
     refused = [k for k in changed if kinds[k] == "refused"]
@@ -135,14 +135,3 @@ def read_changes(path: Path) -> list[dict[str, Any]]:
     except (OSError, ValueError, AttributeError):
         return []
     return changes if isinstance(changes, list) else []
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out

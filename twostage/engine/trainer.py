@@ -70,8 +70,6 @@ from twostage.engine.task import PhaseContext, Task
 log = logging.getLogger(__name__)
 
 
-
-
 @contextlib.contextmanager
 def isolated_rng(device: torch.device):
     """Fork every global RNG (torch CPU, the CUDA `device`, numpy, python) for side work, so nothing a
@@ -516,7 +514,7 @@ class _Trainer:
                           "weights), so that the run resumes from it")
         else:
             where = "no checkpoint with finite weights was written before it"
-        flat = resume_changes.flatten(self.full_config)
+        flat = configlib.flatten(self.full_config)
         lr_keys = [k for k in flat if k.split(".")[-1] == "lr" and "optim" in k.split(".")[:-1]]
         lower = (f"lower the learning rate ({', '.join(f'{k}={flat[k]!r}' for k in lr_keys[:4])})" if lr_keys
                  else "lower the learning rate")
@@ -586,8 +584,9 @@ class _Trainer:
         def record(signum: int) -> None:
             self.stop_signal = signum
 
-        with preemption.stop_signals(record), determinism.kernel_settings(self.cfg.deterministic, self.cfg.cudnn_benchmark), \
-                profiling.profiled_steps(self.cfg.profile_steps, self.run_dir, self.device,
+        cfg = self.cfg
+        with preemption.stop_signals(record), determinism.kernel_settings(cfg.deterministic, cfg.cudnn_benchmark), \
+                profiling.profiled_steps(cfg.profile_steps, self.run_dir, self.device,
                                          enabled=self.world.is_main) as self.profiler:
             return self._loop()
 

@@ -13,22 +13,14 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Mapping
 
-__all__ = ["COMPARABILITY", "SAMPLING", "flatten", "protocol_summary", "comparability_key", "rfd_name", "plain"]
+from twostage.config import flatten
+
+__all__ = ["COMPARABILITY", "SAMPLING", "protocol_summary", "comparability_key", "rfd_name", "plain"]
 
 # Protocol fields that must agree for numbers to be comparable (docs/methods.md §8 "Protocol record").
 COMPARABILITY = ("num_samples", "label_sampling", "feature_network", "feature_checksum", "feature_input_size",
                  "feature_preprocessing", "reference", "reference_stats", "quantization")
 SAMPLING = ("sampler", "steps", "cfg_scale", "cfg_interval", "temperature", "top_k", "top_p", "precision")
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one level with dotted keys."""
-    if not isinstance(d, dict):
-        return {prefix or "value": d}
-    out = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def _parse(record: Any) -> dict[str, Any]:

@@ -144,21 +144,11 @@ def compare_verdicts(original: Iterable[Verdict], rerun: Iterable[Verdict]) -> l
     return [Replication(a.get(k), b.get(k), _status(a.get(k), b.get(k))) for k in keys]
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def spec_differences(original: dict[str, Any], rerun: dict[str, Any]) -> list[str]:
     """The settings two study specs set differently, seeds aside ("tokenizer.steps: 2000 -> 3000"): a
     re-run is a replication of the original's verdicts only where these are none; otherwise it tests
     whether the verdicts survive the change."""
-    a, b = _flat({k: v for k, v in original.items() if k != "seeds"}), _flat({k: v for k, v in rerun.items()
-                                                                              if k != "seeds"})
+    a, b = (configlib.flatten({k: v for k, v in spec.items() if k != "seeds"}) for spec in (original, rerun))
     return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in list(a) + [k for k in b if k not in a]
             if a.get(k) != b.get(k)]
 
