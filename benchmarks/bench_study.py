@@ -33,6 +33,11 @@ Numbers, all from what the study wrote (nothing is re-run to measure it):
   checkpoints and compilation, so both are lower bounds on the training loops' MFU. The same for the
   tokenizer training stage. A stage resumed across device calls keeps only its last attempt's wall
   time in its marker while its FLOPs count the whole run: its MFU is then too high.
+- tokenizer timelines, where a tokenizer run's metrics.jsonl is kept: per run, the first logged window's
+  step time (start-up and compilation), the median step time after it, and the pauses: wall time between
+  two log rows beyond their steps x step time (checkpoints with their validation and previews; the
+  engine leaves them out of the step time), the largest one with its step. Several runs sharing a GPU
+  slow each other's steps, so compare the median with the same sharing.
 - peak GPU memory: torch.cuda.max_memory_allocated of this process, only when this script ran the
   study in-process (one GPU or none, one job per GPU); jobs in subprocesses (several GPUs or
   --jobs-per-gpu > 1) and a folder that is only read report "n/a".
@@ -212,6 +217,30 @@ def tokenizer_flops(plan: Plan) -> tuple[float, int, list[str]]:
     return (total if runs else math.nan), runs, devices
 
 
+def tokenizer_timelines(plan: Plan) -> list[dict[str, Any]]:
+    """Per tokenizer run with a metrics.jsonl: start-up, median step time and checkpoint pauses (seconds)."""
+    out = []
+    for job in plan.jobs:
+        rows_file = job.folder / "metrics.jsonl"
+        if job.kind != "tokenizer" or not rows_file.is_file():
+            continue
+        rows = [r for r in (json.loads(line) for line in rows_file.read_text().splitlines() if line.strip())
+                if "perf/step_time_s" in r and "time" in r]
+        if len(rows) < 3:
+            continue
+        pauses = []  # (seconds outside the steps between two log rows, the later row's step)
+        for a, b in zip(rows, rows[1:]):
+            if b["step"] > a["step"]:  # a resumed run logs its steps again from the checkpoint
+                pauses.append((b["time"] - a["time"] - (b["step"] - a["step"]) * b["perf/step_time_s"], b["step"]))
+        steady = sorted(r["perf/step_time_s"] for r in rows[1:])
+        worst = max(pauses, default=(0.0, 0))
+        out.append({"job": job.id, "label": job.label, "first_window_step_s": rows[0]["perf/step_time_s"],
+                    "first_window_steps": rows[0]["step"], "median_step_s": steady[len(steady) // 2],
+                    "pauses_s": sum(max(p, 0.0) for p, _ in pauses), "largest_pause_s": worst[0],
+                    "largest_pause_step": worst[1]})
+    return out
+
+
 def summarize(plan: Plan, *, end_to_end_s: float | None = None, peak_mem: int | None = None,
               in_process: bool = False) -> dict[str, Any]:
     t = stage_times(plan)
@@ -229,6 +258,7 @@ def summarize(plan: Plan, *, end_to_end_s: float | None = None, peak_mem: int | 
         "generator_flops": flops, "generator_devices": sorted(set(devices)),
         "mfu": None, "mfu_elapsed": None, "peak_gpu_memory_bytes": None,
         "tokenizer_flops": tok_flops, "tokenizer_runs": tok_runs, "tokenizer_mfu_elapsed": None,
+        "tokenizer_timelines": tokenizer_timelines(plan),
         "peak_gpu_memory_note": "in-process run" if peak_mem is not None else
         ("not on CUDA" if not cuda else "n/a: jobs ran in subprocesses or the folder was only read"),
     }
@@ -281,6 +311,14 @@ def print_table(s: dict[str, Any]) -> None:
         print(f"tokenizer training MFU vs {PEAK_BF16 / 1e12:.0f} TFLOP/s bf16: {100 * s['tokenizer_mfu_elapsed']:.2f}% "
               f"over the elapsed time ({s['stages']['tokenizer training']['elapsed_s']:.1f} s, incl. compilation "
               "and checkpoint validation; too high where a stage was resumed: its marker times the last attempt)")
+    if s["tokenizer_timelines"]:
+        print("tokenizer runs (metrics.jsonl): first window's step time (start-up, compilation), median step time, "
+              "time outside the steps (checkpoints, validation), largest pause")
+        for x in s["tokenizer_timelines"]:
+            print(f"  {x['job']} {x['label']:24s} first {x['first_window_steps']} steps "
+                  f"{1000 * x['first_window_step_s']:7.0f} ms/step, median {1000 * x['median_step_s']:5.0f} ms/step, "
+                  f"pauses {x['pauses_s']:6.1f} s, largest {x['largest_pause_s']:6.1f} s before step "
+                  f"{x['largest_pause_step']}")
     mem = s["peak_gpu_memory_bytes"]
     print(f"peak GPU memory: {mem / 2**30:.2f} GiB (torch.cuda.max_memory_allocated, in-process run)" if mem is not None
           else f"peak GPU memory: n/a ({s['peak_gpu_memory_note']})")

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_study import elapsed, generator_flops, stage_times, tokenizer_flops  # noqa: E402
+from bench_study import elapsed, generator_flops, stage_times, tokenizer_flops, tokenizer_timelines  # noqa: E402
 
 from twostage.study.plan import build_plan  # noqa: E402
 from twostage.study.spec import load_spec  # noqa: E402
@@ -48,3 +48,18 @@ def test_tokenizer_flops_of_the_committed_crt_study_match_a_full_batch_count():
     flops, runs, devices = tokenizer_flops(build_plan(load_spec(folder / "study.yaml"), folder))
     assert runs == 6 and set(devices) == {"cuda:0"}
     assert flops == pytest.approx(3000 * 3 * (1.432e12 + 1.510e12), rel=2e-3)
+
+
+def test_tokenizer_timelines_of_the_unseen_seed_crt_run_show_the_first_checkpoint_stall():
+    """results/study_crt_seeds345 keeps its tokenizers' metrics.jsonl: every run's first 100 steps include
+    compilation (> 1 s per step against ~0.1 s after), and the largest pause outside the steps is the first
+    checkpoint (step 500, logged at 600), where validation recompiled the in-place compiled model before
+    the trainer ran checkpoint side work eagerly."""
+    folder = ROOT / "results" / "study_crt_seeds345"
+    lines = tokenizer_timelines(build_plan(load_spec(folder / "study.yaml"), folder))
+    assert len(lines) == 6
+    for x in lines:
+        assert x["first_window_steps"] == 100 and x["first_window_step_s"] > 1.0
+        assert 0.05 < x["median_step_s"] < 0.2
+        assert x["largest_pause_step"] == 600 and x["largest_pause_s"] > 30
+        assert x["pauses_s"] >= x["largest_pause_s"]

@@ -62,3 +62,36 @@ def test_data_without_a_val_split_trains_and_warns_once(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if "no validation at checkpoints" in r.getMessage()]
     assert len(warnings) == 1 and "val_fraction" in warnings[0]
     assert not (run / "val").exists() and not any("val/psnr" in r for r in _rows(run))
+
+
+def test_checkpoint_side_work_runs_eagerly_and_leaves_the_compiled_training_graph_alone(data, tmp_path, monkeypatch):
+    """train.compile compiles the modules in place; validation and previews at a checkpoint (eval mode,
+    no grad, other batch sizes) must not recompile them: on an H200 that recompilation stalled each of
+    the study's tokenizers for one to two minutes. Counted with a backend that records every graph."""
+    import torch
+
+    graphs: list[str] = []
+
+    def counting(gm, example_inputs):  # what dynamo compiles, run as traced (no inductor: fast on a CPU)
+        graphs.append(str(len(example_inputs)))
+        return gm.forward
+
+    plain_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: plain_compile(self, **{**kw, "backend": counting}))
+    torch._dynamo.reset()
+    run = train_tokenizer("vq", data, tmp_path / "compiled", steps=3,
+                          extra=["train.compile=true", "monitor.val_images=6", "monitor.grid_images=4",
+                                 "train.ckpt_every=1", "loss.gan_weight=0", "loss.perceptual=none"])
+    assert sorted({r["step"] for r in _rows(run) if "val/psnr" in r}) == [1, 2, 3]
+    assert graphs, "train.compile=true compiled nothing"
+    # the training step's graphs are compiled at step 1, before the first checkpoint; later checkpoints
+    # (validation of 6 images, a 4-image preview, eval mode) add none
+    after_first = len(graphs)
+    torch._dynamo.reset()
+    graphs.clear()
+    run = train_tokenizer("vq", data, tmp_path / "once", steps=1,
+                          extra=["train.compile=true", "monitor.val_images=0", "monitor.grid_images=0",
+                                 "train.ckpt_every=1", "loss.gan_weight=0", "loss.perceptual=none"])
+    assert len(graphs) == after_first, f"checkpoint side work compiled {after_first - len(graphs)} more graph(s)"
+    torch._dynamo.reset()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copy what a committed study result keeps from a study folder brought back by run.sh (unpacked
 # studies.tgz): the spec, table, logs of the runner, and the tokenizers' records (config, run record,
-# done markers, validation curve points, reconstruction metrics) and the generator runs' and packs' done
+# done markers, validation curve points, reconstruction metrics, the training log's metrics.jsonl) and the generator runs' and packs' done
 # markers, run.json and model.json; no weights, no other per-run generator files (the table holds their numbers), no
 # report pages (rebuilt by `twostage study report`).
 #
@@ -13,7 +13,7 @@ for f in study.yaml results.parquet commands.log run.log; do [ -f "$src/$f" ] &&
 [ -f "$src/../device.txt" ] && cp "$src/../device.txt" "$dest/"
 if [ -d "$src/tokenizers" ]; then
   (cd "$src" && find tokenizers \( -name config.yaml -o -name run.json -o -path '*/done/*.json' -o -path '*/val/*.json' \
-     -o -path '*/eval/recon.json' \) -type f -print0 | tar --null -cf - -T -) | tar -C "$dest" -xf -
+     -o -path '*/eval/recon.json' -o -name metrics.jsonl \) -type f -print0 | tar --null -cf - -T -) | tar -C "$dest" -xf -
 fi
 # the generator runs' and packs' done markers, run records and model records: each stage's wall time, the
 # device it ran on and the model's training FLOPs per token (benchmarks/bench_study.py reads them)
