@@ -9,11 +9,20 @@ study's tokenizer job costs: `twostage tokenizer train PRESET` (no validation, n
 timed span), per-step wall time from the engine's `perf/step_time_s` averaged over the log windows after
 the first (start-up and compilation out). With `--processes K` it starts K such runs at once (as a study
 with --jobs-per-gpu K does) and reports the aggregate steps/s, to see how K processes share one GPU.
+
+With K > 1 every number comes from the *common window*: the wall-clock span in which all K runs were past
+their first log window (compiled) and not yet finished, read from the rows' wall times in each run's
+metrics.jsonl; each run's steps inside it are interpolated between its log rows. The K processes finish
+compiling seconds apart, and a run that trains while the others still compile has the GPU to itself:
+averaging each run's own step times (what this script did until 2026-12-02) then overstates the
+aggregate, by up to 2x for 150-step runs (results/throughput/README.md §5). Use enough steps that the
+common window is most of each run (the script prints its share).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -24,6 +33,34 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_replicas import step_time  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+
+def log_rows(run: Path) -> list[tuple[float, int]]:
+    """(wall time, step) of each log row of a run's metrics.jsonl that has a step time."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [(r["time"], r["step"]) for r in rows if "perf/step_time_s" in r and "time" in r]
+
+
+def step_at(rows: list[tuple[float, int]], t: float) -> float:
+    """A run's step count at wall time t, linear between its log rows (t inside the rows' span)."""
+    for (t0, s0), (t1, s1) in zip(rows, rows[1:]):
+        if t0 <= t <= t1:
+            return s0 + (s1 - s0) * (t - t0) / (t1 - t0) if t1 > t0 else float(s1)
+    raise ValueError(f"time {t} outside the run's log rows")
+
+
+def common_window(runs: list[Path]) -> tuple[float, list[float], float]:
+    """(window seconds, each run's steps in it, the window's share of the runs' mean timed span): the span
+    in which every run was past its first log window and not finished."""
+    rows = [log_rows(run) for run in runs]
+    if any(len(r) < 3 for r in rows):
+        raise SystemExit("each run needs at least 3 log rows with step times: raise --steps")
+    start, end = max(r[1][0] for r in rows), min(r[-1][0] for r in rows)
+    if end <= start:
+        raise SystemExit("the runs did not train at the same time after compiling: raise --steps")
+    steps = [step_at(r, end) - step_at(r, start) for r in rows]
+    share = (end - start) / (sum(r[-1][0] - r[1][0] for r in rows) / len(rows))
+    return end - start, steps, share
 
 
 def overrides(args: argparse.Namespace, compile_: str, seed: int) -> list[str]:
@@ -64,16 +101,21 @@ def main(argv: list[str] | None = None) -> int:
             if proc.returncode:
                 print(err[-2000:], file=sys.stderr)
                 return proc.returncode
-        times = [step_time(run) for run in runs]
         if batch is None:
             from twostage import api
 
             batch = api.load_config(runs[0] / "config.yaml").train.batch_size
+        if len(runs) == 1:
+            times, note = [step_time(runs[0])], ""
+        else:  # only the span in which all of them trained (see the module docstring)
+            window, steps, share = common_window(runs)
+            times = [window / s for s in steps]
+            note = f"  (common window {window:.1f} s, {100 * share:.0f}% of a run's timed span)"
         mean = sum(times) / len(times)
         aggregate = sum(1.0 / t for t in times)
         eager = eager or aggregate
         print(f"{mode:>7s} {args.processes:9d} {mean * 1e3:22.2f} {aggregate:18.2f} {aggregate * batch:9.0f} "
-              f"{aggregate / eager:8.2f}", flush=True)
+              f"{aggregate / eager:8.2f}{note}", flush=True)
     return 0
 
 

@@ -48,6 +48,6 @@ train alone_crt 0 $CRT
     echo "# $variant"
     # CPU threads split between the jobs, as the study runner splits them (twostage/study/runner.py)
     OMP_NUM_THREADS=$(( $(nproc) / PROCESSES > 0 ? $(nproc) / PROCESSES : 1 )) \
-      $PY benchmarks/bench_tokenizer_run.py --steps 150 --processes "$PROCESSES" --compile on $variant ${EXTRA:-} 2>&1 | tail -2
+      $PY benchmarks/bench_tokenizer_run.py --steps 450 --processes "$PROCESSES" --compile on $variant ${EXTRA:-} 2>&1 | tail -2
   done; } | tee "$OUT/profile/shared_ab.txt"
 for f in "$OUT"/profile/*.txt; do [ "$(basename "$f")" = device.txt ] && continue; echo "== $(basename "$f" .txt)"; sed -n 2,5p "$f"; done
