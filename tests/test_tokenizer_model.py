@@ -47,8 +47,42 @@ def test_channels_last_matches_contiguous():
     x = torch.randn(2, 3, 16, 16)
     ref = model(x).recon
     model.to(memory_format=torch.channels_last)
+    model.channels_last_codes = True  # as the training task sets it for an NHWC model
     out = model(x.contiguous(memory_format=torch.channels_last)).recon
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_k_seeds_stacked_under_vmap_equal_k_separate_models():
+    """K tokenizer seeds as one stacked model (twostage/engine/replicas.py StackedModule, torch.func.vmap):
+    the same reconstructions, quantizer losses and gradients as the K models run one by one (float64:
+    equal up to rounding). VQModel.forward must not query the input's layout, which vmap cannot answer."""
+    from torch.func import functional_call, vmap
+
+    from twostage.engine.replicas import StackedModule
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(VQModel(tiny((1, 2, 2))).double().train())
+    stacked = StackedModule([VQModel(tiny((1, 2, 2))).double().train() for _ in models])
+    with torch.no_grad():  # the stacked weights start as the two seeded models' weights
+        for w, name in zip(stacked.weights, stacked.names):
+            w.copy_(torch.stack([m.get_parameter(name) for m in models]))
+    x = torch.randn(2, 3, 3, 16, 16, dtype=torch.float64)
+
+    def loss(weights, images):
+        out = functional_call(stacked.base, weights, (images,))
+        return (out.recon - images).square().mean() + out.quant.loss, out.recon
+
+    values, recons = vmap(loss)(stacked.stacked(), x)
+    values.sum().backward()
+    for k, model in enumerate(models):
+        value, recon = loss(dict(model.named_parameters()), x[k])
+        value.backward()
+        torch.testing.assert_close(values[k], value)
+        torch.testing.assert_close(recons[k], recon)
+        for w, name in zip(stacked.weights, stacked.names):
+            torch.testing.assert_close(w.grad[k], model.get_parameter(name).grad, rtol=1e-9, atol=1e-12)
 
 
 def test_published_vq16_size_is_about_72m_parameters():

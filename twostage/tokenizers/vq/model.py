@@ -37,6 +37,10 @@ class VQModel(nn.Module):
         )
         self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
         self.decoder = Decoder(cfg)
+        # The training task sets this when it lays the model out NHWC (twostage/tokenizers/vq/task.py): the
+        # codes then enter the decoder NHWC too. A flag rather than a query of the input's layout, which
+        # torch.func.vmap cannot answer (K seeds as one stacked model: benchmarks/bench_tokenizer_replicas.py).
+        self.channels_last_codes = False
 
     @property
     def downsample_factor(self) -> int:
@@ -66,6 +70,6 @@ class VQModel(nn.Module):
         latent = self.encode_latent(x)
         quant = self.quantizer(latent)
         z_q = quant.z_q
-        if x.is_contiguous(memory_format=torch.channels_last):
+        if self.channels_last_codes:
             z_q = z_q.contiguous(memory_format=torch.channels_last)
         return VQOutput(self.decode(z_q), latent, quant)

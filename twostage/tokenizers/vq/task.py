@@ -54,6 +54,7 @@ class VQTokenizerTask(AutoencoderTask):
                 num_classes=c.num_classes,
             )
         self._finish_init()
+        tokenizer.channels_last_codes = self.channels_last  # the images come NHWC then (AutoencoderTask.prepare)
         self.usage = CodebookUsage(cfg.model.codebook_size, cfg.monitor.usage_window)
         self._pixel = F.mse_loss if cfg.loss.pixel == "l2" else F.l1_loss
 
