@@ -9,6 +9,8 @@ plan adds the two ways a study can train its generator runs together: stacked re
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +60,24 @@ def _check_cells(spec: StudySpec, toks: list[ResolvedTokenizer], gens: list[Reso
                               f"label {t.label!r}: give one of them a `label`")
 
 
+def stagger_compiles(toks: list[ResolvedTokenizer], jobs: list[Job]) -> None:
+    """Compiled tokenizer jobs that differ only in their seed compile the same graphs: the first of each
+    such group compiles, the others start once it has logged its first training window (its
+    metrics.jsonl), and then find its graphs in the inductor cache. Six study_crt tokenizers compiling
+    at once on a 16-core H200 host took ~127 s to their first step (results/study_crt_seeds345,
+    bench_study.txt); one configuration compiling alone took ~60 s and a cache hit ~10 s
+    (results/throughput/README.md §4). Changed in place."""
+    leaders: dict[str, Job] = {}
+    for tok, job in zip(toks, jobs):
+        train = next((s for s in job.stages if s.name == "train"), None)
+        if train is None or not tok.config.train.compile:
+            continue
+        key = json.dumps([a for a in train.argv[:train.argv.index("--out")] if not a.startswith("train.seed=")])
+        leader = leaders.setdefault(key, job)
+        if leader is not job and leader.id != job.id:
+            job.warm_start = (leader.id, leader.folder / "metrics.jsonl")
+
+
 def build_plan(spec: StudySpec, root: Path) -> Plan:
     toks, gens = resolve_grid(spec)
     _check_cells(spec, toks, gens)
@@ -68,6 +88,7 @@ def build_plan(spec: StudySpec, root: Path) -> Plan:
         if size not in refs:
             refs[size] = reference_job(spec, size, paths)
     tok_jobs = [tokenizer_job(spec, t, paths) for t in toks]
+    stagger_compiles(toks, tok_jobs)
     gen_jobs = [generator_job(spec, g, paths, refs[g.tokenizer.config.data.image_size]) for g in gens]
     if spec.budget_runs == "longest":
         branch_jobs(gens, gen_jobs)
@@ -82,4 +103,4 @@ def build_plan(spec: StudySpec, root: Path) -> Plan:
     return Plan(paths.root, jobs, toks, gens, gen_jobs, tok_jobs)
 
 
-__all__ = ["Plan", "build_plan"]
+__all__ = ["Plan", "build_plan", "stagger_compiles"]
