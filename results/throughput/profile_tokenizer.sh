@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
-# Where a study tokenizer step's time goes on the GPU: `train.profile_steps` (twostage/engine/profiling.py)
-# over steps 100-119 of study_crt's two tokenizer configs (baseline, +CRT; compiled, as the study runs
-# them), first one process alone (the baseline also with cuDNN's heuristic algorithm choice,
-# train.cudnn_benchmark=false, as the engine ran before it autotuned, and with CUDA graphs,
-# train.compile_mode=reduce-overhead, unless GRAPHS=0); each run's table (wall and device-busy ms per step,
-# kernels per step, top ops by device time) lands in $OUT/profile/. Then PROCESSES (6) compiled baseline
-# jobs at once, the study's situation, for each kernel choice (benchmarks/bench_tokenizer_run.py: aggregate
-# steps/s, $OUT/profile/shared_ab.txt):
+# Where a study tokenizer step's time goes on the GPU, and what K jobs sharing it get:
 #
 #   OUT=... bash results/throughput/profile_tokenizer.sh          (carry .carry, as results/studies/run.sh)
 #
-# The eager tokenizer of 2026-12-01 was profiled once (tokenizer_profile/: ~33 ms of GPU work per step,
-# led by convolution backward, GroupNorm, NCHW<->NHWC conversions and the perceptual network's native
-# depthwise kernels); this one profiles the compiled channels_last jobs the studies run now.
+# ALONE (default "baseline crt cuda_graphs"; also "heuristics"): `train.profile_steps` over steps 100-119 of
+# study_crt's tokenizer configs (compiled, as the study runs them), one process alone; each run's table (wall
+# and device-busy ms per step, kernels per step, top ops by device time, the copies by caller) lands in
+# $OUT/profile/alone_*.txt. REPLICAS=1 adds benchmarks/bench_tokenizer_replicas.py (K = 1, 3 seeds stacked
+# in one process vs K models) -> $OUT/profile/replicas.txt. SHARED (default "default graphs mps"; also
+# "heuristics"): PROCESSES (6) compiled baseline jobs at once, STEPS (450) each, aggregate steps/s over the
+# window in which all trained (benchmarks/bench_tokenizer_run.py) -> $OUT/profile/shared_ab.txt.
+#
+# 2026-12-02 (results/throughput/README.md §5): alone, a job is launch-bound (device busy 21% of the wall);
+# six jobs sharing the GPU are bound by its ~16 ms of device time per step. The shared A/B of that call
+# averaged each run's own step times and is not evidence; this script's A/B is the re-measurement.
 #
 # EXTRA="..." appends overrides to every run (a CPU smoke test: EXTRA="train.device=cpu train.compile=false
-# train.batch_size=4 loss.perceptual=none train.num_workers=0" PROCESSES=1 GRAPHS=0).
+# train.batch_size=4 loss.perceptual=none train.num_workers=0" PROCESSES=2 ALONE=baseline SHARED=default STEPS=6).
 #
-# Read: busy / wall of a lone process says whether one job is launch-bound; K x (a lone job's busy ms)
-# against the shared runs' ms per step says whether K jobs fill the GPU. Run it after a study call on the
-# same machine, when the inductor cache is warm (compiling the two configs from cold takes ~2 minutes).
+# Run it after a study call on the same machine, when the inductor cache is warm (compiling the configs
+# from cold takes ~2 minutes each).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:?set OUT}
@@ -37,17 +37,37 @@ train() {  # NAME SEED EXTRA...
 }
 rm -rf /tmp/profile_runs && mkdir -p /tmp/profile_runs
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/profile/device.txt"; date -u +%FT%TZ | tee -a "$OUT/profile/device.txt"
-train alone_baseline_cudnn_heuristics 0 train.cudnn_benchmark=false   # the engine's kernels before 2026-12-02
-train alone_baseline 0
-train alone_crt 0 $CRT
-# the compiled modules' forward and backward replayed as CUDA graphs (a separate compile: ~2 minutes cold)
-[ "${GRAPHS:-1}" = 1 ] && train alone_baseline_cuda_graphs 0 train.compile_mode=reduce-overhead
-# the study's situation: six compiled baseline jobs sharing the GPU, aggregate steps/s for each kernel choice
-{ for variant in train.cudnn_benchmark=false train.cudnn_benchmark=true train.compile_mode=reduce-overhead; do
-    [ "$variant" = train.compile_mode=reduce-overhead ] && [ "${GRAPHS:-1}" != 1 ] && continue
-    echo "# $variant"
-    # CPU threads split between the jobs, as the study runner splits them (twostage/study/runner.py)
-    OMP_NUM_THREADS=$(( $(nproc) / PROCESSES > 0 ? $(nproc) / PROCESSES : 1 )) \
-      $PY benchmarks/bench_tokenizer_run.py --steps 450 --processes "$PROCESSES" --compile on $variant ${EXTRA:-} 2>&1 | tail -2
+# ALONE: the single-process profiles to take (each table now ends with the step's copies by caller and shape)
+for name in ${ALONE:-baseline crt cuda_graphs}; do
+  case $name in
+    heuristics) train alone_baseline_cudnn_heuristics 0 train.cudnn_benchmark=false ;;  # the kernels before 2026-12-02
+    baseline) train alone_baseline 0 ;;
+    crt) train alone_crt 0 $CRT ;;
+    # the compiled modules' forward and backward replayed as CUDA graphs (a separate compile: ~2 minutes cold)
+    cuda_graphs) train alone_baseline_cuda_graphs 0 train.compile_mode=reduce-overhead ;;
+  esac
+done
+# REPLICAS=1: K seeds of the tokenizer as one vmapped, compiled model in one process against K models
+# stepped in turn (benchmarks/bench_tokenizer_replicas.py; each row compiles: ~1-2 minutes cold)
+[ "${REPLICAS:-0}" = 1 ] && $PY benchmarks/bench_tokenizer_replicas.py --replicas 1 3 --steps 60 \
+  | tee "$OUT/profile/replicas.txt"
+# SHARED: the study's situation, PROCESSES compiled baseline jobs sharing the GPU, aggregate steps/s over the
+# window in which all of them trained (bench_tokenizer_run.py), for each arm: autotuned (the default),
+# heuristics, CUDA graphs, and the default with the CUDA MPS daemon running
+run_shared() {  # LABEL OVERRIDES...
+  local label=$1; shift
+  echo "# $label"
+  # CPU threads split between the jobs, as the study runner splits them (twostage/study/runner.py)
+  OMP_NUM_THREADS=$(( $(nproc) / PROCESSES > 0 ? $(nproc) / PROCESSES : 1 )) \
+    $PY benchmarks/bench_tokenizer_run.py --steps "${STEPS:-450}" --processes "$PROCESSES" --compile on "$@" ${EXTRA:-} \
+    2>&1 | tail -2
+}
+{ for arm in ${SHARED:-default graphs mps}; do
+    case $arm in
+      default) run_shared "train.cudnn_benchmark=null (autotuned)" ;;
+      heuristics) run_shared "train.cudnn_benchmark=false" train.cudnn_benchmark=false ;;
+      graphs) run_shared "train.compile_mode=reduce-overhead" train.compile_mode=reduce-overhead ;;
+      mps) source results/studies/mps.sh && mps_start && run_shared "CUDA MPS daemon on" && mps_stop ;;
+    esac
   done; } | tee "$OUT/profile/shared_ab.txt"
 for f in "$OUT"/profile/*.txt; do [ "$(basename "$f")" = device.txt ] && continue; echo "== $(basename "$f" .txt)"; sed -n 2,5p "$f"; done
