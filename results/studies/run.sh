@@ -16,8 +16,9 @@
 # .carry's wheels and data); copied to .carry/inductor.tgz, the next call starts from it.
 # MPS=1 starts the CUDA MPS daemon for the call, so the jobs sharing the GPU run their kernels at the
 # same time instead of in time slices; skipped with a note where nvidia-cuda-mps-control is missing. For
-# six compiled tokenizer jobs on an H200 it bought nothing (0.98x: results/throughput/2026-12-02/
-# mps_bench.txt), so it is off unless asked for.
+# six compiled tokenizer jobs on an H200 it measured 0.98x (results/throughput/2026-12-02/mps_bench.txt),
+# by a method later found unreliable for shared runs (results/throughput/README.md §5; re-measure with
+# `SHARED=mps bash results/throughput/profile_tokenizer.sh`), so it is off unless asked for.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 START=$(date +%s)
