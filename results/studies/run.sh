@@ -14,6 +14,9 @@
 # Compiled jobs (train.compile) spend 1.5-2 minutes compiling on a fresh machine. The inductor cache of
 # the call comes back as $OUT/inductor.tgz (when under 12 MB, so that it fits the 64 MiB carry with
 # .carry's wheels and data); copied to .carry/inductor.tgz, the next call starts from it.
+# Emoji studies: .carry (47 MB: wheels + Fashion-MNIST) and the emoji bundle (23 MB) exceed the 64 MiB a call
+# may carry. Carry instead a git-ignored folder holding .carry/wheels and the bundle (`twostage data prepare
+# emoji --bundle .carry_emoji/emoji`; 40 MB in all on 2026-12-02) and link it as .carry before this script.
 # MPS=1 starts the CUDA MPS daemon for the call, so the jobs sharing the GPU run their kernels at the
 # same time instead of in time slices; skipped with a note where nvidia-cuda-mps-control is missing. For
 # six compiled tokenizer jobs on an H200 it measured 0.98x (results/throughput/2026-12-02/mps_bench.txt),
