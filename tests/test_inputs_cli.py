@@ -196,3 +196,12 @@ def test_overrides_may_stand_after_options(tmp_path, capsys, monkeypatch):
     assert (cfg.train.steps, cfg.model.codebook_size, cfg.train.seed) == (7, 64, 3)
     assert cli.main(["tokenizer", "train", "vq_fmnist_f4", "--out", str(tmp_path / "run"), "model.bogus_key=1"]) == 2
     assert "unknown config key 'model.bogus_key'" in capsys.readouterr().err
+    # the generator's --out and --tokens take several paths (replicas) and give overrides back the same way
+    monkeypatch.setattr(api, "train_generator", lambda cfg, cache, out, **kw: seen.update(cfg=cfg, out=out) or {})
+    argv = ["generator", "train", "ar_fmnist_tiny", "--tokens", str(tmp_path / "c"), "train.steps=5",
+            "--out", str(tmp_path / "gen"), "train.seed=4"]
+    assert cli.main(argv) == 0
+    assert (seen["cfg"].train.steps, seen["cfg"].train.seed, seen["out"]) == (5, 4, tmp_path / "gen")
+    assert cli.main(["generator", "train", "ar_fmnist_tiny", "--tokens", str(tmp_path / "c"), "--out",
+                     "train.steps=5"]) == 2
+    assert "--out is followed by overrides only" in capsys.readouterr().err

@@ -51,6 +51,17 @@ def train_tokenizer(config: Any, out: str | Path, *, dataset=None, resume_change
     return train_run(config, out, dataset=dataset, resume_changes=resume_changes)
 
 
+def train_tokenizer_replicas(config: Any, outs: list[str | Path], seeds: list[int], pack: str | Path, *,
+                             resume_changes: bool = False) -> dict[str, float]:
+    """Train K seeds of one VQ tokenizer config as one run of stacked replicas (replica k: train.seed
+    seeds[k], run folder outs[k]; the joint run in `pack`, from which it resumes). Each replica's folder
+    is a normal run folder; the discriminator must not start within train.steps. See
+    twostage/engine/replicas.py for what equals K separate runs."""
+    from twostage.tokenizers.run import train_replicas
+
+    return train_replicas(config, outs, seeds, pack, resume_changes=resume_changes)
+
+
 def encode(run: str | Path, split: str, out: str | Path, **options: Any) -> Path:
     """Encode a split (and its flips) with a trained tokenizer into a stage-2 cache folder.
 
@@ -140,6 +151,6 @@ def evaluate_generation(samples: str | Path, ref: str, **options: Any) -> dict[s
     return evaluate_samples_file(samples, ref, **options)
 
 
-__all__ = ["load_config", "train_tokenizer", "encode", "train_generator", "train_generator_replicas", "branch_generator",
-           "sample", "load_tokenizer", "load_generator", "save_pretrained", "evaluate_reconstruction",
-           "evaluate_generation"]
+__all__ = ["load_config", "train_tokenizer", "train_tokenizer_replicas", "encode", "train_generator",
+           "train_generator_replicas", "branch_generator", "sample", "load_tokenizer", "load_generator",
+           "save_pretrained", "evaluate_reconstruction", "evaluate_generation"]

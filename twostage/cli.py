@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -116,6 +117,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A section.key=value config override (twostage/config.py), told apart from a path.
+OVERRIDE_WORD = re.compile(r"[A-Za-z_][\w.]*=")
+
+
+def overrides_out_of_path_lists(args: argparse.Namespace) -> None:
+    """Options that take several paths (`--out R1 R2`, `--tokens C1 C2`: replicas) also take the overrides
+    written after them (`--out runs/a model.codebook_size=64`): move those back to the overrides (a
+    folder named like section.key=value cannot be given that way)."""
+    for name, value in vars(args).items():
+        if name == "overrides" or not isinstance(value, list) or not value or not isinstance(value[0], Path):
+            continue
+        words = [str(v) for v in value]
+        moved = [w for w in words if OVERRIDE_WORD.match(w)]
+        if moved:
+            kept = [Path(w) for w in words if not OVERRIDE_WORD.match(w)]
+            if not kept:
+                raise ConfigError(f"--{name.replace('_', '-')} is followed by overrides only ({' '.join(moved)}); "
+                                  f"give its path first")
+            setattr(args, name, kept)
+            args.overrides = [*args.overrides, *moved]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides (section.key=value) may stand anywhere, also after options such as --out.
@@ -135,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if hasattr(args, "overrides"):
+            overrides_out_of_path_lists(args)
         kind, out = getattr(args, "out_kind", None), getattr(args, "out", None)
         for one in (out if isinstance(out, list) else [out]):  # several --out: replicas (generator train)
             if kind is not None and one is not None and (problem := out_problem(one, kind)):

@@ -1,16 +1,17 @@
 """K replicas of one model trained as one: stacked weights, one vmapped loss, per-replica clipping.
 
 A study needs every cell trained with several seeds (and, on the same grid point, on several tokenizers
-with the same code shape). Trained one by one, each replica of a small generator runs hundreds of tiny
-kernels per step and leaves the GPU idle; stacked, one kernel serves all K (a (K, ...) weight and a
-(K, B, ...) batch under `torch.func.vmap`), so K replicas cost little more than one.
+with the same code shape), and every tokenizer config with several seeds. Trained one by one, each
+replica of a small generator or tokenizer runs hundreds of tiny kernels per step and leaves the GPU
+idle; stacked, one kernel serves all K (a (K, ...) weight and a (K, B, ...) batch under
+`torch.func.vmap`), so K replicas cost little more than one.
 
 Each replica stays *the same run* it would be alone, up to floating-point rounding:
 
 * initialization: each replica's Task is built after `seed_everything(its train.seed)`, exactly as
   a single run builds it, and its weights are stacked afterwards;
-* data: each replica reads its own cache in its own order (twostage/data/stacked.py: one loader per
-  replica, seeded with that replica's seed), and what its loss reads of that cache (the DiT's latent
+* data: each replica reads its own cache (or image dataset) in its own order (twostage/data/stacked.py:
+  one loader per replica, seeded with that replica's seed), and what its loss reads of that cache (the DiT's latent
   statistics) reaches it as its slice of the stacked `Task.replica_tensors` (PhaseContext.replica);
 * loss: the phase's loss is the *sum* of the replicas' own losses, so each replica's gradient is the
   gradient of its own loss (a mean over replicas would scale it by 1/K, which gradient clipping and
@@ -23,6 +24,18 @@ Each replica stays *the same run* it would be alone, up to floating-point roundi
 * random draws inside the loss (dropout, label dropout, noise, timesteps) use `vmap`'s
   randomness="different": independent per replica, but not the stream a single run would draw, so a
   packed run equals separate runs in distribution, and bit for bit only without randomness (tested).
+
+A task may have later phases (a GAN tokenizer's discriminator from loss.disc_start) only when they
+never run in this run (inactive at every step of [0, train.steps)): the first phase is stacked, and a
+run in which a later phase would start is refused up front (a ConfigError). A task whose loss keeps
+state of its own, which a vmapped function may not write, takes part through two optional hooks
+(duck-typed, like `replica_tensors`):
+
+* `as_replica()`, called once when ReplicaTask is built: switch that state off in the loss (a
+  tokenizer's preview capture and codebook-usage window, twostage/tokenizers/autoencoder_task.py);
+* `replica_first_batch(batch, device)`, called once per process outside vmap with the replica's own
+  slice of the first micro-batch: keep what a single run keeps of its first batch (a tokenizer's
+  preview images) and move frozen networks to the device outside the vmapped (maybe compiled) loss.
 
 Every replica gets a normal run folder (config.yaml, run.json, model.json, validation records, sample
 grids, checkpoints with its own model / EMA weights) written at each checkpoint of the joint run, so
@@ -149,22 +162,60 @@ def clip_per_replica_(params: list[torch.Tensor], max_norm: float, replicas: int
     return norms
 
 
+def add_replica_options(parser: Any, out_help: str) -> None:
+    """The options of a `train` command that can train replicas: --out (one run folder, or several: one
+    per replica), --seeds and --pack (the joint run's folder). Overrides written after the folders are
+    given back to the overrides by twostage/cli.py."""
+    parser.add_argument("--out", required=True, type=Path, nargs="+", help=out_help)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="replicas: train.seed of each --out (twostage/engine/replicas.py)")
+    parser.add_argument("--pack", type=Path, default=None,
+                        help="replicas: folder of the joint run (stacked checkpoints; an interrupted run resumes there)")
+
+
+def replica_slice(batch: Any, k: int) -> Any:
+    """Replica k's batch out of a stacked one: the inverse of twostage/data/stacked.py `stack_batches`."""
+    if isinstance(batch, torch.Tensor):
+        return batch[k]
+    if isinstance(batch, dict):
+        return {name: replica_slice(value, k) for name, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(replica_slice(part, k) for part in batch)
+    raise TypeError(f"cannot slice a replica out of a batch holding a {type(batch).__name__}")
+
+
+def check_later_phases_idle(task: Task, steps: int) -> None:
+    """Refuse a task whose phases after the first would run in [0, steps): only the first is stacked
+    (a GAN tokenizer's discriminator phase may exist as long as loss.disc_start >= train.steps)."""
+    for phase in task.phases()[1:]:
+        start = next((step for step in range(steps) if phase.active(step)), None)
+        if start is not None:
+            raise configlib.ConfigError(
+                f"phase {phase.name!r} of {type(task).__name__} starts at step {start} < train.steps={steps}: stacked "
+                "replicas train only a task's first phase; train the replicas separately or keep that phase off "
+                "for the whole run")
+
+
 class ReplicaTask(TaskBase):
     """K Tasks of one kind and config (train.seed aside) trained as one (see the module docstring).
 
     tasks: built per replica (seeded with that replica's seed); run_dirs: each replica's run folder;
-    configs: each replica's full config (written to its config.yaml)."""
+    configs: each replica's full config (written to its config.yaml; configs[0].train.steps bounds the
+    steps at which a task's later phases must stay inactive)."""
 
     def __init__(self, tasks: list[Task], run_dirs: list[Path], configs: list[Any]):
         if not tasks or len(tasks) != len(run_dirs) or len(tasks) != len(configs):
             raise ValueError("ReplicaTask needs as many run folders and configs as tasks (at least one)")
         first = tasks[0]
-        if len(first.phases()) != 1:
-            raise ValueError("replicas are trained only for single-phase tasks (a generator), not GAN tokenizers")
+        check_later_phases_idle(first, int(configs[0].train.steps))
         self.tasks, self.run_dirs, self.configs = tasks, [Path(d) for d in run_dirs], configs
+        for task in tasks:
+            if hasattr(task, "as_replica"):
+                task.as_replica()
         self.modules: dict[str, nn.Module] = {
             name: StackedModule([t.modules[name] for t in tasks]) for name in first.modules}
         self._own: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self._handed_first_batch = False
 
     @property
     def replicas(self) -> int:
@@ -204,12 +255,21 @@ class ReplicaTask(TaskBase):
         run = torch.compile(stacked_values, **train.compile_options) if train.compile else stacked_values
 
         def loss(ctx: PhaseContext):
+            if not self._handed_first_batch:
+                self._hand_first_batch(ctx.batch, ctx.device)
             own = self._replica_tensors(ctx.device)
             values, logs = run({n: ctx.models[n].stacked() for n in names}, ctx.batch, own, ctx.step, ctx.device)
             per_replica = {f"loss_r{k}": values[k].detach() for k in range(self.replicas)}
             return values.sum(), {**{k: v.mean() for k, v in logs.items()}, **per_replica}
 
         return loss
+
+    def _hand_first_batch(self, batch: Any, device: torch.device) -> None:
+        """Each task's own slice of the first micro-batch, outside vmap (`replica_first_batch`)."""
+        for k, task in enumerate(self.tasks):
+            if hasattr(task, "replica_first_batch"):
+                task.replica_first_batch(replica_slice(batch, k), device)
+        self._handed_first_batch = True
 
     def _replica_tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Every task's `replica_tensors` stacked to (K, ...), built once per device (no copy per step)."""
@@ -254,4 +314,5 @@ class ReplicaTask(TaskBase):
         return logs
 
 
-__all__ = ["StackedModule", "ReplicaTask", "clip_per_replica_"]
+__all__ = ["StackedModule", "ReplicaTask", "clip_per_replica_", "check_later_phases_idle", "replica_slice",
+           "add_replica_options"]

@@ -47,6 +47,8 @@ def _takers(option: str) -> list[str]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from twostage.engine.replicas import add_replica_options
+
     top = subparsers.add_parser("generator", help="train a stage-2 generator on a token/latent cache, sample from it",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = top.add_subparsers(dest="generator_command", metavar="ACTION", required=True)
@@ -58,12 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="training cache (`twostage tokenizer encode`); with replicas, one per --out")
     p.add_argument("--val-tokens", type=Path, default=None, nargs="+",
                    help="validation cache (loss at checkpoints); with replicas, one per --out")
-    p.add_argument("--out", required=True, type=Path, nargs="+",
-                   help="run folder; several: replicas of one config trained as one (needs --seeds, --pack)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="replicas: train.seed of each --out (twostage/engine/replicas.py)")
-    p.add_argument("--pack", type=Path, default=None,
-                   help="replicas: folder of the joint run (stacked checkpoints; an interrupted run resumes there)")
+    add_replica_options(p, "run folder; several: replicas of one config trained as one (needs --seeds, --pack)")
     p.add_argument("--resume-with-changes", action="store_true",
                    help="resume RUN although optimizer / schedule settings changed (recorded in run.json)")
     p.set_defaults(func=cmd_train)

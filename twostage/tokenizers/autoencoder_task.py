@@ -21,6 +21,17 @@ A tokenizer kind's Task (twostage/tokenizers/vq/task.py, twostage/tokenizers/kl/
                  draws these curves: twostage/study/curves.py). rFD over N < 1280 images (the
                  network's feature size) is biased upward: compare it along one curve, not with the
                  full-split rFD of `eval recon`.
+  replicas       K seeds of one config as stacked replicas (twostage/engine/replicas.py ReplicaTask,
+                 twostage/tokenizers/run.py train_replicas): `as_replica` puts the task in replica mode,
+                 in which its loss runs under torch.func.vmap and so writes no state of the task: no
+                 preview capture (each replica keeps its own first training images through
+                 `replica_first_batch`, outside vmap), no NHWC re-layout (vmap cannot re-lay a batched
+                 tensor), no compile of the perceptual network of its own (ReplicaTask compiles the
+                 whole vmapped loss with train.compile); a kind's own state (the VQ codebook-usage
+                 window) is skipped too, and codebook usage is reported per replica by validation at
+                 checkpoints (val/codebook_usage, with monitor.val_images > 0). Replica 0's frozen
+                 networks serve every replica's loss: they are the same pretrained networks in each
+                 (loss.lpips_random_init, for benchmarks only, would draw them from each seed).
 """
 
 from __future__ import annotations
@@ -89,6 +100,7 @@ class AutoencoderTask(TaskBase):
         self._val_looked_up = False
         self._val_network: nn.Module | None = None  # the metric feature network, loaded at the first validation
         self._g_loss, self._d_loss = G_LOSSES[loss.gan_loss], D_LOSSES[loss.gan_loss]
+        self.replica_mode = False  # one of K stacked replicas (`as_replica`): the loss runs under vmap
 
     def _finish_init(self) -> None:
         """Add the discriminator and lay the convolutional modules out NHWC when asked."""
@@ -129,9 +141,13 @@ class AutoencoderTask(TaskBase):
                 raise ValueError(f"images have {x.shape[1]} channels but model.in_channels={want}")
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self._preview is None and self.cfg.monitor.grid_images > 0:
-            self._preview = x[: self.cfg.monitor.grid_images].detach().clone()
+        if self._preview is None and not self.replica_mode:  # under vmap x is a batched view: see replica_first_batch
+            self._keep_preview(x)
         return x
+
+    def _keep_preview(self, x: torch.Tensor) -> None:
+        if self.cfg.monitor.grid_images > 0:
+            self._preview = x[: self.cfg.monitor.grid_images].detach().clone()
 
     def forward_autoencoder(self, ctx: PhaseContext) -> tuple[torch.Tensor, Any, torch.Tensor]:
         """(images, the tokenizer's output, the pixel target): the images go through the tokenizer once,
@@ -151,9 +167,24 @@ class AutoencoderTask(TaskBase):
             net.to(device)
             if self.channels_last:
                 net.to(memory_format=torch.channels_last)
-        if self.perceptual is not None and device.type == "cuda" and self.cfg.train.compile:
+        # A replica's perceptual network is compiled as part of ReplicaTask's compiled vmapped loss.
+        if self.perceptual is not None and device.type == "cuda" and self.cfg.train.compile and not self.replica_mode:
             self.perceptual.compile(**self.cfg.train.compile_options)
         self._frozen_device = device
+
+    # -- stacked replicas (twostage/engine/replicas.py calls these hooks) -------------------------------
+
+    def as_replica(self) -> None:
+        """Make this task one of K stacked replicas (the module docstring's "replicas"): its loss then runs
+        under torch.func.vmap, on NCHW tensors, and keeps no state of the task."""
+        self.replica_mode = True
+        self.channels_last = False  # vmap cannot re-lay a batched tensor NHWC (AutoencoderTask.prepare)
+
+    def replica_first_batch(self, batch: Any, device: torch.device) -> None:
+        """This replica's own first micro-batch, outside vmap: the frozen networks move to the device here
+        rather than inside the vmapped loss, and its first images become its preview, as in a single run."""
+        self.frozen_on(device)
+        self._keep_preview(self.prepare(batch, device))
 
     def generator_adversarial(self, ctx: PhaseContext, recon: torch.Tensor) -> torch.Tensor | None:
         """The generator's GAN term once the discriminator has started, else None."""

@@ -2,6 +2,7 @@
 
     twostage tokenizer train vq_fmnist_f8 model.codebook_size=4096 crt.enabled=true --out runs/f8_crt
     twostage tokenizer train kl_fmnist_f4d8 vf.enabled=false --out runs/kl_f4d8   # kind: kl (KL-VAE)
+    twostage tokenizer train vq_fmnist_f4 train.steps=3000 --out runs/s0 runs/s1 --seeds 0 1 --pack runs/s01
     twostage tokenizer encode runs/f8_crt --split train --out caches/f8_crt_train
     twostage tokenizer reconstruct runs/f8_crt --out runs/f8_crt/recon.png
     twostage tokenizer probe runs/f8_crt          # held-out next-latent error of a fresh causal probe (VQ)
@@ -9,7 +10,9 @@
 The config's `kind` picks the tokenizer (twostage/registry.py). `encode` writes the cache stage 2
 trains on (format: twostage/data/token_cache.py): token ids of each image and of its horizontal flip
 for a discrete tokenizer, float16 latents with per-channel statistics for a continuous one; meta.json
-records the grid and the sha256 of the tokenizer weights.
+records the grid and the sha256 of the tokenizer weights. `train` with several --out trains K seeds of
+one VQ config as one joint run of stacked replicas (twostage/tokenizers/run.py train_replicas), each
+--out a normal run folder, the joint run (and its resume point) in --pack.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `tokenizer` command group to the top-level CLI."""
     from twostage import registry
+    from twostage.engine.replicas import add_replica_options
 
     kinds = ", ".join(f"{k} ({v.summary})" for k, v in registry.TOKENIZERS.items())
     top = subparsers.add_parser("tokenizer", help="train a tokenizer, encode datasets to a cache, reconstruct, probe",
@@ -33,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a tokenizer of the config's kind (resumes when RUN has a checkpoint)")
     p.add_argument("config", help="preset name in twostage/presets/ (e.g. vq_fmnist_f8) or a YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.codebook_size=4096 crt.enabled=true")
-    p.add_argument("--out", required=True, type=Path, help="run folder")
+    add_replica_options(p, "run folder; several: seeds of one VQ config trained as one (needs --seeds, --pack)")
     p.add_argument("--resume-with-changes", action="store_true",
                    help="resume RUN although optimizer / schedule settings changed (recorded in run.json)")
     p.set_defaults(func=cmd_train)
@@ -79,13 +83,25 @@ def _inference_args(p: argparse.ArgumentParser, batch: int) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train a tokenizer into --out (resume if it already holds a checkpoint of the same config)."""
+    """Train a tokenizer into --out (resume if it already holds a checkpoint of the same config), or K
+    seeds of it as replicas into several --out (resume from --pack); as `generator train` parses them."""
     from twostage import api
+    from twostage.config import ConfigError
 
     cfg = api.load_config(args.config, args.overrides, group="tokenizer")
-    last = api.train_tokenizer(cfg, args.out, resume_changes=args.resume_with_changes)
+    replicas = args.pack is not None or args.seeds is not None or len(args.out) > 1
+    if not replicas:
+        out = args.out[0]
+        last = api.train_tokenizer(cfg, out, resume_changes=args.resume_with_changes)
+    else:
+        if args.pack is None or args.seeds is None:
+            raise ConfigError("replicas (several --out) need --seeds (one per --out) and --pack "
+                              "(the joint run's folder)")
+        out = args.pack
+        last = api.train_tokenizer_replicas(cfg, args.out, args.seeds, args.pack,
+                                            resume_changes=args.resume_with_changes)
     keep = ("loss", "usage", "crt", "pixel", "kl", "vf")
-    print(f"trained {args.out}: {({k: round(v, 5) for k, v in last.items() if k.split('/')[-1] in keep})}")
+    print(f"trained {out}: {({k: round(v, 5) for k, v in last.items() if k.split('/')[-1] in keep})}")
     return 0
 
 

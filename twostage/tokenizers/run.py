@@ -1,14 +1,19 @@
-"""Tokenizer runs end to end, for every kind: train one, and encode a split into a stage-2 cache.
+"""Tokenizer runs end to end, for every kind: train one (or K seeds of one VQ config as one joint run),
+and encode a split into a stage-2 cache.
 
     kind, cfg = registry.load_config("tokenizer", "vq_fmnist_f4", ["crt.enabled=true"])
     train_run(cfg, "runs/vq_crt")
+    train_replicas(cfg, ["runs/vq_crt_s0", "runs/vq_crt_s1"], seeds=[0, 1], pack="runs/vq_crt_pack")
     encode_run("runs/vq_crt", "train", "caches/vq_crt_train")
 
 The run config's `kind` picks the Task (twostage/registry.py); the engine does the rest
-(twostage/engine/trainer.py). `encode_run` streams each image and its horizontal flip through the
-run's tokenizer into one cache folder (twostage/data/cache_writer.py): token ids for a discrete
-tokenizer, float16 latents with per-channel statistics for a continuous one. The cache records the
-sha256 of the tokenizer weights it came from, so a generator can always be traced to them.
+(twostage/engine/trainer.py). `train_replicas` stacks K seeds' tokenizers under one vmapped loss
+(twostage/engine/replicas.py), as twostage/generators/training.py does for generators: each replica
+folder is a normal run folder (encode, eval, load read it), the pack folder holds the joint run.
+`encode_run` streams each image and its horizontal flip through the run's tokenizer into one cache
+folder (twostage/data/cache_writer.py): token ids for a discrete tokenizer, float16 latents with
+per-channel statistics for a continuous one. The cache records the sha256 of the tokenizer weights it
+came from, so a generator can always be traced to them.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +45,67 @@ def train_run(cfg: Any, out: str | Path, *, dataset=None, resume_changes: bool =
     data = dataset if dataset is not None else build_dataset(cfg.data, "train")
     task = kind.task_class()(cfg)
     return train(task, cfg.train, data, Path(out), full_config=cfg, resume_changes=resume_changes)
+
+
+def _check_replicas(cfg: Any, outs: Sequence[str | Path], seeds: Sequence[int], pack: Path) -> None:
+    """Everything `train_replicas` refuses, from the arguments and the config alone (before any work)."""
+    from twostage.config import ConfigError
+
+    if cfg.kind != "vq":
+        raise ConfigError(f"replicas: stacked tokenizer seeds are implemented for kind vq, not {cfg.kind} (its loss "
+                          "reads weights outside a replica's view, e.g. the adaptive weights' last layers); train "
+                          "its seeds as separate runs")
+    k = len(outs)
+    if k < 1:
+        raise ConfigError("replicas: give at least one --out run folder")
+    if len(seeds) != k:
+        raise ConfigError(f"replicas: {k} --out, {len(seeds)} --seeds; give one seed per --out")
+    if len(set(seeds)) != k:
+        raise ConfigError(f"replicas: --seeds {' '.join(map(str, seeds))} repeat a seed; replicas of one config "
+                          "differ only in their seed, so give each --out its own")
+    folders = [Path(o).resolve() for o in outs]
+    if len(set(folders)) != k:
+        raise ConfigError("replicas: two replicas have the same --out folder; each replica needs its own")
+    if pack.resolve() in folders:
+        raise ConfigError(f"replicas: --pack {pack} is also a replica's --out; the joint run needs its own folder")
+    lc, steps = cfg.loss, cfg.train.steps
+    if lc.gan_weight > 0 and lc.disc_start < steps:  # the phase is active from step disc_start on
+        raise ConfigError(f"replicas: loss.disc_start={lc.disc_start} < train.steps={steps}: the discriminator "
+                          "phase cannot run in stacked replicas; train the seeds separately or set "
+                          f"loss.disc_start={steps} or more (or loss.gan_weight=0)")
+
+
+def train_replicas(cfg: Any, outs: Sequence[str | Path], seeds: Sequence[int], pack: str | Path, *,
+                   resume_changes: bool = False) -> dict[str, float]:
+    """Train K seeds of the VQ tokenizer config `cfg` (replica k: train.seed = seeds[k], run folder outs[k])
+    as one joint run in `pack` (resumed from there); returns the joint run's last logs (loss_r<k> per
+    replica). Replica k's task and data are built as `train_run` builds them after seed_everything(seeds[k]),
+    so it starts as the separate run does and reads the same batches (twostage/data/stacked.py); the
+    discriminator must not start within train.steps (only the autoencoder phase is stacked). Every check
+    happens before any model or data is built."""
+    from twostage import registry
+    from twostage.data import build_dataset
+    from twostage.data.stacked import StackedDatasets
+    from twostage.engine.replicas import ReplicaTask
+    from twostage.engine.trainer import seed_everything, train
+    from twostage.generators.training import replica_configs
+
+    pack = Path(pack)
+    _check_replicas(cfg, outs, seeds, pack)
+    kind = registry.tokenizer_kind(cfg.kind)
+    configs = replica_configs(cfg, seeds)
+    tasks, datasets = [], []
+    for c in configs:
+        seed_everything(c.train.seed)  # as train_run: module initialization depends on it
+        datasets.append(build_dataset(c.data, "train"))
+        tasks.append(kind.task_class()(c))
+    task = ReplicaTask(tasks, [Path(o) for o in outs], configs)
+    full = {"kind": cfg.kind, "train": configlib.to_dict(cfg.train),
+            "replicas": [{"out": str(Path(o).resolve()), "seed": int(s)} for o, s in zip(outs, seeds)],
+            "config": {k: v for k, v in configlib.to_dict(cfg).items() if k != "train"}}
+    log.info("training %d seeds of one %s tokenizer config as one run in %s", len(outs), cfg.kind, pack)
+    return train(task, configs[0].train, StackedDatasets(datasets, seeds), pack, full_config=full,
+                 resume_changes=resume_changes)
 
 
 def dataset_classes(dataset, labels: np.ndarray) -> int:
@@ -157,4 +223,4 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
 
 
-__all__ = ["train_run", "encode_run", "split_loader", "dataset_classes"]
+__all__ = ["train_run", "train_replicas", "encode_run", "split_loader", "dataset_classes"]

@@ -6,7 +6,9 @@ Phases per step (shared with every tokenizer: twostage/tokenizers/autoencoder_ta
   discriminator  steps "disc" from `loss.disc_start` on, on the cached reconstruction (no recompute).
 
 Everything logged is a device tensor (the engine syncs logs only at log steps); codebook usage is kept
-on the device by `CodebookUsage` and reported every step as a window statistic.
+on the device by `CodebookUsage` and reported every step as a window statistic. As one of K stacked
+replicas (AutoencoderTask.as_replica) the loss runs under vmap and cannot update that window in place:
+a replica's codebook usage is then reported at checkpoints only, by validation (val/codebook_usage).
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ class VQTokenizerTask(AutoencoderTask):
             specs["disc"] = OptimSpec(["disc"], self.cfg.optim.disc)
         return specs
 
+    def as_replica(self) -> None:
+        super().as_replica()
+        self.modules["tokenizer"].channels_last_codes = False  # the codes stay NCHW with the images
+
     def extra_state(self) -> dict[str, Any]:
         return {"usage": self.usage.state_dict()}
 
@@ -113,8 +119,10 @@ class VQTokenizerTask(AutoencoderTask):
             logs["crt"] = c.detach()
             logs["crt_weight"] = torch.full((), w, device=ctx.device)  # a device fill, not an H2D copy
 
-        stats = self.usage.update(q.indices, ctx.step)
-        logs.update(usage=stats["usage"], perplexity=stats["perplexity"], batch_perplexity=stats["batch_perplexity"])
+        if not self.replica_mode:  # an in-place update of the task's window, which vmap cannot batch
+            stats = self.usage.update(q.indices, ctx.step)
+            logs.update(usage=stats["usage"], perplexity=stats["perplexity"],
+                        batch_perplexity=stats["batch_perplexity"])
         return loss, logs
 
     # -- checkpoints ----------------------------------------------------------------------------------
