@@ -2,6 +2,7 @@
 
     python benchmarks/bench_tokenizer_run.py --preset vq_fmnist_f4 --steps 300                 # GPU
     python benchmarks/bench_tokenizer_run.py --preset vq_fmnist_f4 --steps 300 --processes 6   # 6 at once
+    python benchmarks/bench_tokenizer_run.py --preset vq_fmnist_f4 --steps 450 --replicas 3     # 3 seeds, 1 process
     python benchmarks/bench_tokenizer_run.py --device cpu --steps 6 --compile off               # smoke test
 
 benchmarks/bench_tokenizer.py times the ImageNet VQ-16 step in isolation; this one times what a claim
@@ -9,6 +10,9 @@ study's tokenizer job costs: `twostage tokenizer train PRESET` (no validation, n
 timed span), per-step wall time from the engine's `perf/step_time_s` averaged over the log windows after
 the first (start-up and compilation out). With `--processes K` it starts K such runs at once (as a study
 with --jobs-per-gpu K does) and reports the aggregate steps/s, to see how K processes share one GPU.
+With `--replicas K` it trains K seeds as one joint run of stacked replicas in one process instead
+(`twostage tokenizer train PRESET --out R1..RK --seeds ... --pack P`, twostage/engine/replicas.py) and
+reports K / the joint step time as the aggregate: the same K runs, the other way to share the GPU.
 
 With K > 1 every number comes from the *common window*: the wall-clock span in which all K runs were past
 their first log window (compiled) and not yet finished, read from the rows' wall times in each run's
@@ -63,10 +67,24 @@ def common_window(runs: list[Path]) -> tuple[float, list[float], float]:
     return end - start, steps, share
 
 
-def overrides(args: argparse.Namespace, compile_: str, seed: int) -> list[str]:
+def overrides(args: argparse.Namespace, compile_: str, seed: int | None) -> list[str]:
+    """The run's overrides; seed None: the replicas' seeds come from --seeds."""
     return [f"train.steps={args.steps}", f"train.log_every={max(1, args.steps // 6)}",
             f"train.ckpt_every={10 * args.steps}", "train.progress=false", "monitor.val_images=0",
-            f"train.device={args.device}", f"train.compile={compile_}", f"train.seed={seed}", *args.override]
+            f"train.device={args.device}", f"train.compile={compile_}",
+            *([f"train.seed={seed}"] if seed is not None else []), *args.override]
+
+
+def commands(args: argparse.Namespace, mode: str, work: Path) -> tuple[list[list[str]], list[Path]]:
+    """(one `twostage tokenizer train` command per process, the run folders whose metrics.jsonl time it)."""
+    train = [sys.executable, "-m", "twostage", "tokenizer", "train", args.preset]
+    if args.replicas > 1:
+        outs = [str(work / f"{mode}_r{k}") for k in range(args.replicas)]
+        pack = work / f"{mode}_pack"
+        seeds = [str(k) for k in range(args.replicas)]
+        return [[*train, *overrides(args, mode, None), "--out", *outs, "--seeds", *seeds, "--pack", str(pack)]], [pack]
+    runs = [work / f"{mode}_{k}" for k in range(args.processes)]
+    return [[*train, *overrides(args, mode, k), "--out", str(run)] for k, run in enumerate(runs)], runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--compile", choices=["off", "on", "both"], default="both")
     p.add_argument("--processes", type=int, default=1, help="runs started at once (each its own process)")
+    p.add_argument("--replicas", type=int, default=1, help="K seeds as stacked replicas in one process instead")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
     p.add_argument("override", nargs="*", help="extra config overrides, e.g. loss.perceptual_size=64")
@@ -86,16 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device in ("auto", "cuda") and torch.cuda.is_available()
     name = torch.cuda.get_device_name() if cuda else "cpu"
     batch = None
-    print(f"device {name}, torch {torch.__version__}, preset {args.preset}, {args.steps} steps per run, "
-          f"{args.processes} process(es) at once, date {time.strftime('%Y-%m-%d')}")
-    print(f"{'compile':>7s} {'processes':>9s} {'step ms (mean of runs)':>22s} {'aggregate steps/s':>18s} "
+    if args.replicas > 1 and args.processes > 1:
+        p.error("--replicas K trains K seeds in one process: leave --processes at 1")
+    how = f"{args.replicas} seeds stacked in 1 process" if args.replicas > 1 else f"{args.processes} process(es) at once"
+    print(f"device {name}, torch {torch.__version__}, preset {args.preset}, {args.steps} steps per run, {how}, "
+          f"date {time.strftime('%Y-%m-%d')}")
+    print(f"{'compile':>7s} {'runs':>9s} {'step ms (mean of runs)':>22s} {'aggregate steps/s':>18s} "
           f"{'images/s':>9s} {'vs eager':>8s}")
     eager = None
     for mode in {"off": ["false"], "on": ["true"], "both": ["false", "true"]}[args.compile]:
-        runs = [work / f"{mode}_{k}" for k in range(args.processes)]
-        procs = [subprocess.Popen([sys.executable, "-m", "twostage", "tokenizer", "train", args.preset,
-                                   *overrides(args, mode, k), "--out", str(run)], cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for k, run in enumerate(runs)]
+        argvs, runs = commands(args, mode, work)
+        procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for argv in argvs]
         for proc in procs:
             _, err = proc.communicate()
             if proc.returncode:
@@ -104,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         if batch is None:
             from twostage import api
 
-            batch = api.load_config(runs[0] / "config.yaml").train.batch_size
-        if len(runs) == 1:
+            batch = api.load_config(work / f"{mode}_{'r0' if args.replicas > 1 else '0'}" / "config.yaml").train.batch_size
+        if args.replicas > 1:  # one joint step trains every replica: each replica's step takes all of it
+            times, note = [step_time(runs[0])] * args.replicas, "  (stacked replicas, one process)"
+        elif len(runs) == 1:
             times, note = [step_time(runs[0])], ""
         else:  # only the span in which all of them trained (see the module docstring)
             window, steps, share = common_window(runs)
@@ -114,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         mean = sum(times) / len(times)
         aggregate = sum(1.0 / t for t in times)
         eager = eager or aggregate
-        print(f"{mode:>7s} {args.processes:9d} {mean * 1e3:22.2f} {aggregate:18.2f} {aggregate * batch:9.0f} "
+        print(f"{mode:>7s} {max(args.processes, args.replicas):9d} {mean * 1e3:22.2f} {aggregate:18.2f} {aggregate * batch:9.0f} "
               f"{aggregate / eager:8.2f}{note}", flush=True)
     return 0
 

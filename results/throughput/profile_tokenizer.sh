@@ -6,8 +6,8 @@
 # ALONE (default "baseline crt cuda_graphs"; also "heuristics"): `train.profile_steps` over steps 100-119 of
 # study_crt's tokenizer configs (compiled, as the study runs them), one process alone; each run's table (wall
 # and device-busy ms per step, kernels per step, top ops by device time, the copies by caller) lands in
-# $OUT/profile/alone_*.txt. REPLICAS=1 adds benchmarks/bench_tokenizer_replicas.py (K = 1, 3 seeds stacked
-# in one process vs K models) -> $OUT/profile/replicas.txt. SHARED (default "default graphs mps"; also
+# $OUT/profile/alone_*.txt. REPLICAS=1 adds 3 seeds trained as stacked replicas in one process against 3
+# processes (benchmarks/bench_tokenizer_run.py --replicas 3 / --processes 3) -> $OUT/profile/replicas.txt. SHARED (default "default graphs mps"; also
 # "heuristics"): PROCESSES (6) compiled baseline jobs at once, STEPS (450) each, aggregate steps/s over the
 # window in which all trained (benchmarks/bench_tokenizer_run.py) -> $OUT/profile/shared_ab.txt.
 #
@@ -47,10 +47,16 @@ for name in ${ALONE:-baseline crt cuda_graphs}; do
     cuda_graphs) train alone_baseline_cuda_graphs 0 train.compile_mode=reduce-overhead ;;
   esac
 done
-# REPLICAS=1: K seeds of the tokenizer as one vmapped, compiled model in one process against K models
-# stepped in turn (benchmarks/bench_tokenizer_replicas.py; each row compiles: ~1-2 minutes cold)
-[ "${REPLICAS:-0}" = 1 ] && $PY benchmarks/bench_tokenizer_replicas.py --replicas 1 3 --steps 60 \
-  | tee "$OUT/profile/replicas.txt"
+# REPLICAS=1: 3 seeds of the baseline as one joint run of stacked replicas (one process, one vmapped compiled
+# loss: `tokenizer train --out R1 R2 R3 --seeds 0 1 2 --pack P`) against 3 processes, each its own run
+if [ "${REPLICAS:-0}" = 1 ]; then
+  { echo "# 3 seeds stacked in one process"
+    $PY benchmarks/bench_tokenizer_run.py --steps "${STEPS:-450}" --replicas 3 --compile on ${EXTRA:-} 2>&1 | tail -2
+    echo "# 3 processes"
+    OMP_NUM_THREADS=$(( $(nproc) / 3 > 0 ? $(nproc) / 3 : 1 )) \
+      $PY benchmarks/bench_tokenizer_run.py --steps "${STEPS:-450}" --processes 3 --compile on ${EXTRA:-} 2>&1 | tail -2
+  } | tee "$OUT/profile/replicas.txt"
+fi
 # SHARED: the study's situation, PROCESSES compiled baseline jobs sharing the GPU, aggregate steps/s over the
 # window in which all of them trained (bench_tokenizer_run.py), for each arm: autotuned (the default),
 # heuristics, CUDA graphs, and the default with the CUDA MPS daemon running

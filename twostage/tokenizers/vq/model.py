@@ -39,7 +39,7 @@ class VQModel(nn.Module):
         self.decoder = Decoder(cfg)
         # The training task sets this when it lays the model out NHWC (twostage/tokenizers/vq/task.py): the
         # codes then enter the decoder NHWC too. A flag rather than a query of the input's layout, which
-        # torch.func.vmap cannot answer (K seeds as one stacked model: benchmarks/bench_tokenizer_replicas.py).
+        # torch.func.vmap cannot answer (K seeds as one stacked model: twostage/tokenizers/run.py train_replicas).
         self.channels_last_codes = False
 
     @property
