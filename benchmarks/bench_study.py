@@ -68,6 +68,7 @@ PEAK_BF16 = 790e12  # FLOP/s, dense bf16 (H200 / H100 SXM)
 STAGES = (
     ("reference", "stats", "reference statistics"),
     ("tokenizer", "train", "tokenizer training"),
+    ("tokenizer-pack", "train", "tokenizer training"),
     ("tokenizer", "encode", "encode"),
     ("tokenizer", "recon", "tokenizer evaluation (eval recon)"),
     ("generator", "train", "generator training"),
@@ -203,10 +204,15 @@ def tokenizer_flops(plan: Plan) -> tuple[float, int, list[str]]:
     by_id = {f"tok-{tokenizer_id(t)}": t for t in plan.tokenizers}
     per_config: dict[str, float] = {}
     total, runs, devices = 0.0, 0, []
+    jobs = {j.id: j for j in plan.jobs}
     for job in plan.jobs:
         tok = by_id.get(job.id)
         train = next((s for s in job.stages if s.name == "train"), None)
-        if job.kind != "tokenizer" or tok is None or train is None or read_marker(job, train, plan.root) is None:
+        # trained by its own train stage, or as a replica of a finished tokenizer pack
+        pack = next((jobs[d] for d in job.deps if jobs.get(d) is not None and jobs[d].kind == "tokenizer-pack"), None)
+        trained = (train is not None and read_marker(job, train, plan.root) is not None) or \
+            (pack is not None and read_marker(pack, pack.stages[0], plan.root) is not None)
+        if job.kind != "tokenizer" or tok is None or not trained:
             continue
         devices += [d for d in [_device(job.folder)] if d is not None]
         key = json.dumps([tok.kind, tok.preset, [o for o in tok.overrides if not o.startswith("train.seed=")]])

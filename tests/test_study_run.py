@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -246,6 +247,55 @@ def test_compiled_tokenizer_seeds_start_after_the_first_one_has_compiled(data, t
             assert leader in failed  # released by the failure, not stuck
         else:
             assert started[job.id] >= logged[leader]  # not before the leader had compiled
+
+
+def test_tokenizer_seeds_train_as_one_stacked_run_and_the_study_reads_them_as_runs(data, tmp_path, monkeypatch):
+    """tokenizer_training: replicas: the seeds of each tokenizer config train as one `tpack` job (tokenizer
+    train --out R1 R2 --seeds --pack), and the tokenizer jobs then only encode and evaluate; the table has
+    every run, each tokenizer's wall time includes its share of the pack, and a config the packs cannot
+    train (a discriminator starting within the run) is refused when the plan is built."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_study import stage_times, tokenizer_flops
+
+    spec = tiny_spec(data)
+    spec["seeds"] = {"tokenizer": [0, 1], "generator": [0, 1], "design": "paired"}
+    spec["tokenizer_training"] = "replicas"
+    spec["budgets"] = [2]
+    out = tmp_path / "out"
+    plan = build_plan(load_spec(spec), out)
+    tpacks = [j for j in plan.jobs if j.kind == "tokenizer-pack"]
+    toks = [j for j in plan.jobs if j.kind == "tokenizer"]
+    assert len(tpacks) == 2 and len(toks) == 4  # baseline and +CRT, 2 seeds each
+    for pack in tpacks:
+        argv = pack.stages[0].argv
+        assert argv[:2] == ["tokenizer", "train"] and "--pack" in argv and not any(a.startswith("train.seed=") for a in argv)
+        assert argv[argv.index("--seeds") + 1:argv.index("--pack")] == ["0", "1"]
+    for job in toks:
+        assert "train" not in [s.name for s in job.stages] and job.deps[0] in {p.id for p in tpacks}
+        assert job.warm_start is None  # nothing to stagger: the pack compiles once
+    # the same spec with separate tokenizer jobs has the same tokenizer job ids (the runs are the same runs)
+    separate = build_plan(load_spec({**spec, "tokenizer_training": "separate"}), tmp_path / "sep")
+    assert {j.id for j in separate.jobs if j.kind == "tokenizer"} == {j.id for j in toks}
+
+    run_study(load_spec(spec), out)
+    table = read_table(out)
+    assert table.num_rows == 4  # 2 tokenizers x 2 paired seeds x 1 size x 1 budget
+    assert min(table.column("wall_s_tokenizer").to_pylist()) > 0  # the pack's share is counted
+    for job in toks:
+        run = job.folder
+        assert (run / "config.yaml").is_file() and (run / "eval" / "recon.json").is_file()
+        assert json.loads((run / "run.json").read_text())["replica_of"]["replicas"] == 2
+    assert stage_times(plan)["stages"]["tokenizer training"]["stages"] == 2  # the two packs' train stages
+    assert tokenizer_flops(plan)[1] == 4  # every packed run counted as trained
+
+    bad = tiny_spec(data)
+    bad["seeds"] = spec["seeds"]
+    bad["tokenizer_training"] = "replicas"
+    bad["tokenizer"]["overrides"] = [*bad["tokenizer"]["overrides"], "loss.disc_start=1"]
+    with pytest.raises(ConfigError, match="disc_start"):
+        build_plan(load_spec(bad), tmp_path / "bad")
 
 
 def test_dry_run_lists_jobs(data, tmp_path, capsys):

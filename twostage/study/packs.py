@@ -1,4 +1,4 @@
-"""Generator runs of one grid point trained as stacked replicas: the study's `pack` jobs.
+"""Runs trained as stacked replicas: the study's `pack` jobs (generators) and `tpack` jobs (tokenizers).
 
 With `generator_training: replicas` in a study spec, the generator runs that differ only in their seed
 or in their tokenizer (same kind, code shape and data; e.g. a tokenizer's seeds, or a tokenizer with and
@@ -8,6 +8,11 @@ without a regularizer) train as one joint run: `twostage generator train ... --o
 Nothing else changes: each run keeps its folder DIR/generators/<run_id> and its id (the hash of its own
 config), so a packed and a separate study produce the same runs; the generator jobs then only sample and
 evaluate, after their pack job has trained them.
+
+With `tokenizer_training: replicas`, the seeds of one VQ tokenizer config (the same entry, every seed) train
+as one joint run the same way: `twostage tokenizer train PRESET ... --out R1 R2 R3 --seeds ... --pack
+DIR/packs/<id>` (twostage/tokenizers/run.py train_replicas); each tokenizer job keeps its folder and id
+and then only encodes and evaluates.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 from twostage import config as configlib
 from twostage import registry
 from twostage.study.jobs import Job, Paths, Stage, config_without, generator_id, tokenizer_id
-from twostage.study.spec import ResolvedGenerator, StudySpec
+from twostage.study.spec import ResolvedGenerator, ResolvedTokenizer, StudySpec
 
 def pack_key(gen: ResolvedGenerator) -> str:
     """Runs with equal keys can be replicas of one joint run: the generator config apart from its seed,
@@ -79,4 +84,43 @@ def pack_jobs(spec: StudySpec, gens: list[ResolvedGenerator], gen_jobs: list[Job
     return packs
 
 
-__all__ = ["pack_key", "pack_jobs"]
+def tokenizer_pack_jobs(toks: list[ResolvedTokenizer], tok_jobs: list[Job], paths: Paths) -> list[Job]:
+    """One `tpack` training job per tokenizer config trained with several seeds; its tokenizer jobs lose
+    their train stage and depend on it. A config with one seed trains as before. Changed in place."""
+    from twostage.tokenizers.run import check_replicas
+
+    groups: dict[str, list[int]] = {}
+    for i, job in enumerate(tok_jobs):
+        train = next((s for s in job.stages if s.name == "train"), None)
+        if train is not None:
+            key = configlib.config_hash(_without_seed_override(train.argv[:train.argv.index("--out")]))
+            groups.setdefault(key, []).append(i)
+    packs = []
+    for members in groups.values():
+        chosen, seen = [], set()
+        for i in members:  # one config listed twice (e.g. for two generator variants) is one run
+            if tok_jobs[i].id not in seen:
+                seen.add(tok_jobs[i].id)
+                chosen.append(i)
+        if len(chosen) == 1:
+            continue
+        first = toks[chosen[0]]
+        outs = [tok_jobs[i].folder for i in chosen]
+        seeds = [toks[i].seed for i in chosen]
+        pid = configlib.config_hash({"tokenizer_runs": [tok_jobs[i].id for i in chosen]})
+        folder = paths.root / "packs" / pid
+        check_replicas(first.config, outs, seeds, folder)  # before any work: kind, discriminator start, folders
+        train = next(s for s in tok_jobs[chosen[0]].stages if s.name == "train").argv
+        argv = [*_without_seed_override(train[:train.index("--out")]), "--out", *map(str, outs),
+                "--seeds", *map(str, seeds), "--pack", str(folder)]
+        pack = Job(f"tpack-{pid}", "tokenizer-pack", folder, [Stage("train", argv)],
+                   label=f"{first.run_label}, {len(chosen)} seeds stacked")
+        packs.append(pack)
+        for i in members:
+            job = tok_jobs[i]
+            job.stages = [s for s in job.stages if s.name != "train"]
+            job.deps = [pack.id, *job.deps]
+    return packs
+
+
+__all__ = ["pack_key", "pack_jobs", "tokenizer_pack_jobs"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from twostage.config import ConfigError
 from twostage.study.branches import branch_jobs
 from twostage.study.jobs import Job, Paths, generator_id, generator_job, reference_job, tokenizer_cell, tokenizer_job
-from twostage.study.packs import pack_jobs
+from twostage.study.packs import pack_jobs, tokenizer_pack_jobs
 from twostage.study.spec import ResolvedGenerator, ResolvedTokenizer, StudySpec, resolve_grid
 
 
@@ -88,13 +88,14 @@ def build_plan(spec: StudySpec, root: Path) -> Plan:
         if size not in refs:
             refs[size] = reference_job(spec, size, paths)
     tok_jobs = [tokenizer_job(spec, t, paths) for t in toks]
-    stagger_compiles(toks, tok_jobs)
+    tok_packs = tokenizer_pack_jobs(toks, tok_jobs, paths) if spec.tokenizer_training == "replicas" else []
+    stagger_compiles(toks, tok_jobs)  # the seeds of a config not trained as one (packs compile once anyway)
     gen_jobs = [generator_job(spec, g, paths, refs[g.tokenizer.config.data.image_size]) for g in gens]
     if spec.budget_runs == "longest":
         branch_jobs(gens, gen_jobs)
     packs = pack_jobs(spec, gens, gen_jobs, paths) if spec.generator_training == "replicas" else []
     jobs, seen = [], set()
-    for job in [*(r for r in refs.values() if r is not None), *tok_jobs, *packs, *gen_jobs]:
+    for job in [*(r for r in refs.values() if r is not None), *tok_packs, *tok_jobs, *packs, *gen_jobs]:
         # two grid points with one config are one job: a tokenizer shared by cells that differ only in
         # their generator overrides trains and encodes once
         if job.id not in seen:

@@ -174,6 +174,9 @@ class StudySpec:
     # largest budget, the others cut from its checkpoints: exact for a constant schedule after warmup,
     # refused otherwise; twostage/study/branches.py).
     budget_runs: str = field(default="separate", metadata=check(choices=("separate", "longest")))
+    # How the seeds of a tokenizer config train: "separate" (a job each) or "replicas" (one joint run of
+    # stacked replicas per config, twostage/study/packs.py; VQ only, discriminator starting after the run).
+    tokenizer_training: str = field(default="separate", metadata=check(choices=("separate", "replicas"), added=True))
 
     def check(self) -> None:
         if not self.tokenizers:

@@ -180,17 +180,21 @@ def collect_rows(spec: StudySpec, plan: Plan) -> list[dict[str, Any]]:
     (tokenizer, tokenizer seed, size, budget, generator seed, evaluation seed)."""
     rows = []
     tok_jobs = {j.id: j for j in plan.tokenizer_jobs}
-    packs = {j.id: j for j in plan.jobs if j.id.startswith("pack-")}  # replicas trained as one: an equal share each
+    # replicas trained as one (generator packs, tokenizer tpacks): each member gets an equal share of the time
+    packs = {j.id: j for j in plan.jobs if j.kind in ("pack", "tokenizer-pack")}
     members = {pid: sum(pid in j.deps for j in plan.jobs) for pid in packs}
+
+    def share(job) -> float:
+        return sum(_wall(packs[d], plan.root) / members[d] for d in job.deps if d in packs)
+
     for gen, job in zip(plan.generators, plan.generator_jobs):
         if not job_done(job, plan.root):
             continue
         tok_job = tok_jobs[f"tok-{tokenizer_id(gen.tokenizer)}"]
         run = {"study": spec.name, **_tokenizer_columns(gen, plan)}
         run.update(_generator_columns(gen, job, plan, run["tokens_per_image"]))
-        run["wall_s_tokenizer"] = _wall(tok_job, plan.root)
-        run["wall_s_generator"] = _wall(job, plan.root) + sum(
-            _wall(packs[d], plan.root) / members[d] for d in job.deps if d in packs)
+        run["wall_s_tokenizer"] = _wall(tok_job, plan.root) + share(tok_job)
+        run["wall_s_generator"] = _wall(job, plan.root) + share(job)
         rows += [{**run, **_evaluation_columns(spec, job, plan, seed)} for seed in spec.seeds.eval]
     return rows
 

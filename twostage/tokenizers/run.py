@@ -47,10 +47,12 @@ def train_run(cfg: Any, out: str | Path, *, dataset=None, resume_changes: bool =
     return train(task, cfg.train, data, Path(out), full_config=cfg, resume_changes=resume_changes)
 
 
-def _check_replicas(cfg: Any, outs: Sequence[str | Path], seeds: Sequence[int], pack: Path) -> None:
-    """Everything `train_replicas` refuses, from the arguments and the config alone (before any work)."""
+def check_replicas(cfg: Any, outs: Sequence[str | Path], seeds: Sequence[int], pack: str | Path) -> None:
+    """Everything `train_replicas` refuses, from the arguments and the config alone (before any work; a
+    study checks its tokenizer packs with it when it builds its plan)."""
     from twostage.config import ConfigError
 
+    pack = Path(pack)
     if cfg.kind != "vq":
         raise ConfigError(f"replicas: stacked tokenizer seeds are implemented for kind vq, not {cfg.kind} (its loss "
                           "reads weights outside a replica's view, e.g. the adaptive weights' last layers); train "
@@ -91,7 +93,7 @@ def train_replicas(cfg: Any, outs: Sequence[str | Path], seeds: Sequence[int], p
     from twostage.generators.training import replica_configs
 
     pack = Path(pack)
-    _check_replicas(cfg, outs, seeds, pack)
+    check_replicas(cfg, outs, seeds, pack)
     kind = registry.tokenizer_kind(cfg.kind)
     configs = replica_configs(cfg, seeds)
     tasks, datasets = [], []
@@ -223,4 +225,4 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
 
 
-__all__ = ["train_run", "train_replicas", "encode_run", "split_loader", "dataset_classes"]
+__all__ = ["train_run", "train_replicas", "check_replicas", "encode_run", "split_loader", "dataset_classes"]
