@@ -224,11 +224,12 @@ def tokenizer_flops(plan: Plan) -> tuple[float, int, list[str]]:
 
 
 def tokenizer_timelines(plan: Plan) -> list[dict[str, Any]]:
-    """Per tokenizer run with a metrics.jsonl: start-up, median step time and checkpoint pauses (seconds)."""
+    """Per tokenizer run (or joint run of stacked seeds) with a metrics.jsonl: start-up, median step time
+    and checkpoint pauses (seconds)."""
     out = []
     for job in plan.jobs:
         rows_file = job.folder / "metrics.jsonl"
-        if job.kind != "tokenizer" or not rows_file.is_file():
+        if job.kind not in ("tokenizer", "tokenizer-pack") or not rows_file.is_file():
             continue
         rows = [r for r in (json.loads(line) for line in rows_file.read_text().splitlines() if line.strip())
                 if "perf/step_time_s" in r and "time" in r]
