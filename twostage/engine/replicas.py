@@ -46,9 +46,10 @@ the joint run folder, which holds the stacked checkpoints the joint run resumes 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -162,6 +163,24 @@ def clip_per_replica_(params: list[torch.Tensor], max_norm: float, replicas: int
     return norms
 
 
+def replica_configs(cfg: Any, seeds: Sequence[int]) -> list[Any]:
+    """The config of each replica: `cfg` with train.seed set to that replica's seed."""
+    return [dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(s))) for s in seeds]
+
+
+def check_replica_folders(outs: Sequence[str | Path], pack: str | Path) -> None:
+    """The run folders of K replicas and their joint run: at least one, all distinct (a ConfigError)."""
+    k = len(outs)
+    if k < 1:
+        raise configlib.ConfigError("replicas: give at least one --out run folder")
+    folders = [Path(o).resolve() for o in outs]
+    if len(set(folders)) != k:
+        raise configlib.ConfigError("replicas: two replicas have the same --out folder; each replica needs its own")
+    if Path(pack).resolve() in folders:
+        raise configlib.ConfigError(f"replicas: --pack {pack} is also a replica's --out; the joint run needs its "
+                                    "own folder")
+
+
 def add_replica_options(parser: Any, out_help: str) -> None:
     """The options of a `train` command that can train replicas: --out (one run folder, or several: one
     per replica), --seeds and --pack (the joint run's folder). Overrides written after the folders are
@@ -171,6 +190,17 @@ def add_replica_options(parser: Any, out_help: str) -> None:
                         help="replicas: train.seed of each --out (twostage/engine/replicas.py)")
     parser.add_argument("--pack", type=Path, default=None,
                         help="replicas: folder of the joint run (stacked checkpoints; an interrupted run resumes there)")
+
+
+def wants_replicas(args: Any) -> bool:
+    """Whether a `train` command line with `add_replica_options` asks for replicas (several --out, or
+    --seeds / --pack); then it needs both --seeds and --pack (a ConfigError otherwise)."""
+    if args.pack is None and args.seeds is None and len(args.out) == 1:
+        return False
+    if args.pack is None or args.seeds is None:
+        raise configlib.ConfigError("replicas (several --out) need --seeds (one per --out) and --pack "
+                                    "(the joint run's folder)")
+    return True
 
 
 def replica_slice(batch: Any, k: int) -> Any:
@@ -315,4 +345,4 @@ class ReplicaTask(TaskBase):
 
 
 __all__ = ["StackedModule", "ReplicaTask", "clip_per_replica_", "check_later_phases_idle", "replica_slice",
-           "add_replica_options"]
+           "replica_configs", "check_replica_folders", "add_replica_options", "wants_replicas"]

@@ -652,8 +652,8 @@ class _Trainer:
                     # side work must not draw from the training RNG; and it runs the modules eagerly: a
                     # module compiled in place (train.compile) would otherwise be recompiled for eval mode,
                     # no-grad and every new batch shape of validation and previews, which cost the study's
-                    # compiled tokenizers 60-145 s each at their first checkpoint on an H200
-                    # (results/study_crt_seeds345, tokenizer logs), and would replace none of the training graphs
+                    # compiled tokenizers 48-131 s each at their first checkpoint on an H200
+                    # (results/study_crt_seeds345/bench_study.txt, tokenizer timelines), and would replace none of the training graphs
                     with isolated_rng(self.device), torch.compiler.set_stance("force_eager"):
                         extra = self.task.on_checkpoint(self.step, self.run_dir, models)
                         for module in self.task.modules.values():

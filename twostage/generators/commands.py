@@ -101,12 +101,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a generator of the config's kind into --out."""
     from twostage import api
-
     from twostage.config import ConfigError
+    from twostage.engine.replicas import wants_replicas
 
     cfg = api.load_config(args.config, args.overrides, group="generator")
-    replicas = args.pack is not None or args.seeds is not None or len(args.out) > 1
-    if not replicas:
+    if not wants_replicas(args):
         if len(args.tokens) > 1 or (args.val_tokens and len(args.val_tokens) > 1):
             raise ConfigError("one --out takes one --tokens and one --val-tokens (several: replicas, with --seeds "
                               "and --pack)")
@@ -114,8 +113,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         last = api.train_generator(cfg, args.tokens[0], out, val_cache=args.val_tokens[0] if args.val_tokens else None,
                                    resume_changes=args.resume_with_changes)
     else:
-        if args.pack is None or args.seeds is None:
-            raise ConfigError("replicas (several --out) need --seeds (one per --out) and --pack (the joint run's folder)")
         k = len(args.out)
         tokens = args.tokens * k if len(args.tokens) == 1 else args.tokens  # one cache for every replica
         val = args.val_tokens * k if args.val_tokens and len(args.val_tokens) == 1 else args.val_tokens

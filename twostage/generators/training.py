@@ -14,7 +14,6 @@ from which an interrupted joint run resumes.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,25 +35,16 @@ def train_run(cfg: Any, cache: str | Path, out: str | Path, *, val_cache: str | 
     return train(task, cfg.train, data, Path(out), full_config=cfg, resume_changes=resume_changes)
 
 
-def replica_configs(cfg: Any, seeds: Sequence[int]) -> list[Any]:
-    """The config of each replica: `cfg` with train.seed set to that replica's seed."""
-    return [dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(s))) for s in seeds]
-
-
 def _check_replicas(caches: Sequence, outs: Sequence, seeds: Sequence[int], val_caches: Sequence | None,
                     pack: Path) -> None:
+    from twostage.engine.replicas import check_replica_folders
+
+    check_replica_folders(outs, pack)
     k = len(outs)
-    if k < 1:
-        raise ConfigError("replicas: give at least one --out run folder")
     if len(caches) != k or len(seeds) != k or (val_caches is not None and len(val_caches) != k):
         counts = f"{len(caches)} --tokens, {len(outs)} --out, {len(seeds)} --seeds" + (
             f", {len(val_caches)} --val-tokens" if val_caches is not None else "")
         raise ConfigError(f"replicas: {counts}; give one of each per replica (a cache may repeat)")
-    folders = [Path(o).resolve() for o in outs]
-    if len(set(folders)) != k:
-        raise ConfigError("replicas: two replicas have the same --out folder; each replica needs its own")
-    if Path(pack).resolve() in folders:
-        raise ConfigError(f"replicas: --pack {pack} is also a replica's --out; the joint run needs its own folder")
     pairs = list(zip([Path(c).resolve() for c in caches], seeds))
     if len(set(pairs)) != k:
         raise ConfigError("replicas: two replicas have the same cache and seed, so they would be the same run")
@@ -68,7 +58,7 @@ def train_replicas(cfg: Any, caches: Sequence[str | Path], outs: Sequence[str | 
     replica). Every check (counts, folders, cache shapes, what the folders already hold) happens before
     anything is written."""
     from twostage.data.stacked import StackedDatasets
-    from twostage.engine.replicas import ReplicaTask
+    from twostage.engine.replicas import ReplicaTask, replica_configs
     from twostage.engine.trainer import train
 
     pack = Path(pack)
@@ -101,4 +91,4 @@ def train_replicas(cfg: Any, caches: Sequence[str | Path], outs: Sequence[str | 
     return train(task, configs[0].train, stacked, pack, full_config=full, resume_changes=resume_changes)
 
 
-__all__ = ["train_run", "train_replicas", "replica_configs"]
+__all__ = ["train_run", "train_replicas"]

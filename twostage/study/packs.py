@@ -40,6 +40,14 @@ def _without_seed_override(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.startswith("train.seed=")]
 
 
+def seedless_tokenizer_command(job: Job) -> list[str] | None:
+    """A tokenizer job's `tokenizer train` command up to --out, without its train.seed override: equal
+    for the seeds of one config (which then compile the same graphs, or stack as replicas); None for a
+    job that does not train."""
+    train = next((s for s in job.stages if s.name == "train"), None)
+    return None if train is None else _without_seed_override(train.argv[:train.argv.index("--out")])
+
+
 def pack_jobs(spec: StudySpec, gens: list[ResolvedGenerator], gen_jobs: list[Job], paths: Paths) -> list[Job]:
     """One training job per group of runs with one pack key (in grid order); the generator jobs lose
     their train stage and depend on their pack job instead, and so do budgets branched from them
@@ -90,13 +98,15 @@ def tokenizer_pack_jobs(toks: list[ResolvedTokenizer], tok_jobs: list[Job], path
     from twostage.tokenizers.run import check_replicas
 
     groups: dict[str, list[int]] = {}
+    commands: dict[str, list[str]] = {}
     for i, job in enumerate(tok_jobs):
-        train = next((s for s in job.stages if s.name == "train"), None)
-        if train is not None:
-            key = configlib.config_hash(_without_seed_override(train.argv[:train.argv.index("--out")]))
+        command = seedless_tokenizer_command(job)
+        if command is not None:
+            key = configlib.config_hash(command)
             groups.setdefault(key, []).append(i)
+            commands[key] = command
     packs = []
-    for members in groups.values():
+    for key, members in groups.items():
         chosen, seen = [], set()
         for i in members:  # one config listed twice (e.g. for two generator variants) is one run
             if tok_jobs[i].id not in seen:
@@ -110,9 +120,7 @@ def tokenizer_pack_jobs(toks: list[ResolvedTokenizer], tok_jobs: list[Job], path
         pid = configlib.config_hash({"tokenizer_runs": [tok_jobs[i].id for i in chosen]})
         folder = paths.root / "packs" / pid
         check_replicas(first.config, outs, seeds, folder)  # before any work: kind, discriminator start, folders
-        train = next(s for s in tok_jobs[chosen[0]].stages if s.name == "train").argv
-        argv = [*_without_seed_override(train[:train.index("--out")]), "--out", *map(str, outs),
-                "--seeds", *map(str, seeds), "--pack", str(folder)]
+        argv = [*commands[key], "--out", *map(str, outs), "--seeds", *map(str, seeds), "--pack", str(folder)]
         pack = Job(f"tpack-{pid}", "tokenizer-pack", folder, [Stage("train", argv)],
                    label=f"{first.run_label}, {len(chosen)} seeds stacked")
         packs.append(pack)
@@ -123,4 +131,4 @@ def tokenizer_pack_jobs(toks: list[ResolvedTokenizer], tok_jobs: list[Job], path
     return packs
 
 
-__all__ = ["pack_key", "pack_jobs", "tokenizer_pack_jobs"]
+__all__ = ["pack_key", "pack_jobs", "tokenizer_pack_jobs", "seedless_tokenizer_command"]

@@ -10,14 +10,13 @@ plan adds the two ways a study can train its generator runs together: stacked re
 from __future__ import annotations
 
 import json
-
 from dataclasses import dataclass
 from pathlib import Path
 
 from twostage.config import ConfigError
 from twostage.study.branches import branch_jobs
 from twostage.study.jobs import Job, Paths, generator_id, generator_job, reference_job, tokenizer_cell, tokenizer_job
-from twostage.study.packs import pack_jobs, tokenizer_pack_jobs
+from twostage.study.packs import pack_jobs, seedless_tokenizer_command, tokenizer_pack_jobs
 from twostage.study.spec import ResolvedGenerator, ResolvedTokenizer, StudySpec, resolve_grid
 
 
@@ -69,11 +68,10 @@ def stagger_compiles(toks: list[ResolvedTokenizer], jobs: list[Job]) -> None:
     (results/throughput/README.md §4). Changed in place."""
     leaders: dict[str, Job] = {}
     for tok, job in zip(toks, jobs):
-        train = next((s for s in job.stages if s.name == "train"), None)
-        if train is None or not tok.config.train.compile:
+        command = seedless_tokenizer_command(job)
+        if command is None or not tok.config.train.compile:
             continue
-        key = json.dumps([a for a in train.argv[:train.argv.index("--out")] if not a.startswith("train.seed=")])
-        leader = leaders.setdefault(key, job)
+        leader = leaders.setdefault(json.dumps(command), job)
         if leader is not job and leader.id != job.id:
             job.warm_start = (leader.id, leader.folder / "metrics.jsonl")
 

@@ -86,17 +86,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train a tokenizer into --out (resume if it already holds a checkpoint of the same config), or K
     seeds of it as replicas into several --out (resume from --pack); as `generator train` parses them."""
     from twostage import api
-    from twostage.config import ConfigError
+    from twostage.engine.replicas import wants_replicas
 
     cfg = api.load_config(args.config, args.overrides, group="tokenizer")
-    replicas = args.pack is not None or args.seeds is not None or len(args.out) > 1
-    if not replicas:
+    if not wants_replicas(args):
         out = args.out[0]
         last = api.train_tokenizer(cfg, out, resume_changes=args.resume_with_changes)
     else:
-        if args.pack is None or args.seeds is None:
-            raise ConfigError("replicas (several --out) need --seeds (one per --out) and --pack "
-                              "(the joint run's folder)")
         out = args.pack
         last = api.train_tokenizer_replicas(cfg, args.out, args.seeds, args.pack,
                                             resume_changes=args.resume_with_changes)

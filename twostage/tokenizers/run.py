@@ -51,25 +51,19 @@ def check_replicas(cfg: Any, outs: Sequence[str | Path], seeds: Sequence[int], p
     """Everything `train_replicas` refuses, from the arguments and the config alone (before any work; a
     study checks its tokenizer packs with it when it builds its plan)."""
     from twostage.config import ConfigError
+    from twostage.engine.replicas import check_replica_folders
 
-    pack = Path(pack)
     if cfg.kind != "vq":
         raise ConfigError(f"replicas: stacked tokenizer seeds are implemented for kind vq, not {cfg.kind} (its loss "
                           "reads weights outside a replica's view, e.g. the adaptive weights' last layers); train "
                           "its seeds as separate runs")
+    check_replica_folders(outs, pack)
     k = len(outs)
-    if k < 1:
-        raise ConfigError("replicas: give at least one --out run folder")
     if len(seeds) != k:
         raise ConfigError(f"replicas: {k} --out, {len(seeds)} --seeds; give one seed per --out")
     if len(set(seeds)) != k:
         raise ConfigError(f"replicas: --seeds {' '.join(map(str, seeds))} repeat a seed; replicas of one config "
                           "differ only in their seed, so give each --out its own")
-    folders = [Path(o).resolve() for o in outs]
-    if len(set(folders)) != k:
-        raise ConfigError("replicas: two replicas have the same --out folder; each replica needs its own")
-    if pack.resolve() in folders:
-        raise ConfigError(f"replicas: --pack {pack} is also a replica's --out; the joint run needs its own folder")
     lc, steps = cfg.loss, cfg.train.steps
     if lc.gan_weight > 0 and lc.disc_start < steps:  # the phase is active from step disc_start on
         raise ConfigError(f"replicas: loss.disc_start={lc.disc_start} < train.steps={steps}: the discriminator "
@@ -88,9 +82,8 @@ def train_replicas(cfg: Any, outs: Sequence[str | Path], seeds: Sequence[int], p
     from twostage import registry
     from twostage.data import build_dataset
     from twostage.data.stacked import StackedDatasets
-    from twostage.engine.replicas import ReplicaTask
+    from twostage.engine.replicas import ReplicaTask, replica_configs
     from twostage.engine.trainer import seed_everything, train
-    from twostage.generators.training import replica_configs
 
     pack = Path(pack)
     check_replicas(cfg, outs, seeds, pack)
