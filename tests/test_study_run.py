@@ -190,65 +190,6 @@ def test_parallel_scheduler_keeps_going_past_a_failed_job(data, tmp_path):
     assert finished == {j.id for j in plan.jobs} - needs_bad - {bad}
 
 
-def test_compiled_tokenizer_seeds_start_after_the_first_one_has_compiled(data, tmp_path, monkeypatch):
-    """With train.compile, the seeds of one tokenizer config wait for the first to log its first window
-    (its graphs are then in the inductor cache) instead of all compiling at once; configs differ, so the
-    +CRT tokenizer compiles beside the baseline. A leader that fails before logging releases them."""
-    import threading
-    import time
-
-    spec = tiny_spec(data)
-    spec["tokenizer"]["overrides"] = [*spec["tokenizer"]["overrides"], "train.compile=true"]
-    spec["seeds"] = {"tokenizer": [0, 1, 2], "generator": [0, 1, 2], "design": "paired"}
-    plan = build_plan(load_spec(spec), tmp_path / "out")
-    toks = [j for j in plan.jobs if j.kind == "tokenizer"]
-    leaders = [j for j in toks if j.warm_start is None]
-    assert len(toks) == 6 and len(leaders) == 2  # baseline and +CRT, seed 0 each
-    for job in toks:
-        if job.warm_start is not None:
-            leader, path = job.warm_start
-            assert leader in {j.id for j in leaders} and path.name == "metrics.jsonl"
-            assert path.parent == plan.by_id(leader).folder
-    # the same spec without compile: nothing waits
-    eager = build_plan(load_spec(tiny_spec(data)), tmp_path / "eager")
-    assert all(j.warm_start is None for j in eager.jobs)
-
-    monkeypatch.setattr(runner_mod, "WARM_POLL_S", 0.05)
-    started: dict[str, float] = {}
-    logged: dict[str, float] = {}
-    lock = threading.Lock()
-
-    def launch(job, gpu):
-        with lock:
-            started[job.id] = time.monotonic()
-        if job.warm_start is not None:  # its leader has logged (or is gone) before it starts
-            leader, path = job.warm_start
-            assert path.exists() or leader in failed or leader in done
-        if job in leaders and job.id != failing:
-            time.sleep(0.2)  # "compiling"
-            job.folder.mkdir(parents=True, exist_ok=True)
-            (job.folder / "metrics.jsonl").write_text("{}\n")
-            logged[job.id] = time.monotonic()
-            time.sleep(0.2)
-        if job.id == failing:
-            time.sleep(0.1)
-            failed.add(job.id)
-            raise StageError(f"{job.id} failed")
-        done.add(job.id)
-
-    failing, failed, done = leaders[1].id, set(), set()
-    with pytest.raises(StageError, match="failed"):
-        run_parallel(plan, [0] * 8, launch)
-    followers = [j for j in toks if j.warm_start is not None]
-    for job in followers:
-        leader = job.warm_start[0]
-        assert job.id in started
-        if leader == failing:
-            assert leader in failed  # released by the failure, not stuck
-        else:
-            assert started[job.id] >= logged[leader]  # not before the leader had compiled
-
-
 def test_tokenizer_seeds_train_as_one_stacked_run_and_the_study_reads_them_as_runs(data, tmp_path, monkeypatch):
     """tokenizer_training: replicas: the seeds of each tokenizer config train as one `tpack` job (tokenizer
     train --out R1 R2 --seeds --pack), and the tokenizer jobs then only encode and evaluate; the table has
@@ -277,7 +218,6 @@ def test_tokenizer_seeds_train_as_one_stacked_run_and_the_study_reads_them_as_ru
         assert argv[argv.index("--seeds") + 1:argv.index("--pack")] == ["0", "1"]
     for job in toks:
         assert "train" not in [s.name for s in job.stages] and job.deps[0] in {p.id for p in tpacks}
-        assert job.warm_start is None  # nothing to stagger: the pack compiles once
     # the same spec with separate tokenizer jobs has the same tokenizer job ids (the runs are the same runs)
     separate = build_plan(load_spec({**spec, "tokenizer_training": "separate"}), tmp_path / "sep")
     assert {j.id for j in separate.jobs if j.kind == "tokenizer"} == {j.id for j in toks}

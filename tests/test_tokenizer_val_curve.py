@@ -95,3 +95,33 @@ def test_checkpoint_side_work_runs_eagerly_and_leaves_the_compiled_training_grap
                                  "train.ckpt_every=1", "loss.gan_weight=0", "loss.perceptual=none"])
     assert len(graphs) == after_first, f"checkpoint side work compiled {after_first - len(graphs)} more graph(s)"
     torch._dynamo.reset()
+
+
+def test_checkpoint_side_work_does_not_autotune_convolutions(data, tmp_path, monkeypatch):
+    """train.cudnn_benchmark autotunes the training loop's convolutions; a checkpoint's validation and
+    preview meet their shapes once, so they run with cuDNN's heuristics (the setting is process-wide:
+    training gets it back after)."""
+    import torch
+
+    from twostage.tokenizers.autoencoder_task import AutoencoderTask
+
+    seen: dict[str, list[bool]] = {"side": [], "train": []}
+    on_checkpoint, prepare = AutoencoderTask.on_checkpoint, AutoencoderTask.prepare
+
+    def recording_checkpoint(self, *args, **kwargs):
+        seen["side"].append(torch.backends.cudnn.benchmark)
+        return on_checkpoint(self, *args, **kwargs)
+
+    def recording_prepare(self, *args, **kwargs):
+        seen["train"].append(torch.backends.cudnn.benchmark)
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderTask, "on_checkpoint", recording_checkpoint)
+    monkeypatch.setattr(AutoencoderTask, "prepare", recording_prepare)
+    before = torch.backends.cudnn.benchmark
+    train_tokenizer("vq", data, tmp_path / "run", steps=3,
+                    extra=["train.cudnn_benchmark=true", "monitor.val_images=0", "train.ckpt_every=1",
+                           "loss.gan_weight=0", "loss.perceptual=none"])
+    assert seen["side"] == [False, False, False]
+    assert seen["train"] and all(seen["train"][:1])  # the training step's batch is prepared with autotuning on
+    assert torch.backends.cudnn.benchmark == before  # the process's own setting after training

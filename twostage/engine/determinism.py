@@ -47,6 +47,20 @@ def kernel_settings(deterministic_kernels: bool, cudnn_benchmark: bool | None) -
 
 
 @contextlib.contextmanager
+def without_autotuning() -> Iterator[None]:
+    """cuDNN picks convolution algorithms by heuristics inside the block (the previous setting after).
+    For work that meets its shapes once or a few times, such as a checkpoint's validation and previews
+    with the feature network at 224 px: autotuning times every algorithm of every new shape, paid by
+    each process at its first checkpoint and never amortized."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+@contextlib.contextmanager
 def deterministic(enabled: bool) -> Iterator[None]:
     """Deterministic kernels inside the block when `enabled`; the process's previous settings after."""
     if not enabled:
@@ -66,4 +80,4 @@ def deterministic(enabled: bool) -> Iterator[None]:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
-__all__ = ["deterministic", "kernel_settings"]
+__all__ = ["deterministic", "kernel_settings", "without_autotuning"]

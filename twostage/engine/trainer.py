@@ -649,12 +649,15 @@ class _Trainer:
                 full = self._save()
                 if self.world.is_main:
                     models = self._side_work_models(full)
-                    # side work must not draw from the training RNG; and it runs the modules eagerly: a
-                    # module compiled in place (train.compile) would otherwise be recompiled for eval mode,
-                    # no-grad and every new batch shape of validation and previews, which cost the study's
-                    # compiled tokenizers 48-131 s each at their first checkpoint on an H200
-                    # (results/study_crt_seeds345/bench_study.txt, tokenizer timelines), and would replace none of the training graphs
-                    with isolated_rng(self.device), torch.compiler.set_stance("force_eager"):
+                    # side work must not draw from the training RNG; it runs the modules eagerly (a module
+                    # compiled in place, train.compile, would otherwise be recompiled for eval mode, no-grad
+                    # and every new batch shape of validation and previews: tests/test_tokenizer_val_curve.py);
+                    # and it does not autotune cuDNN for its one-off shapes. The study's compiled tokenizers
+                    # on an H200 paused 48-131 s at their first checkpoint (results/study_crt_seeds345) and,
+                    # with the eager stance alone, still 53-72 s (results/study_tokens, bench_study.txt;
+                    # later checkpoints ~2 s): a one-time cost per process that only GPU runs pay
+                    with isolated_rng(self.device), torch.compiler.set_stance("force_eager"), \
+                            determinism.without_autotuning():
                         extra = self.task.on_checkpoint(self.step, self.run_dir, models)
                         for module in self.task.modules.values():
                             module.train()

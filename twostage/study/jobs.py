@@ -45,10 +45,6 @@ class Job:
     stages: list[Stage]
     deps: list[str] = field(default_factory=list)
     label: str = ""
-    # (job id, file): start only once that job has written the file or stopped running. A compiled
-    # tokenizer job waits so for the first job of its configuration to have compiled (study/plan.py
-    # `stagger_compiles`); hard dependencies are `deps`.
-    warm_start: tuple[str, Path] | None = None
 
     def marker(self, stage: str) -> Path:
         return self.folder / "done" / f"{stage}.json"

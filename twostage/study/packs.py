@@ -42,7 +42,7 @@ def _without_seed_override(overrides: list[str]) -> list[str]:
 
 def seedless_tokenizer_command(job: Job) -> list[str] | None:
     """A tokenizer job's `tokenizer train` command up to --out, without its train.seed override: equal
-    for the seeds of one config (which then compile the same graphs, or stack as replicas); None for a
+    for the seeds of one config (which then stack as replicas); None for a
     job that does not train."""
     train = next((s for s in job.stages if s.name == "train"), None)
     return None if train is None else _without_seed_override(train.argv[:train.argv.index("--out")])

@@ -9,14 +9,13 @@ plan adds the two ways a study can train its generator runs together: stacked re
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from twostage.config import ConfigError
 from twostage.study.branches import branch_jobs
 from twostage.study.jobs import Job, Paths, generator_id, generator_job, reference_job, tokenizer_cell, tokenizer_job
-from twostage.study.packs import pack_jobs, seedless_tokenizer_command, tokenizer_pack_jobs
+from twostage.study.packs import pack_jobs, tokenizer_pack_jobs
 from twostage.study.spec import ResolvedGenerator, ResolvedTokenizer, StudySpec, resolve_grid
 
 
@@ -59,23 +58,6 @@ def _check_cells(spec: StudySpec, toks: list[ResolvedTokenizer], gens: list[Reso
                               f"label {t.label!r}: give one of them a `label`")
 
 
-def stagger_compiles(toks: list[ResolvedTokenizer], jobs: list[Job]) -> None:
-    """Compiled tokenizer jobs that differ only in their seed compile the same graphs: the first of each
-    such group compiles, the others start once it has logged its first training window (its
-    metrics.jsonl), and then find its graphs in the inductor cache. Six study_crt tokenizers compiling
-    at once on a 16-core H200 host took ~127 s to their first step (results/study_crt_seeds345,
-    bench_study.txt); one configuration compiling alone took ~60 s and a cache hit ~10 s
-    (results/throughput/README.md §4). Changed in place."""
-    leaders: dict[str, Job] = {}
-    for tok, job in zip(toks, jobs):
-        command = seedless_tokenizer_command(job)
-        if command is None or not tok.config.train.compile:
-            continue
-        leader = leaders.setdefault(json.dumps(command), job)
-        if leader is not job and leader.id != job.id:
-            job.warm_start = (leader.id, leader.folder / "metrics.jsonl")
-
-
 def build_plan(spec: StudySpec, root: Path) -> Plan:
     toks, gens = resolve_grid(spec)
     _check_cells(spec, toks, gens)
@@ -87,7 +69,6 @@ def build_plan(spec: StudySpec, root: Path) -> Plan:
             refs[size] = reference_job(spec, size, paths)
     tok_jobs = [tokenizer_job(spec, t, paths) for t in toks]
     tok_packs = tokenizer_pack_jobs(toks, tok_jobs, paths) if spec.tokenizer_training == "replicas" else []
-    stagger_compiles(toks, tok_jobs)  # the seeds of a config not trained as one (packs compile once anyway)
     gen_jobs = [generator_job(spec, g, paths, refs[g.tokenizer.config.data.image_size]) for g in gens]
     if spec.budget_runs == "longest":
         branch_jobs(gens, gen_jobs)
@@ -102,4 +83,4 @@ def build_plan(spec: StudySpec, root: Path) -> Plan:
     return Plan(paths.root, jobs, toks, gens, gen_jobs, tok_jobs)
 
 
-__all__ = ["Plan", "build_plan", "stagger_compiles"]
+__all__ = ["Plan", "build_plan"]

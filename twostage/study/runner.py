@@ -106,7 +106,6 @@ def run_sequential(plan: Plan, runner: Callable[[list[str], Path], None] | None 
         run_job(job, plan.root, runner)
 
 
-WARM_POLL_S = 2.0  # how often jobs waiting for a warm start (Job.warm_start) look for it
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -132,9 +131,7 @@ def run_parallel(plan: Plan, gpus: list[int], launch: Callable[[Job, int], None]
     """Run the plan's unfinished jobs, one per entry of `gpus` at a time (a GPU listed k times takes k
     jobs at once), each once its dependencies are done. A failed job does not stop the others (as
     `make -k`): every job that does not depend on it still runs, so one bad run costs one run of a
-    time-limited allocation, not the rest of it; the errors are raised together at the end. A job with
-    a `warm_start` also waits for that job's file (its compiled graphs in the inductor cache), or for
-    that job to stop running."""
+    time-limited allocation, not the rest of it; the errors are raised together at the end."""
     pending = {j.id: j for j in plan.jobs if not job_done(j, plan.root)}
     finished = {j.id for j in plan.jobs if j.id not in pending}
     free: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -152,25 +149,15 @@ def run_parallel(plan: Plan, gpus: list[int], launch: Callable[[Job, int], None]
     running: dict[Future, str] = {}
     errors: list[BaseException] = []
 
-    def warm(job: Job) -> bool:  # its warm-start job has written its file, or is not running (any more)
-        if job.warm_start is None:
-            return True
-        leader, path = job.warm_start
-        return path.exists() or (leader not in pending and leader not in running.values())
-
     with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
         while pending or running:
             ready = [j for j in pending.values() if all(d in finished for d in j.deps)]
-            waiting = [j for j in ready if not warm(j)]
             for job in ready:
-                if job in waiting:
-                    continue
                 del pending[job.id]
                 running[pool.submit(on_gpu, job)] = job.id
             if not running:
                 break  # what is left depends on a failed job
-            # jobs waiting for a warm start are looked at again every WARM_POLL_S seconds
-            done, _ = wait(running, timeout=WARM_POLL_S if waiting else None, return_when=FIRST_COMPLETED)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
                 job_id = running.pop(fut)
                 if fut.exception() is not None:
