@@ -458,3 +458,36 @@ def test_context_gain_compares_losses_against_each_codebook_s_own_entropy():
     assert all(c.winner == "baseline" for c in collapsed["context"]["comparisons"])
     assert all(c.winner == "CRT" for s in collapsed["series"] if s["metric"] == "val_loss" for c in s["comparisons"])
     assert analyze(rows, n_boot=0)["context"] is None  # no code entropies (a table written before the column)
+
+
+def test_tokenizers_are_also_compared_at_matched_compute_across_sizes_and_budgets():
+    """Equal steps are not equal compute when tokens per image differ: a cell of one tokenizer is also set
+    against the other tokenizer's cell nearest in compute at another size / budget when within 1.35x,
+    with the compute ratio in the line; cells further apart, or at one (size, budget), are not paired."""
+    from twostage.study.replicates import aggregate
+    from twostage.study.verdicts import compare_at_matched_compute, matched_line
+
+    rows = make_rows(tokenizers=VERDICT_TOKENIZERS[:2], sizes={"mini": 500_000, "small": 2_000_000}, steps=[800],
+                     tokenizer_seeds=[0, 1, 2], generator_seeds=[0, 1, 2], sd_tokenizer=0.02, seed=4)
+    rows = [r for r in rows if r["tokenizer_seed"] == r["generator_seed"]]
+    compute = {("base", "mini"): 2.5e13, ("base", "small"): 1.0e14,  # 16 tokens per image: cheap steps
+               ("crt", "mini"): 0.8e14, ("crt", "small"): 3.2e14}
+    gfd = {("base", "mini"): 30.0, ("base", "small"): 26.0, ("crt", "mini"): 22.0, ("crt", "small"): 18.0}
+    for r in rows:
+        key = r["tokenizer_cell"], r["generator_size"]
+        r["compute"] = compute[key]
+        r["gfd"] = gfd[key] + 0.3 * r["tokenizer_seed"] * (1 if r["tokenizer_cell"] == "crt" else 0.5)
+    cells = aggregate(rows, "gfd")
+    labels = {"base": "baseline", "crt": "CRT"}
+    matched = compare_at_matched_compute(cells, "gfd", labels)
+    assert len(matched) == 1  # baseline small (1e14) vs CRT mini (0.8e14); every other pair is >= 3.2x apart
+    (c,) = matched
+    assert {c.a.generator_size, c.b.generator_size} == {"mini", "small"} and c.pairing == "paired tokenizer seeds"
+    assert c.winner == "CRT" and c.a.generator_size == "mini"  # CRT's gFD factor wins with 0.8x the compute
+    line = matched_line(c, "gFD")
+    assert "CRT (ar mini 800 steps, 0.80x the compute) has lower gFD than baseline (ar small 800 steps)" in line
+    assert compare_at_matched_compute(cells, "gfd", labels, ratio=1.2) == []
+    a = analyze(rows, n_boot=0)
+    found = {t: lines for t, lines in a["findings"] if "at matched compute" in t}
+    fd = [lines for t, lines in found.items() if t.startswith(GFD_NAME)]  # and the val loss (one prediction task)
+    assert len(fd) == 1 and "0.80x the compute" in fd[0][0]

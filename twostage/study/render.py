@@ -23,7 +23,7 @@ from twostage.study.frontier import finite
 from twostage.study.protocols import COMPARABILITY, SAMPLING, plain
 from twostage.study.reconstruction import reconstruction_lines
 from twostage.study.replicates import ci_text
-from twostage.study.verdicts import budget_line
+from twostage.study.verdicts import MATCHED_COMPUTE_RATIO, budget_line, matched_line
 
 __all__ = ["findings", "render_html", "render_summary", "SECTIONS"]
 
@@ -112,6 +112,9 @@ def findings(a: dict) -> list[tuple[str, list[str]]]:
         for s in a["series"]:
             if (s["metric"] != "val_loss") == generation:
                 out.append((f"{s['name']} at each budget", _budget_lines(s)))
+                if s.get("matched"):  # other sizes / budgets of near-equal compute (tokens per image differ)
+                    out.append((f"{s['name']} at matched compute (within {MATCHED_COMPUTE_RATIO}x, other sizes or "
+                                "budgets)", [matched_line(c, s["name"]) for c in s["matched"]]))
     if a.get("context"):
         out.append((f"{a['context']['name']} at each budget", _budget_lines(a["context"])))
     laws = []

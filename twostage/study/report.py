@@ -48,7 +48,7 @@ from twostage.study.render import findings, render_html, render_summary
 from twostage.study.replicates import GENERATION, aggregate, metric_name, normalise, series_components
 from twostage.study.seedfits import fit_series
 from twostage.study.stats import mean_interval
-from twostage.study.verdicts import compare_cells, headline
+from twostage.study.verdicts import compare_at_matched_compute, compare_cells, headline
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ def analyze(rows: list[dict[str, Any]], *, n_boot: int = 1000, seed: int = 0, fi
         comparisons = compare_cells(cells, metric, labels)
         series.append({"metric": metric, "part": part, "name": name, "rows": mine, "cells": cells, **sf,
                        "comparisons": comparisons, "headline": headline(comparisons),
+                       "matched": compare_at_matched_compute(cells, metric, labels),
                        "components": series_components(cells)})
     if len(gfd_names) > 1:
         warnings.append("several gfd_name values: generation FDs of different networks are analysed separately")
@@ -301,6 +302,7 @@ def _fits_doc(a: dict, study: str, digest: str) -> dict[str, Any]:
             "cells": [{"series": s["name"], "metric": s["metric"], **c.brief()} for s in S for c in s["cells"]],
             "verdicts": [{"series": s["name"], **c.to_dict(), "headline": any(c is h for h in s["headline"])}
                          for s in S for c in s["comparisons"]],
+            "matched_compute_verdicts": [{"series": s["name"], **c.to_dict()} for s in S for c in s.get("matched", [])],
             "variance_components": [{"series": s["name"], **(s["components"] or {})} for s in S],
             "reconstruction_verdicts": [c.to_dict() for c in a.get("stage1", [])],
             "context_gain_verdicts": [c.to_dict() for c in (a.get("context") or {}).get("comparisons", [])],

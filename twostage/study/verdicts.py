@@ -8,7 +8,13 @@ A pair is compared on runs that share their seeds: the difference a - b is taken
 (each averaged over the generator seeds both cells share) when several tokenizer seeds are shared,
 else per generator seed; a seed moves both tokenizers alike through the data order and the sampling
 noise, so pairing removes it (twostage/study/stats.py paired_difference). Without shared seeds the
-cells' own seed means go through Welch's interval. The verdict is stats.verdict: a winner only when
+cells' own seed means go through Welch's interval.
+
+Equal steps are not equal compute when the tokenizers differ in tokens per image (a step of an AR
+model over 256 tokens costs 16x one over 16), and a compute-efficiency claim (docs/methods.md §5) is
+about equal compute. `compare_at_matched_compute` therefore also pairs cells of two tokenizers whose
+training compute C is within a factor (1.35 by default) at other sizes or budgets, with the ratio
+stated, so a reader sees whether the winner also had the smaller budget. The verdict is stats.verdict: a winner only when
 the 95% interval of the difference excludes 0, never from one seed. Two cells are not compared
 when their evaluation protocols differ (another sample count or network is another metric) or, for
 a validation loss, when their tokenizers pose another prediction task (tokens per image, codebook).
@@ -26,13 +32,16 @@ import numpy as np
 from twostage.study.replicates import METRICS, CellStat
 from twostage.study.stats import Difference, paired_difference, verdict, welch_difference
 
-__all__ = ["Comparison", "compare", "compare_cells", "headline", "comparison_line", "budget_line", "budget_text"]
+__all__ = ["Comparison", "compare", "compare_cells", "compare_at_matched_compute", "headline", "comparison_line",
+           "budget_line", "budget_text", "matched_line", "MATCHED_COMPUTE_RATIO"]
+
+MATCHED_COMPUTE_RATIO = 1.35  # cells whose compute differs by at most this factor count as one budget
 
 
 @dataclass
 class Comparison:
     metric: str
-    group: tuple[str, str, Any]  # (generator kind, size, train steps)
+    group: tuple[str, str, Any]  # (generator kind, size, train steps); (kind, MATCHED, None) at matched compute
     a: CellStat  # the one with the better mean
     b: CellStat
     label_a: str
@@ -55,6 +64,8 @@ class Comparison:
                 "train_steps": self.group[2], "a": self.a.tokenizer_cell, "b": self.b.tokenizer_cell,
                 "label_a": self.label_a, "label_b": self.label_b, "mean_a": self.a.mean, "mean_b": self.b.mean,
                 "generator_cell_a": self.a.key, "generator_cell_b": self.b.key, "pairing": self.pairing,
+                "size_a": self.a.generator_size, "size_b": self.b.generator_size, "steps_a": self.a.train_steps,
+                "steps_b": self.b.train_steps, "compute_a": self.a.compute, "compute_b": self.b.compute,
                 "verdict": self.verdict, "winner": self.winner,
                 "difference": None if d is None else {"mean": d.mean, "low": d.low, "high": d.high, "n_a": d.n_a,
                                                       "n_b": d.n_b, "dof": d.dof, "method": d.method}}
@@ -133,6 +144,51 @@ def compare_cells(cells: Sequence[CellStat], metric: str, labels: Mapping[str, s
         mine = sorted(groups[g], key=lambda c: (labels[c.tokenizer_cell], c.key))
         out += [compare(x, y, metric, labels, g) for x, y in combinations(mine, 2)]
     return out
+
+
+MATCHED = "matched compute"
+
+
+def compare_at_matched_compute(cells: Sequence[CellStat], metric: str, labels: Mapping[str, str],
+                               ratio: float = MATCHED_COMPUTE_RATIO) -> list[Comparison]:
+    """Pairs of cells of two tokenizers at other (size, budget) points whose compute is within `ratio`:
+    for each cell, the other tokenizer's cell of the same generator kind nearest in compute, once per
+    pair. Pairs at one (size, budget) are compare_cells' business; pairs not comparable (protocols,
+    prediction tasks) are left out."""
+    out, seen = [], set()
+    finite = [c for c in cells if math.isfinite(c.compute) and c.compute > 0]
+    for c in sorted(finite, key=lambda c: (c.compute, c.key)):
+        others: dict[str, CellStat] = {}
+        for o in finite:
+            if o.tokenizer_cell == c.tokenizer_cell or o.generator_kind != c.generator_kind or _group(o) == _group(c):
+                continue
+            near = others.get(o.tokenizer_cell)
+            if near is None or abs(math.log(o.compute / c.compute)) < abs(math.log(near.compute / c.compute)):
+                others[o.tokenizer_cell] = o
+        for o in others.values():
+            pair = frozenset((c.key, o.key))
+            if max(c.compute, o.compute) > ratio * min(c.compute, o.compute) or pair in seen:
+                continue
+            seen.add(pair)
+            comparison = compare(c, o, metric, labels, (c.generator_kind, MATCHED, None))
+            if comparison.compared:
+                out.append(comparison)
+    return sorted(out, key=lambda x: (min(x.a.compute, x.b.compute), x.label_a, x.label_b))
+
+
+def matched_line(c: Comparison, name: str) -> str:
+    """"C ≈ 1e+14: vq f4 (ar mini 800 steps, 0.78x the compute) has lower gFD than vq f8 (ar small 800
+    steps): −3.5 [−5.1, −1.9] over 3 paired tokenizer seeds"."""
+    where = lambda x: f"{x.generator_kind} {x.generator_size} {x.train_steps} steps"
+    share = c.a.compute / c.b.compute
+    ratio = f", {share:.2f}x the compute" if abs(share - 1) > 0.05 else ""
+    head = f"C ≈ {math.sqrt(c.a.compute * c.b.compute):.2e}: {c.label_a} ({where(c.a)}{ratio})"
+    if not c.diff.resolved:
+        return f"{head} vs {c.label_b} ({where(c.b)}) on {name}: {_num(c.diff.mean)} (no interval): 1 seed, no winner."
+    if c.winner:
+        return f"{head} has {_better_word(c)} {name} than {c.label_b} ({where(c.b)}): {_evidence(c.diff)} over {_seeds(c)}."
+    return (f"{head} vs {c.label_b} ({where(c.b)}) on {name}: difference {_evidence(c.diff)}, {c.verdict} "
+            f"({c.pairing}).")
 
 
 def _comparable(c: CellStat, metric: str) -> tuple:
