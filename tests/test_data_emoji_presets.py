@@ -77,3 +77,24 @@ def test_study_spec_names_emoji_tokenizers_and_replicated_cells():
         configlib.load(ARRunConfig, spec.generators["ar"].preset, [f"model.size={size}"])
     text = (Path(configlib.__file__).parent / "presets" / "study_emoji_tokens.yaml").read_text()
     assert text.startswith("# Claim") and "twostage study run study_emoji_tokens" in text
+
+
+def test_emoji_crt_spec_differs_only_in_the_crt_terms_and_plans_its_replicated_grid(tmp_path):
+    """study_emoji_crt: the baseline and +CRT tokenizers are one emoji f8 config apart from CRT and the
+    quantizer's entropy term (as study_crt's), and its grid plans 6 tokenizer runs and 24 generator runs."""
+    from twostage.study.plan import build_plan
+
+    spec = load_spec("study_emoji_crt")
+    assert parse_reference(spec.eval.reference).dataset == "emoji" and spec.sample.labels == "train"
+    base, crt = (configlib.load(VQRunConfig, t.preset, [*spec.tokenizer.overrides, *t.overrides])
+                 for t in spec.tokenizers)
+    assert (base.data.name, (64 // base.model.downsample_factor) ** 2) == ("emoji", 64)
+    assert not base.crt.enabled and crt.crt.enabled and crt.model.entropy_weight > 0
+    assert configlib.load(VQRunConfig, spec.tokenizers[0].preset,
+                          [*spec.tokenizer.overrides, *spec.tokenizers[1].overrides,
+                           f"crt.enabled={base.crt.enabled}", f"model.entropy_weight={base.model.entropy_weight}",
+                           f"crt.ramp_steps={base.crt.ramp_steps}"]) == base
+    plan = build_plan(spec, tmp_path / "study")
+    assert len(plan.tokenizer_jobs) == 6 and len(plan.generator_jobs) == 2 * 2 * 2 * 3
+    text = (Path(configlib.__file__).parent / "presets" / "study_emoji_crt.yaml").read_text()
+    assert text.startswith("# Claim") and "twostage study run study_emoji_crt" in text
