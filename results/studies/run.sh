@@ -5,7 +5,10 @@
 #   STUDIES="study_crt" JOBS_PER_GPU=6 bash results/studies/run.sh          (carry: .carry)
 #
 # Each study is `twostage study run SPEC --out /tmp/studies/NAME --jobs-per-gpu K`; several studies run
-# at the same time. The call's deadline (BUDGET_S, default 540 s) stops whatever is still running; the
+# at the same time. Give K at least the study's number of tokenizer runs (configs x seeds): the tokenizer
+# stage is bound by the GPU's device time, so more jobs at once cost none of their aggregate speed, while
+# a tokenizer left waiting for a slot trains alone at the end and delays its generators (study_tokens:
+# the ninth of nine tokenizers with K=8 started only in the second call; results/studies/README.md). The call's deadline (BUDGET_S, default 540 s) stops whatever is still running; the
 # finished runs keep their done markers, `study table` lists exactly those, and `study report` reports
 # on them. $OUT/studies.tgz holds /tmp/studies/NAME/ without *.safetensors, caches/, samples.npz
 # and reference/*.npz (a study's own reference features: tens of MB); unpacked into results/,
