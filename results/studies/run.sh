@@ -5,10 +5,11 @@
 #   STUDIES="study_crt" JOBS_PER_GPU=6 bash results/studies/run.sh          (carry: .carry)
 #
 # Each study is `twostage study run SPEC --out /tmp/studies/NAME --jobs-per-gpu K`; several studies run
-# at the same time. Give K at least the study's number of tokenizer runs (configs x seeds): the tokenizer
-# stage is bound by the GPU's device time, so more jobs at once cost none of their aggregate speed, while
-# a tokenizer left waiting for a slot trains alone at the end and delays its generators (study_tokens:
-# the ninth of nine tokenizers with K=8 started only in the second call; results/studies/README.md). The call's deadline (BUDGET_S, default 540 s) stops whatever is still running; the
+# at the same time. K is JOBS_PER_GPU (default 4), raised to the study's number of tokenizer runs (configs
+# x seeds, from `study run --dry-run`): the tokenizer stage is bound by the GPU's device time, so more jobs
+# at once cost none of their aggregate speed, while a tokenizer left waiting for a slot trains alone at the
+# end and delays its generators (study_tokens: the ninth of nine tokenizers with K=8 started only in the
+# second call; results/studies/README.md). The call's deadline (BUDGET_S, default 540 s) stops whatever is still running; the
 # finished runs keep their done markers, `study table` lists exactly those, and `study report` reports
 # on them. $OUT/studies.tgz holds /tmp/studies/NAME/ without *.safetensors, caches/, samples.npz
 # and reference/*.npz (a study's own reference features: tens of MB); unpacked into results/,
@@ -44,15 +45,18 @@ fi
   $PY -c "import torch, platform; print('torch', torch.__version__, 'python', platform.python_version())"
   date -u +%Y-%m-%dT%H:%M:%SZ; } | tee "$ROOT/device.txt"
 
-run_for=$(( BUDGET_S - REPORT_S - ($(date +%s) - START) ))
 pids=()
 for spec in $STUDIES; do
   name=$(basename "$spec" .yaml); name=${name#study_}
   mkdir -p "$ROOT/$name"
-  echo "+ twostage study run $spec --out $ROOT/$name --jobs-per-gpu ${JOBS_PER_GPU:-4} ${OVERRIDES:-}  (deadline ${run_for}s)"
+  jobs=${JOBS_PER_GPU:-4}
+  toks=$($PY -m twostage study run "$spec" ${OVERRIDES:-} --out "$ROOT/$name" --dry-run 2>/dev/null | grep -c '^tok-')
+  [ "${toks:-0}" -gt "$jobs" ] && echo "jobs per GPU $jobs -> $toks: one slot per tokenizer run" && jobs=$toks
+  run_for=$(( BUDGET_S - REPORT_S - ($(date +%s) - START) ))
+  echo "+ twostage study run $spec --out $ROOT/$name --jobs-per-gpu $jobs ${OVERRIDES:-}  (deadline ${run_for}s)"
   # timeout signals the whole process group: the per-job subprocesses stop with the runner
   timeout --kill-after=10 "$run_for" $PY -m twostage study run "$spec" ${OVERRIDES:-} --out "$ROOT/$name" \
-    --jobs-per-gpu "${JOBS_PER_GPU:-4}" > "$ROOT/$name/run.log" 2>&1 &
+    --jobs-per-gpu "$jobs" > "$ROOT/$name/run.log" 2>&1 &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; echo "exit $? (pid $pid)"; done
