@@ -88,3 +88,24 @@ def test_extraction_treats_uint8_and_float_images_alike(effnet):
     torch.testing.assert_close(from_u8["pool"], from_float["pool"], rtol=1e-4, atol=1e-5)  # float32 nets
     with pytest.raises(ValueError, match="precision"):
         extract_features(effnet, u8, precision="fp16")
+
+
+def test_features_and_maps_take_one_pass_and_equal_the_two_calls(effnet, monkeypatch):
+    """Reconstruction metrics need rFD features and perceptual maps of every image: one network pass gives
+    both, equal to forward() and feature_maps() called apart; evaluate_reconstruction then runs the
+    network twice per batch (originals, reconstructions), not four times."""
+    from twostage.metrics.reconstruction import evaluate_reconstruction, map_distance, perceptual_distance
+
+    x, y = torch.rand(3, 3, 32, 32) * 2 - 1, torch.rand(3, 3, 32, 32) * 2 - 1
+    feats, maps = effnet.features_and_maps(x)
+    apart = effnet(x)
+    assert feats.keys() == apart.keys() and all(torch.equal(feats[k], apart[k]) for k in apart)
+    assert len(maps) == len(effnet.feature_maps(x)) and all(torch.equal(a, b) for a, b in zip(maps, effnet.feature_maps(x)))
+    assert torch.equal(map_distance(maps, effnet.features_and_maps(y)[1]), perceptual_distance(effnet, x, y))
+
+    runs = []
+    real_run = EffNetLite0._run
+    monkeypatch.setattr(EffNetLite0, "_run", lambda self, *a: runs.append(1) or real_run(self, *a))
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    metrics, _ = evaluate_reconstruction(lambda t: t.flip(-1), images, effnet, batch_size=4, progress=False)
+    assert len(runs) == 2 * 2 and metrics["PD-EffNetLite0"] > 0  # 2 batches x (originals, reconstructions)

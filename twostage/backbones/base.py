@@ -104,3 +104,9 @@ class FeatureNetwork(FrozenNetwork):
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def features_and_maps(self, images: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """`forward`'s features and `feature_maps` at the network's input size, as the two calls give them;
+        a network that can take both from one pass overrides this (reconstruction metrics need both of
+        every image: rFD and the perceptual distance)."""
+        return self(images), self.feature_maps(images)

@@ -113,7 +113,14 @@ class EffNetLite0(FeatureNetwork):
         return x, kept
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        head, kept = self._run(self._prep(images, None), {self._spatial_block})
+        return self._features(*self._run(self._prep(images, None), {self._spatial_block}))
+
+    def features_and_maps(self, images: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """One pass for both (the maps are blocks of the same run at the default input size)."""
+        head, kept = self._run(self._prep(images, None), {self._spatial_block, *self._map_blocks})
+        return self._features(head, kept), [kept[i] for i in self._map_blocks]
+
+    def _features(self, head: Tensor, kept: dict[int, Tensor]) -> dict[str, Tensor]:
         pool = head.mean(dim=(2, 3))
         sp = kept[self._spatial_block][:, : self.spatial_channels]
         # NHWC flattening order, like the ADM evaluator's sFID features.

@@ -103,8 +103,14 @@ def ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
 
 def perceptual_distance(net: FeatureNetwork, a: Tensor, b: Tensor, size: int | None = None) -> Tensor:
     """LPIPS-shaped distance on `net.feature_maps`, per image (N,)."""
-    d = torch.zeros(a.shape[0], device=a.device)
-    for fa, fb in zip(net.feature_maps(a, size), net.feature_maps(b, size)):
+    return map_distance(net.feature_maps(a, size), net.feature_maps(b, size))
+
+
+def map_distance(maps_a: list[Tensor], maps_b: list[Tensor]) -> Tensor:
+    """The LPIPS shape on two images' feature maps: per map, unit-normalize each position's channel
+    vector, square the difference, sum over channels and average over positions; sum over maps. (N,)"""
+    d = torch.zeros(maps_a[0].shape[0], device=maps_a[0].device)
+    for fa, fb in zip(maps_a, maps_b):
         fa = fa.float() / (fa.float().norm(dim=1, keepdim=True) + 1e-10)
         fb = fb.float() / (fb.float().norm(dim=1, keepdim=True) + 1e-10)
         d = d + (fa - fb).square().sum(1).mean(dim=(1, 2))
@@ -184,9 +190,11 @@ def evaluate_reconstruction(
         mses.append(squared_error(x01, y01).cpu())
         ssims.append(ssim(x01, y01, data_range=1.0).cpu())
         with torch.autocast(**amp):
-            fx, fy = net(x), net(y)
-            if perceptual:
-                pds.append(perceptual_distance(net, x, y).float().cpu())
+            if perceptual:  # one pass per image set gives the rFD features and the maps
+                (fx, mx), (fy, my) = net.features_and_maps(x), net.features_and_maps(y)
+                pds.append(map_distance(mx, my).float().cpu())
+            else:
+                fx, fy = net(x), net(y)
         real_f.append(fx["pool"].float().cpu())
         rec_f.append(fy["pool"].float().cpu())
         bar.update(x.shape[0])
