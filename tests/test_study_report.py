@@ -487,6 +487,9 @@ def test_tokenizers_are_also_compared_at_matched_compute_across_sizes_and_budget
     line = matched_line(c, "gFD")
     assert "CRT (ar mini 800 steps, 0.80x the compute) has lower gFD than baseline (ar small 800 steps)" in line
     assert compare_at_matched_compute(cells, "gfd", labels, ratio=1.2) == []
+    # tokenizers whose steps cost the same (one grid, as study_crt's): equal steps are equal compute, no extra pairs
+    same = [{**r, "compute": {"mini": 1.0e14, "small": 1.3e14}[r["generator_size"]]} for r in rows]
+    assert compare_at_matched_compute(aggregate(same, "gfd"), "gfd", labels) == []
     a = analyze(rows, n_boot=0)
     found = {t: lines for t, lines in a["findings"] if "at matched compute" in t}
     fd = [lines for t, lines in found.items() if t.startswith(GFD_NAME)]  # and the val loss (one prediction task)

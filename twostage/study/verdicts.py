@@ -154,13 +154,22 @@ def compare_at_matched_compute(cells: Sequence[CellStat], metric: str, labels: M
     """Pairs of cells of two tokenizers at other (size, budget) points whose compute is within `ratio`:
     for each cell, the other tokenizer's cell of the same generator kind nearest in compute, once per
     pair. Pairs at one (size, budget) are compare_cells' business; pairs not comparable (protocols,
-    prediction tasks) are left out."""
+    prediction tasks) are left out, and so are two tokenizers whose steps cost the same (compute within
+    5% at a shared size and budget): for them equal steps already are equal compute."""
     out, seen = [], set()
     finite = [c for c in cells if math.isfinite(c.compute) and c.compute > 0]
+    at: dict[tuple, dict[str, float]] = {}
+    for c in finite:
+        at.setdefault(_group(c), {})[c.tokenizer_cell] = c.compute
+
+    def same_cost(a: str, b: str) -> bool:
+        return any(a in g and b in g and max(g[a], g[b]) <= 1.05 * min(g[a], g[b]) for g in at.values())
+
     for c in sorted(finite, key=lambda c: (c.compute, c.key)):
         others: dict[str, CellStat] = {}
         for o in finite:
-            if o.tokenizer_cell == c.tokenizer_cell or o.generator_kind != c.generator_kind or _group(o) == _group(c):
+            if o.tokenizer_cell == c.tokenizer_cell or o.generator_kind != c.generator_kind or _group(o) == _group(c) \
+                    or same_cost(o.tokenizer_cell, c.tokenizer_cell):
                 continue
             near = others.get(o.tokenizer_cell)
             if near is None or abs(math.log(o.compute / c.compute)) < abs(math.log(near.compute / c.compute)):
