@@ -494,3 +494,36 @@ def test_tokenizers_are_also_compared_at_matched_compute_across_sizes_and_budget
     found = {t: lines for t, lines in a["findings"] if "at matched compute" in t}
     fd = [lines for t, lines in found.items() if t.startswith(GFD_NAME)]  # and the val loss (one prediction task)
     assert len(fd) == 1 and "0.80x the compute" in fd[0][0]
+
+
+def test_runs_of_one_spec_with_other_seeds_pool_into_one_report(tmp_path):
+    """`study report DIR1 DIR2 --out OUT`: the seeds of both runs in one analysis (intervals over all of
+    them, sample grids read from each run's folder); refused without --out, when the folders share a run
+    or when their specs differ beyond seeds."""
+    from twostage.common.errors import UserError
+    from twostage.study.runner import save_spec
+    from twostage.study.spec import load_spec
+
+    rows = make_rows(tokenizers=VERDICT_TOKENIZERS[:2], sizes={"small": 2_000_000}, tokenizer_seeds=list(range(6)),
+                     generator_seeds=list(range(6)), sd_tokenizer=0.05, seed=5)
+    rows = [r for r in rows if r["tokenizer_seed"] == r["generator_seed"]]
+    a = write_results(tmp_path / "a", [r for r in rows if r["tokenizer_seed"] < 3])
+    b = write_results(tmp_path / "b", [r for r in rows if r["tokenizer_seed"] >= 3])
+    spec = load_spec("study_crt")
+    save_spec(spec, a)
+    save_spec(load_spec("study_crt", ["seeds.tokenizer=[3,4,5]", "seeds.generator=[3,4,5]"]), b)
+    paths = build_report([a, b], tmp_path / "pooled", n_boot=0)
+    fits = json.loads(paths["fits"].read_text())
+    assert fits["design"]["seeds"]["tokenizer"] == [0, 1, 2, 3, 4, 5]
+    gfd = [v for v in fits["verdicts"] if v["metric"] == "gfd"]
+    assert gfd and all(v["difference"]["n_a"] == 6 for v in gfd)
+    assert not any("sample grid" in w for w in fits["warnings"])  # each grid found in its own folder
+    assert "pooled" in paths["summary"].read_text().splitlines()[0]
+
+    with pytest.raises(ValueError, match="--out"):
+        build_report([a, b])
+    with pytest.raises(UserError, match="count twice"):
+        build_report([a, a], tmp_path / "twice", n_boot=0)
+    save_spec(load_spec("study_crt", ["tokenizer.steps=2000"]), b)
+    with pytest.raises(UserError, match="tokenizer.steps"):
+        build_report([a, b], tmp_path / "other", n_boot=0)

@@ -58,7 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     # the report command's parser lives here, so `twostage --help` does not import matplotlib and scipy
     r = sub.add_parser("report", help="verdicts, fits, compute-optimal frontiers and figures from DIR/results.parquet")
-    r.add_argument("dir", type=Path, help="study folder holding results.parquet")
+    r.add_argument("dir", type=Path, nargs="+",
+                   help="study folder holding results.parquet; several: runs of one spec with other seeds, "
+                        "pooled into one report (twostage/study/pooling.py; needs --out)")
     r.add_argument("--out", type=Path, default=None, help="report folder (default DIR/report)")
     r.add_argument("--bootstrap", type=_at_least(0), default=1000,
                    help="resamples per fit, for the residual and the seed bootstrap (0: covariance intervals only)")

@@ -36,7 +36,7 @@ from twostage.common.errors import UserError
 from twostage.study.spec import load_spec
 
 __all__ = ["Verdict", "Replication", "load_verdicts", "compare_verdicts", "tokenizer_reruns", "replication_report",
-           "spec_differences",
+           "spec_differences", "folder_spec",
            "HOLDS", "CONTRADICTED", "NOT_REPLICATED", "RESOLVED", "TIE", "ONLY_ORIGINAL", "ONLY_RERUN"]
 
 HOLDS, CONTRADICTED, NOT_REPLICATED = "holds", "contradicted", "not replicated"
@@ -153,7 +153,7 @@ def spec_differences(original: dict[str, Any], rerun: dict[str, Any]) -> list[st
             if a.get(k) != b.get(k)]
 
 
-def _spec(folder: Path) -> dict[str, Any] | None:
+def folder_spec(folder: Path) -> dict[str, Any] | None:
     """The folder's spec with every default filled in (specs saved by older code leave some out), or as
     written when this code cannot load it."""
     path = folder / "study.yaml"
@@ -224,7 +224,7 @@ def _verdict_lines(original: Path, rerun: Path, rows: list[Replication]) -> list
         common = ", ".join(f"{k} {v}" for k, v in shared.items() if v)
         lines.append(f"The re-run shares seeds with the original ({common}): an independent check of the verdicts "
                      "uses other seeds.")
-    spec_a, spec_b = _spec(original), _spec(rerun)
+    spec_a, spec_b = folder_spec(original), folder_spec(rerun)
     changed = spec_differences(spec_a, spec_b) if spec_a is not None and spec_b is not None else []
     if changed:
         lines.append("The specs differ beyond seeds, so this tests whether the verdicts survive the change, not a "

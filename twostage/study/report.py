@@ -34,14 +34,16 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pyarrow.parquet as pq
 
 import twostage
+from twostage.common.errors import UserError
 from twostage.study import plots
 from twostage.study.curves import TokenizerCurves, tokenizer_curves
 from twostage.study.frontier import finite, pareto_rfd_gfd, tokenizer_labels
+from twostage.study.pooling import pool_rows
 from twostage.study.protocols import COMPARABILITY, protocol_summary, rfd_name
 from twostage.study.reconstruction import tokenizer_comparisons, tokenizer_values
 from twostage.study.render import findings, render_html, render_summary
@@ -310,25 +312,38 @@ def _fits_doc(a: dict, study: str, digest: str) -> dict[str, Any]:
             "warnings": a["warnings"]}
 
 
-def build_report(directory: Path, out: Path | None = None, *, n_boot: int = 1000, seed: int = 0,
+def build_report(directory: Path | Sequence[Path], out: Path | None = None, *, n_boot: int = 1000, seed: int = 0,
                  fit_points: str = "frontier") -> dict[str, Path]:
-    directory = Path(directory)
+    """The report of one study folder, or of several runs of one spec pooled (twostage/study/pooling.py;
+    `out` is then required)."""
+    directories = [Path(directory)] if isinstance(directory, (str, Path)) else [Path(d) for d in directory]
+    directory = directories[0]
+    if len(directories) > 1 and out is None:
+        raise ValueError("a report over several study folders needs --out (it belongs to none of them)")
     out = Path(out) if out is not None else directory / "report"
-    rows = load_rows(directory)
-    if not rows:
-        raise ValueError(f"{directory / 'results.parquet'} has no rows")
-    digest = hashlib.sha256((directory / "results.parquet").read_bytes()).hexdigest()
+    rows_of = [load_rows(d) for d in directories]
+    for d, rows in zip(directories, rows_of):
+        if not rows:
+            raise ValueError(f"{d / 'results.parquet'} has no rows")
+    base = directory  # where the rows' run paths start
+    if len(directories) > 1:
+        rows, digest = pool_rows(directories, rows_of)
+        base = Path(".")  # the pooled rows' paths carry their folders
+    else:
+        rows, digest = rows_of[0], hashlib.sha256((directory / "results.parquet").read_bytes()).hexdigest()
     log.info("%d rows, %d tokenizers; fitting (%d bootstrap resamples per fit)", len(rows),
              len({r["tokenizer_id"] for r in rows}), n_boot)
     a = analyze(rows, n_boot=n_boot, seed=seed, fit_points=fit_points)
-    a["curves"] = tokenizer_curves(a["rows"], directory, a["labels"])
+    a["curves"] = tokenizer_curves(a["rows"], base, a["labels"])
     a["warnings"] += [f"tokenizer {c.label} was {c.verdict}: its comparisons measure training length too"
                       for c in a["curves"] if c.status == "still improving"]
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(a, out)
     curve_figures = _curve_figures(a["curves"], out)
-    grids = _grids(a, directory)
+    grids = _grids(a, base)
     study = str(rows[0].get("study") or directory.name)
+    if len(directories) > 1:
+        study += f" (pooled: {', '.join(str(d) for d in directories)})"
     paths = {"fits": out / "fits.json", "html": out / "report.html", "summary": out / "summary.md"}
     doc = _fits_doc(a, study, digest)
     paths["fits"].write_text(json.dumps(_no_nan(doc), indent=1, sort_keys=True, allow_nan=False) + "\n")
@@ -341,7 +356,7 @@ def build_report(directory: Path, out: Path | None = None, *, n_boot: int = 1000
 def cmd_report(args: argparse.Namespace) -> int:
     try:
         paths = build_report(args.dir, args.out, n_boot=args.bootstrap, seed=args.seed, fit_points=args.fit_points)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, UserError) as err:
         print(f"study report: {err}", file=sys.stderr)
         return 2
     print(paths["html"])
