@@ -360,3 +360,22 @@ def test_budgets_from_the_longest_run_give_the_same_table(data, tmp_path):
         build_plan(load_spec({**base, "budget_runs": "longest", "generators": {"ar": {
             **base["generators"]["ar"], "overrides": [*base["generators"]["ar"]["overrides"], "optim.schedule=cosine",
                                                      "optim.warmup_steps=0"]}}}), tmp_path / "c")
+
+
+def test_plan_lists_every_job_after_the_jobs_it_depends_on(tmp_path):
+    """The sequential runner takes the jobs as listed. In study_representation the +REPA generators train
+    alone (no replica pack) and their shorter budget is cut from their longest run, which the grid lists
+    after it (budgets ascend): the plan must put the run first (a CPU pre-flight of the spec stopped there)."""
+    from twostage.study.jobs import Job
+    from twostage.study.plan import dependency_order
+
+    spec = load_spec("study_representation", ["budgets=[2,3]", "seeds.tokenizer=[0,1]", "seeds.generator=[0,1]"])
+    plan = build_plan(spec, tmp_path / "study")
+    position = {j.id: i for i, j in enumerate(plan.jobs)}
+    branched = [j for j in plan.jobs if any(d.startswith("gen-") for d in j.deps)]
+    assert branched, "no budget is cut from a run that trains alone: the case this test is about is gone"
+    assert all(position[d] < position[j.id] for j in plan.jobs for d in j.deps)
+    a, b, c = (Job(i, "generator", tmp_path, [], deps) for i, deps in (("a", ["c"]), ("b", []), ("c", ["b"])))
+    assert [j.id for j in dependency_order([a, b, c])] == ["b", "c", "a"]
+    with pytest.raises(ValueError, match="cycle"):
+        dependency_order([a, Job("c", "generator", tmp_path, [], ["a"])])

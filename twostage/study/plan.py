@@ -80,7 +80,27 @@ def build_plan(spec: StudySpec, root: Path) -> Plan:
         if job.id not in seen:
             seen.add(job.id)
             jobs.append(job)
-    return Plan(paths.root, jobs, toks, gens, gen_jobs, tok_jobs)
+    return Plan(paths.root, dependency_order(jobs), toks, gens, gen_jobs, tok_jobs)
 
 
-__all__ = ["Plan", "build_plan"]
+def dependency_order(jobs: list[Job]) -> list[Job]:
+    """The jobs in their order, except that each comes after the jobs it depends on (a stable topological
+    sort): the sequential runner takes them as listed. A budget cut from a generator's longest run that
+    trains alone (not in a replica pack, e.g. a +REPA variant) depends on that run, which the grid lists
+    after it (budgets ascend)."""
+    ids = {j.id for j in jobs}
+    placed: set[str] = set()
+    out, pending = [], list(jobs)
+    while pending:
+        ready = [j for j in pending if all(d in placed or d not in ids for d in j.deps)]
+        if not ready:
+            raise ValueError(f"study plan: jobs depend on each other in a cycle: {[j.id for j in pending][:4]}")
+        # the first ready job of the remaining order, then look again from the start (keeps the order stable)
+        job = ready[0]
+        out.append(job)
+        placed.add(job.id)
+        pending.remove(job)
+    return out
+
+
+__all__ = ["Plan", "build_plan", "dependency_order"]
