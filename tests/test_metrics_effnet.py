@@ -109,3 +109,19 @@ def test_features_and_maps_take_one_pass_and_equal_the_two_calls(effnet, monkeyp
     images = torch.rand(8, 3, 32, 32) * 2 - 1
     metrics, _ = evaluate_reconstruction(lambda t: t.flip(-1), images, effnet, batch_size=4, progress=False)
     assert len(runs) == 2 * 2 and metrics["PD-EffNetLite0"] > 0  # 2 batches x (originals, reconstructions)
+
+
+def test_resize_antialiases_only_when_it_downsamples():
+    """Upsampling with or without antialiasing gives the same image (to float rounding), so the cheaper
+    kernel runs; downsampling keeps the antialiased kernel (clean-fid), which differs from the plain one."""
+    import torch.nn.functional as F
+
+    from twostage.backbones.base import resize_square
+
+    small, large = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 256, 256)
+    aa = lambda x, s: F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+    plain = lambda x, s: F.interpolate(x, size=(s, s), mode="bilinear", antialias=False, align_corners=False)
+    assert torch.equal(resize_square(small, 128), plain(small, 128))
+    assert torch.allclose(resize_square(small, 128), aa(small, 128), atol=1e-5)
+    assert torch.equal(resize_square(large, 224), aa(large, 224))
+    assert (aa(large, 224) - plain(large, 224)).abs().max() > 1e-3

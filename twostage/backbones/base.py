@@ -56,12 +56,17 @@ def resize_square(images: Tensor, size: int, mode: str = "bilinear", antialias: 
 
     Antialiasing matters when *down*sampling (e.g. 256 -> 224): without it, aliasing adds
     high-frequency artefacts that the feature network sees and FD reacts to (Parmar et al. 2022,
-    clean-fid, arXiv:2104.11222).
+    clean-fid, arXiv:2104.11222). Upsampling (32 px images to a perceptual loss's 128 or a metric's 224)
+    gives the same values either way (to float rounding): there the plain kernel runs, which a compiled
+    training step can fuse; the antialiased one's forward alone (two calls per step: reconstruction and
+    target) was 1.3% of a study tokenizer's GPU time on an H200
+    (results/throughput/2026-12-02/profile/alone_baseline.txt).
     """
     if images.shape[-2:] == (size, size):
         return images
     kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    return F.interpolate(images, size=(size, size), mode=mode, antialias=antialias, **kw)
+    downsampling = size < images.shape[-2] or size < images.shape[-1]
+    return F.interpolate(images, size=(size, size), mode=mode, antialias=antialias and downsampling, **kw)
 
 
 class FrozenNetwork(nn.Module):
