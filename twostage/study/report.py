@@ -1,4 +1,5 @@
 """`twostage study report DIR [--out DIR/report]`: verdicts, fits, frontiers and figures from DIR/results.parquet.
+(`study report DIR1 DIR2 ... --out OUT`: runs of one spec with other seeds in one analysis, pooling.py.)
 
 Writes OUT/report.html (self-contained: figures and sample grids as base64 data URIs, inline CSS, no
 scripts, fonts or links to fetch, so it opens offline and can be mailed), OUT/fits.json (cells with
