@@ -125,3 +125,20 @@ def test_resize_antialiases_only_when_it_downsamples():
     assert torch.allclose(resize_square(small, 128), aa(small, 128), atol=1e-5)
     assert torch.equal(resize_square(large, 224), aa(large, 224))
     assert (aa(large, 224) - plain(large, 224)).abs().max() > 1e-3
+
+
+def test_symmetric_same_padding_inside_the_convolutions_changes_no_value(effnet, monkeypatch):
+    """12 of the 17 TF-"same" paddings are symmetric and move into their convolutions (no padded copy per
+    layer); features, perceptual maps and the gradient through them equal the network with a ZeroPad2d
+    before every padded convolution."""
+    monkeypatch.setattr(EffNetLite0, "_pad_inside_convolutions", lambda self: None)
+    padded_apart = EffNetLite0()
+    count = lambda net: sum(isinstance(m, torch.nn.ZeroPad2d) for m in net.modules())
+    assert (count(padded_apart), count(effnet)) == (17, 5)
+    x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    for a, b in zip(effnet.feature_maps(x, 128), padded_apart.feature_maps(x, 128)):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(effnet(x)["pool"], padded_apart(x)["pool"], atol=1e-5)
+    grads = [torch.autograd.grad(sum(m.square().mean() for m in net.feature_maps(x, 128)), x)[0]
+             for net in (effnet, padded_apart)]
+    assert torch.allclose(*grads, atol=1e-6, rtol=1e-4)

@@ -71,6 +71,7 @@ class EffNetLite0(FeatureNetwork):
         self.register_buffer("_scale", torch.tensor(127.5 / 128.0), persistent=False)
         self.register_buffer("_shift", torch.tensor((127.5 - 127.0) / 128.0), persistent=False)
         self._fold_batchnorms()
+        self._pad_inside_convolutions()
         self.freeze()
 
     @torch.no_grad()
@@ -95,6 +96,20 @@ class EffNetLite0(FeatureNetwork):
         for m in [net, *net._blocks]:
             if isinstance(getattr(m, "_swish", None), nn.ReLU6):
                 m._swish = nn.ReLU6(inplace=True)
+
+    def _pad_inside_convolutions(self) -> None:
+        """Let each convolution whose TF-"same" padding is symmetric (stride 1: 12 of the 17 padded ones) pad
+        inside the convolution instead of through a ZeroPad2d before it. Same values; no padded copy of
+        the activation in the forward pass and no slicing copy of its gradient in the backward, which a
+        perceptual loss pays on every training step (the 4 stride-2 depthwise convolutions and the stem
+        pad one more at the bottom / right, as TensorFlow does, and keep their ZeroPad2d)."""
+        for conv in self.net.modules():
+            pad = getattr(conv, "static_padding", None)
+            if isinstance(pad, nn.ZeroPad2d):
+                left, right, top, bottom = pad.padding
+                if left == right and top == bottom:
+                    conv.padding = (top, left)
+                    conv.static_padding = nn.Identity()
 
     def _prep(self, images: Tensor, size: int | None) -> Tensor:
         x = resize_square(to_rgb(images), size or self.input_size)
