@@ -40,10 +40,9 @@ def _without_seed_override(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.startswith("train.seed=")]
 
 
-def seedless_tokenizer_command(job: Job) -> list[str] | None:
+def _seedless_tokenizer_command(job: Job) -> list[str] | None:
     """A tokenizer job's `tokenizer train` command up to --out, without its train.seed override: equal
-    for the seeds of one config (which then stack as replicas); None for a
-    job that does not train."""
+    for the seeds of one config (which then stack as replicas); None for a job that does not train."""
     train = next((s for s in job.stages if s.name == "train"), None)
     return None if train is None else _without_seed_override(train.argv[:train.argv.index("--out")])
 
@@ -100,7 +99,7 @@ def tokenizer_pack_jobs(toks: list[ResolvedTokenizer], tok_jobs: list[Job], path
     groups: dict[str, list[int]] = {}
     commands: dict[str, list[str]] = {}
     for i, job in enumerate(tok_jobs):
-        command = seedless_tokenizer_command(job)
+        command = _seedless_tokenizer_command(job)
         if command is not None:
             key = configlib.config_hash(command)
             groups.setdefault(key, []).append(i)
@@ -131,4 +130,4 @@ def tokenizer_pack_jobs(toks: list[ResolvedTokenizer], tok_jobs: list[Job], path
     return packs
 
 
-__all__ = ["pack_key", "pack_jobs", "tokenizer_pack_jobs", "seedless_tokenizer_command"]
+__all__ = ["pack_key", "pack_jobs", "tokenizer_pack_jobs"]

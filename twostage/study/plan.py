@@ -92,11 +92,10 @@ def dependency_order(jobs: list[Job]) -> list[Job]:
     placed: set[str] = set()
     out, pending = [], list(jobs)
     while pending:
-        ready = [j for j in pending if all(d in placed or d not in ids for d in j.deps)]
-        if not ready:
-            raise ValueError(f"study plan: jobs depend on each other in a cycle: {[j.id for j in pending][:4]}")
         # the first ready job of the remaining order, then look again from the start (keeps the order stable)
-        job = ready[0]
+        job = next((j for j in pending if all(d in placed or d not in ids for d in j.deps)), None)
+        if job is None:
+            raise ValueError(f"study plan: jobs depend on each other in a cycle: {[j.id for j in pending][:4]}")
         out.append(job)
         placed.add(job.id)
         pending.remove(job)

@@ -148,7 +148,6 @@ def run_parallel(plan: Plan, gpus: list[int], launch: Callable[[Job, int], None]
 
     running: dict[Future, str] = {}
     errors: list[BaseException] = []
-
     with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
         while pending or running:
             ready = [j for j in pending.values() if all(d in finished for d in j.deps)]

@@ -8,16 +8,16 @@ A pair is compared on runs that share their seeds: the difference a - b is taken
 (each averaged over the generator seeds both cells share) when several tokenizer seeds are shared,
 else per generator seed; a seed moves both tokenizers alike through the data order and the sampling
 noise, so pairing removes it (twostage/study/stats.py paired_difference). Without shared seeds the
-cells' own seed means go through Welch's interval.
+cells' own seed means go through Welch's interval. The verdict is stats.verdict: a winner only when
+the 95% interval of the difference excludes 0, never from one seed. Two cells are not compared
+when their evaluation protocols differ (another sample count or network is another metric) or, for
+a validation loss, when their tokenizers pose another prediction task (tokens per image, codebook).
 
 Equal steps are not equal compute when the tokenizers differ in tokens per image (a step of an AR
 model over 256 tokens costs 16x one over 16), and a compute-efficiency claim (docs/methods.md §5) is
 about equal compute. `compare_at_matched_compute` therefore also pairs cells of two tokenizers whose
 training compute C is within a factor (1.35 by default) at other sizes or budgets, with the ratio
-stated, so a reader sees whether the winner also had the smaller budget. The verdict is stats.verdict: a winner only when
-the 95% interval of the difference excludes 0, never from one seed. Two cells are not compared
-when their evaluation protocols differ (another sample count or network is another metric) or, for
-a validation loss, when their tokenizers pose another prediction task (tokens per image, codebook).
+stated, so a reader sees whether the winner also had the smaller budget.
 """
 
 from __future__ import annotations
@@ -161,15 +161,13 @@ def compare_at_matched_compute(cells: Sequence[CellStat], metric: str, labels: M
     at: dict[tuple, dict[str, float]] = {}
     for c in finite:
         at.setdefault(_group(c), {})[c.tokenizer_cell] = c.compute
-
-    def same_cost(a: str, b: str) -> bool:
-        return any(a in g and b in g and max(g[a], g[b]) <= 1.05 * min(g[a], g[b]) for g in at.values())
-
+    same_cost = {frozenset((a, b)) for g in at.values() for a, b in combinations(g, 2)
+                 if max(g[a], g[b]) <= 1.05 * min(g[a], g[b])}
     for c in sorted(finite, key=lambda c: (c.compute, c.key)):
         others: dict[str, CellStat] = {}
         for o in finite:
             if o.tokenizer_cell == c.tokenizer_cell or o.generator_kind != c.generator_kind or _group(o) == _group(c) \
-                    or same_cost(o.tokenizer_cell, c.tokenizer_cell):
+                    or frozenset((o.tokenizer_cell, c.tokenizer_cell)) in same_cost:
                 continue
             near = others.get(o.tokenizer_cell)
             if near is None or abs(math.log(o.compute / c.compute)) < abs(math.log(near.compute / c.compute)):
