@@ -182,6 +182,12 @@ def test_replicated_study_report_opens_with_its_verdicts(replicated):
     assert "Error bars: 95% intervals over seeds" in page and "every class (10)" in page
     assert len(re.findall(r"alt=\"[^\"]*one row per class", page)) == 4  # one class grid per tokenizer cell
     assert "1 seed: no interval" not in summary.split("## Fits")[0]
+    # summary.md lists every cell's mean and interval (the numbers a results README quotes), in the html's format
+    table = summary.split("## Cell means over seeds")[1].split("\n## ")[0]
+    gfd_rows = [r for r in table.splitlines() if r.startswith(f"| {GFD_NAME} |")]
+    assert len(gfd_rows) == 40
+    for c in (c for c in fits["cells"] if c["series"] == GFD_NAME):
+        assert f"| {c['mean']:.4g} [{c['low']:.4g}, {c['high']:.4g}] | 3 |" in table
 
 
 def test_unbiased_metrics_are_analysed_under_their_own_names_when_present():

@@ -382,6 +382,11 @@ def render_summary(a: dict, study: str, digest: str) -> str:
     out += ["", "## Compute-optimal tokenizer (fitted laws)", ""]
     for s in a["series"]:
         out += [f"- **{s['name']}**: " + "; ".join(_optimal_lines(s, L))]
+    out += ["", "## Cell means over seeds (95% CI: Student t over the top varying seed level)", "",
+            "| series | tokenizer | generator | steps | C | mean [95% CI] | n | sd over seeds |", "|---|---|---|---|---|---|---|---|"]
+    for s in a["series"] + ([a["context"]] if a.get("context") else []):
+        out += [f"| {s['name']} | {L[c.tokenizer_cell]} | {c.generator_kind} {c.generator_size} | {c.train_steps} | "
+                f"{_e(c.compute)} | {ci_text(c.interval)} | {c.interval.n} | {_num(c.interval.std)} |" for c in s["cells"]]
     out += ["", f"## Tokenizer training curves (plateaued: last two checkpoints' rFD within {100 * PLATEAU:.0f}% of "
             "the last value, every seed)", ""]
     out += [f"- {c.label}: {c.verdict}" for c in a["curves"]]

@@ -114,8 +114,9 @@ def _context_gain(rows: list[dict[str, Any]], labels: dict[str, str]) -> dict | 
             if r.get("generator_kind") == "ar" and finite(r.get("code_entropy")) and finite(r.get("val_loss"))]
     if not gain:
         return None
-    comparisons = compare_cells(aggregate(gain, "context_gain"), "context_gain", labels)
-    return {"metric": "context_gain", "name": CONTEXT_GAIN, "comparisons": comparisons,
+    cells = aggregate(gain, "context_gain")
+    comparisons = compare_cells(cells, "context_gain", labels)
+    return {"metric": "context_gain", "name": CONTEXT_GAIN, "cells": cells, "comparisons": comparisons,
             "headline": headline(comparisons)}
 
 
