@@ -55,6 +55,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from twostage.study.jobs import read_marker  # noqa: E402
@@ -235,16 +237,21 @@ def tokenizer_timelines(plan: Plan) -> list[dict[str, Any]]:
                 if "perf/step_time_s" in r and "time" in r]
         if len(rows) < 3:
             continue
-        pauses = []  # (seconds outside the steps between two log rows, the later row's step)
+        # the first checkpoint (step train.ckpt_every) pauses the window that holds it: validation, previews
+        config = job.folder / "config.yaml"
+        every = (yaml.safe_load(config.read_text()) or {}).get("train", {}).get("ckpt_every") if config.is_file() else None
+        pauses, first_ckpt = [], math.nan  # (seconds outside the steps between two log rows, the later row's step)
         for a, b in zip(rows, rows[1:]):
             if b["step"] > a["step"]:  # a resumed run logs its steps again from the checkpoint
                 pauses.append((b["time"] - a["time"] - (b["step"] - a["step"]) * b["perf/step_time_s"], b["step"]))
+                if every and a["step"] <= every < b["step"] and math.isnan(first_ckpt):
+                    first_ckpt = pauses[-1][0]
         steady = sorted(r["perf/step_time_s"] for r in rows[1:])
         worst = max(pauses, default=(0.0, 0))
         out.append({"job": job.id, "label": job.label, "first_window_step_s": rows[0]["perf/step_time_s"],
                     "first_window_steps": rows[0]["step"], "median_step_s": steady[len(steady) // 2],
                     "pauses_s": sum(max(p, 0.0) for p, _ in pauses), "largest_pause_s": worst[0],
-                    "largest_pause_step": worst[1]})
+                    "largest_pause_step": worst[1], "first_checkpoint_pause_s": first_ckpt})
     return out
 
 
@@ -320,11 +327,12 @@ def print_table(s: dict[str, Any]) -> None:
               "and checkpoint validation; too high where a stage was resumed: its marker times the last attempt)")
     if s["tokenizer_timelines"]:
         print("tokenizer runs (metrics.jsonl): first window's step time (start-up, compilation), median step time, "
-              "time outside the steps (checkpoints, validation), largest pause")
+              "time outside the steps (checkpoints, validation), the first checkpoint's pause, largest pause")
         for x in s["tokenizer_timelines"]:
             print(f"  {x['job']} {x['label']:24s} first {x['first_window_steps']} steps "
                   f"{1000 * x['first_window_step_s']:7.0f} ms/step, median {1000 * x['median_step_s']:5.0f} ms/step, "
-                  f"pauses {x['pauses_s']:6.1f} s, largest {x['largest_pause_s']:6.1f} s before step "
+                  f"pauses {x['pauses_s']:6.1f} s, first checkpoint {x['first_checkpoint_pause_s']:5.1f} s, "
+                  f"largest {x['largest_pause_s']:6.1f} s before step "
                   f"{x['largest_pause_step']}")
     mem = s["peak_gpu_memory_bytes"]
     print(f"peak GPU memory: {mem / 2**30:.2f} GiB (torch.cuda.max_memory_allocated, in-process run)" if mem is not None

@@ -62,4 +62,5 @@ def test_tokenizer_timelines_of_the_unseen_seed_crt_run_show_the_first_checkpoin
         assert x["first_window_steps"] == 100 and x["first_window_step_s"] > 1.0
         assert 0.05 < x["median_step_s"] < 0.2
         assert x["largest_pause_step"] == 600 and x["largest_pause_s"] > 30
+        assert x["first_checkpoint_pause_s"] == x["largest_pause_s"]  # ckpt_every 500: the window 500 -> 600
         assert x["pauses_s"] >= x["largest_pause_s"]

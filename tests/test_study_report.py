@@ -190,6 +190,23 @@ def test_replicated_study_report_opens_with_its_verdicts(replicated):
         assert f"| {c['mean']:.4g} [{c['low']:.4g}, {c['high']:.4g}] | 3 |" in table
 
 
+def test_class_grids_survive_the_samples(tmp_path):
+    """A committed study keeps no samples: the class grids the first report built (report/grids/, which
+    results/studies/keep.sh keeps) stand in for them when the report is rebuilt, with their captions."""
+    rows = make_rows(tokenizers=VERDICT_TOKENIZERS[:2], sizes={"small": 2_000_000}, generator_seeds=[0, 1, 2], seed=4)
+    d = write_results(tmp_path / "study", rows)
+    first = build_report(d, n_boot=0)["html"].read_text()
+    kept = sorted((d / "report" / "grids").glob("*.png"))
+    assert len(kept) == 2 and all((p.with_suffix(".txt")).read_text().count("one row per class") == 1 for p in kept)
+    shutil.rmtree(d / "samples")  # every run's samples file and sampler grid
+    again = build_report(d, n_boot=0)["html"].read_text()
+    assert "is missing" not in again and again.count("(the grid kept from the report made beside the samples)") >= 2
+    embedded = lambda page: sorted(re.findall(r'alt="[^"]*one row per class[^"]*" src="data:image/png;base64,([^"]+)"', page))
+    assert embedded(again) == embedded(first) and len(embedded(first)) == 2
+    shutil.rmtree(d / "report" / "grids")
+    assert build_report(d, n_boot=0)["html"].read_text().count("is missing") == 2  # nothing left: said so
+
+
 def test_unbiased_metrics_are_analysed_under_their_own_names_when_present():
     rows = make_rows(tokenizers=VERDICT_TOKENIZERS[:2], sizes={"small": 2_000_000}, generator_seeds=[0, 1, 2],
                      sd_generator=0.02, unbiased=True, seed=2)

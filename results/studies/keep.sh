@@ -3,7 +3,7 @@
 # studies.tgz): the spec, table, logs of the runner, and the tokenizers' records (config, run record,
 # done markers, validation curve points, reconstruction metrics, the training log's metrics.jsonl) and the generator runs' and packs' done
 # markers, run.json and model.json; no weights, no other per-run generator files (the table holds their numbers), no
-# report pages (rebuilt by `twostage study report`).
+# report pages (rebuilt by `twostage study report`) except the report's class grids of samples.
 #
 #   bash results/studies/keep.sh /tmp/unpacked/crt results/study_crt
 set -euo pipefail
@@ -22,5 +22,8 @@ for part in generators packs; do
     -o -name model.json \) -type f -print0 \
     | tar --null -cf - -T -) | tar -C "$dest" -xf -
 done
+# the report's class grids of samples (report/grids/CELL.png + caption): the samples they show do not come back,
+# so a report rebuilt from the committed folder shows these instead
+[ -d "$src/report/grids" ] && mkdir -p "$dest/report/grids" && cp "$src/report/grids/"* "$dest/report/grids/"
 printf '%s\n' "# the report pages and figures are rebuilt by \`twostage study report $dest --bootstrap 200\`" '*.png' 'report.html' \
-  > "$dest/report/.gitignore"
+  '!grids/*.png' > "$dest/report/.gitignore"

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import pyarrow.parquet as pq
 
 import twostage
+from twostage.common.atomic import atomic_write, write_text_atomic
 from twostage.common.errors import UserError
 from twostage.study import plots
 from twostage.study.curves import TokenizerCurves, tokenizer_curves
@@ -247,9 +248,11 @@ def _curves(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _grids(a: dict, directory: Path) -> list[tuple[bytes, str]]:
+def _grids(a: dict, directory: Path, kept: Path) -> list[tuple[bytes, str]]:
     """One sample grid per tokenizer cell (its best cell by mean gFD), from one seed: a row per class
-    built from the samples file, else the grid PNG the sampler wrote."""
+    built from the samples file, else the class grid an earlier report built from it (`kept`/CELL.png,
+    written each time one is built: a committed study keeps these, not its samples), else the grid PNG
+    the sampler wrote."""
     L, grids = a["labels"], []
     main = next((s for s in a["series"] if s["metric"] == "gfd" and s["part"] == a["gfd_name"]), None)
     cells = {c.key: c for c in main["cells"]} if main else {}
@@ -260,19 +263,26 @@ def _grids(a: dict, directory: Path) -> list[tuple[bytes, str]]:
         what = f"{L[cell.tokenizer_cell]} — {cell.generator_kind} {cell.generator_size} {cell.train_steps} steps"
         ci = f"{a['gfd_name']} {p['best_gfd']:.4g}" + (f" [{p['gfd_low']:.4g}, {p['gfd_high']:.4g}] over {p['gfd_seeds']} seeds"
                                                      if finite(p["gfd_low"]) else " (1 seed: no interval)")
+        seeds = lambda r: f"Seeds tokenizer {r['tokenizer_seed']}, generator {r['generator_seed']}, eval {r['eval_seed']}"
+        png, txt = kept / f"{cell.key}.png", kept / f"{cell.key}.txt"
         got = None
         for r in runs:
             made = plots.class_grid(directory / r["samples_npz"]) if r.get("samples_npz") else None
             if made is not None:
                 data, shown, total = made
                 classes = f"every class ({total})" if shown == total else f"{shown} of {total} classes"
-                got = (data, f"{what}; {ci}. Seeds tokenizer {r['tokenizer_seed']}, generator {r['generator_seed']}, "
-                             f"eval {r['eval_seed']}: one row per class, {classes}")
+                got = (data, f"{what}; {ci}. {seeds(r)}: one row per class, {classes}")
+                with atomic_write(png, "wb") as fh:
+                    fh.write(data)
+                write_text_atomic(txt, got[1])
                 break
+        if got is None and png.is_file():
+            got = (png.read_bytes(), (txt.read_text() if txt.is_file() else what)
+                   + " (the grid kept from the report made beside the samples)")
+        for r in runs if got is None else []:
             thumb = plots.grid_thumbnail(directory / r["grid_png"]) if r.get("grid_png") else None
             if thumb is not None:
-                got = (thumb, f"{what}; {ci}. Seeds tokenizer {r['tokenizer_seed']}, generator {r['generator_seed']}, "
-                              f"eval {r['eval_seed']}: the sampler's grid (first samples of the file; the "
+                got = (thumb, f"{what}; {ci}. {seeds(r)}: the sampler's grid (first samples of the file; the "
                               "samples file was not readable, so not every class may show)")
                 break
         if got is None:
@@ -342,7 +352,7 @@ def build_report(directory: Path | Sequence[Path], out: Path | None = None, *, n
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(a, out)
     curve_figures = _curve_figures(a["curves"], out)
-    grids = _grids(a, base)
+    grids = _grids(a, base, out / "grids")
     study = str(rows[0].get("study") or directory.name)
     if len(directories) > 1:
         study += f" (pooled: {', '.join(str(d) for d in directories)})"
