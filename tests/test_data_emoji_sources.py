@@ -26,7 +26,17 @@ from twostage.data.emoji_fixture import write_fixture
 from twostage.data.errors import DataError
 
 HAS_FONTTOOLS = importlib.util.find_spec("fontTools") is not None
-HAS_CAIROSVG = importlib.util.find_spec("cairosvg") is not None
+
+
+def _cairosvg_loads() -> bool:
+    try:
+        import cairosvg  # noqa: F401
+    except (ImportError, OSError):  # OSError: cairocffi installed, the system's cairo library missing
+        return False
+    return True
+
+
+HAS_CAIROSVG = _cairosvg_loads()
 needs_renderers = pytest.mark.skipif(
     not (HAS_FONTTOOLS and HAS_CAIROSVG),
     reason="the emoji extra is not installed (fontTools reads Noto's font, cairosvg renders OpenMoji's SVGs): "
