@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import os
+import shutil
 
 import numpy as np
 import pytest
@@ -174,6 +174,9 @@ def test_decoded_cache_round_trip_and_key(fixture_root, tmp_path, caplog):
     assert emoji.cache_key(sources, emoji.EmojiBuildConfig(sizes=(32,), test_fraction=0.2)) != key
     assets = sources["twemoji"].assets
     Image.new("RGBA", (72, 72), (9, 9, 9, 255)).save(assets / "1f680.png")  # a source gains a file
-    os.utime(assets, ns=(assets.stat().st_atime_ns, assets.stat().st_mtime_ns + 10**9))
     assert emoji.cache_key(sources, cfg) != key
     (assets / "1f680.png").unlink()
+    # the same sources unpacked elsewhere, later: the same key (it names the dataset in protocols)
+    again = tmp_path / "elsewhere"
+    shutil.copytree(fixture_root, again)  # new paths and new directory times
+    assert emoji.cache_key(_sources(again), cfg) == key

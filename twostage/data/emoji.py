@@ -232,10 +232,18 @@ def _library_versions() -> dict[str, str]:
     return out
 
 
+def _assets_listing(assets: Path) -> list[tuple[str, int]]:
+    """A source's files (relative names) and sizes: what it holds, not where or when it was unpacked."""
+    if assets.is_file():
+        return [(assets.name, assets.stat().st_size)]
+    return [(p.relative_to(assets).as_posix(), p.stat().st_size) for p in sorted(assets.rglob("*")) if p.is_file()]
+
+
 def cache_key(sources: dict[str, LocatedSource], cfg: EmojiBuildConfig) -> str:
-    """Changes when a source's version or files, the build settings or the imaging libraries change."""
+    """Changes when a source's version or files, the build settings or the imaging libraries change; the
+    same on every machine that has the same sources (it is the dataset's content id in protocols)."""
     parts = {"pipeline": PIPELINE_VERSION, "build": asdict(cfg), "libraries": _library_versions(), "sources": {
-        name: [s.version, str(s.assets.resolve()), s.assets.stat().st_mtime_ns] for name, s in sources.items()}}
+        name: [s.version, _assets_listing(s.assets)] for name, s in sources.items()}}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
