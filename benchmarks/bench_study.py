@@ -55,10 +55,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from twostage import config as configlib  # noqa: E402
 from twostage.study.jobs import read_marker  # noqa: E402
 from twostage.study.plan import Plan, build_plan  # noqa: E402
 from twostage.study.runner import SPEC_FILE  # noqa: E402
@@ -175,7 +174,6 @@ def tokenizer_step_flops(kind: str, config: Any, step: int, count_batch: int = T
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from twostage import config as configlib
     from twostage import registry
     from twostage.engine.task import PhaseContext
 
@@ -239,7 +237,7 @@ def tokenizer_timelines(plan: Plan) -> list[dict[str, Any]]:
             continue
         # the first checkpoint (step train.ckpt_every) pauses the window that holds it: validation, previews
         config = job.folder / "config.yaml"
-        every = (yaml.safe_load(config.read_text()) or {}).get("train", {}).get("ckpt_every") if config.is_file() else None
+        every = configlib.read_source(config).get("train", {}).get("ckpt_every") if config.is_file() else None
         pauses, first_ckpt = [], math.nan  # (seconds outside the steps between two log rows, the later row's step)
         for a, b in zip(rows, rows[1:]):
             if b["step"] > a["step"]:  # a resumed run logs its steps again from the checkpoint
